@@ -1,0 +1,3 @@
+from lazyd.cli import main
+
+raise SystemExit(main())

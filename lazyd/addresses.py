@@ -1,0 +1,181 @@
+"""Socket addresses as they are written in the config.
+
+    tcp://127.0.0.1:80   tcp://[::1]:80   tcp://0.0.0.0:80   tcp://[::]:80
+    udp://0.0.0.0:443    80               (TCP on every address, IPv4 and IPv6)
+    unix:/run/app.sock   unix-dgram:/run/log.sock   unix:@abstract-name
+
+A bare port is the one dual-stack form: an IPv6 socket on `::` with IPV6_V6ONLY
+off, so it takes IPv4 too.  `tcp://[::]:80` is IPv6 only, so that it can live
+beside an explicit `tcp://0.0.0.0:80` (systemd's BindIPv6Only=ipv6-only).
+Hosts must be IP literals (or `localhost`): a listening socket bound to a name
+that resolves differently tomorrow is a surprise nobody wants.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import socket
+from dataclasses import dataclass
+
+
+class Kind(enum.Enum):
+    TCP = "tcp"
+    UDP = "udp"
+    UNIX = "unix"
+    UNIX_DGRAM = "unix-dgram"
+
+
+_STREAM_KINDS = (Kind.TCP, Kind.UNIX)
+_UNIX_KINDS = (Kind.UNIX, Kind.UNIX_DGRAM)
+_UNIX_PATH_MAX = 107  # sizeof(sun_path) - 1 for the NUL
+
+
+@dataclass(frozen=True)
+class Address:
+    """A parsed address. `host`/`port` for IP kinds, `path` for Unix kinds.
+
+    An abstract Unix address keeps its `@` in `path`.
+    """
+
+    kind: Kind
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+    dual_stack: bool = False
+
+    @property
+    def is_stream(self) -> bool:
+        return self.kind in _STREAM_KINDS
+
+    @property
+    def is_unix(self) -> bool:
+        return self.kind in _UNIX_KINDS
+
+    @property
+    def is_abstract(self) -> bool:
+        return self.path is not None and self.path.startswith("@")
+
+    @property
+    def family(self) -> socket.AddressFamily:
+        if self.is_unix:
+            return socket.AF_UNIX
+        assert self.host is not None
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+    @property
+    def type(self) -> socket.SocketKind:
+        return socket.SOCK_STREAM if self.is_stream else socket.SOCK_DGRAM
+
+    def sockaddr(self) -> str | tuple[str, int]:
+        """What `socket.bind()` and `socket.connect()` take for this address."""
+        if self.is_unix:
+            assert self.path is not None
+            return "\0" + self.path[1:] if self.is_abstract else self.path
+        assert self.host is not None and self.port is not None
+        return (self.host, self.port)
+
+    def __str__(self) -> str:
+        if self.is_unix:
+            return f"{self.kind.value}:{self.path}"
+        if self.dual_stack:
+            return str(self.port)
+        host = f"[{self.host}]" if self.family == socket.AF_INET6 else self.host
+        return f"{self.kind.value}://{host}:{self.port}"
+
+
+def parse_port(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"bad port {text!r}: expected a number from 1 to 65535")
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"bad port {port}: expected a number from 1 to 65535")
+    return port
+
+
+def _parse_host(text: str) -> str:
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+        try:
+            return str(ipaddress.IPv6Address(text))
+        except ValueError:
+            raise ValueError(f"bad IPv6 address {text!r}") from None
+    if text == "localhost":
+        return "127.0.0.1"
+    if text == "":
+        raise ValueError("missing host: write 0.0.0.0 for every IPv4 address, [::] for IPv6")
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        raise ValueError(
+            f"bad host {text!r}: expected an IP address such as 127.0.0.1 or [::1]"
+        ) from None
+    if ip.version == 6:
+        raise ValueError(f"IPv6 address {text!r} must be written in brackets: [{text}]")
+    return str(ip)
+
+
+def _parse_unix(kind: Kind, rest: str, text: str) -> Address:
+    if rest.startswith("//"):
+        rest = rest[2:]
+    if rest == "" or rest == "@":
+        raise ValueError(f"bad address {text!r}: missing socket path")
+    if not rest.startswith("@") and not rest.startswith("/"):
+        raise ValueError(f"bad address {text!r}: a Unix socket path must be absolute")
+    if "\0" in rest:
+        raise ValueError(f"bad address {text!r}: NUL in socket path")
+    if len(rest.encode()) > _UNIX_PATH_MAX:
+        raise ValueError(
+            f"bad address {text!r}: Unix socket paths are limited to {_UNIX_PATH_MAX} bytes"
+        )
+    return Address(kind, path=rest)
+
+
+def parse_address(value: str | int) -> Address:
+    """Parse one config address; raise ValueError saying what is wrong."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ValueError(f"expected an address such as tcp://0.0.0.0:80, got {value!r}")
+    text = str(value).strip()
+    if text.isdigit():
+        return Address(Kind.TCP, host="::", port=parse_port(text), dual_stack=True)
+    scheme, sep, rest = text.partition(":")
+    try:
+        kind = Kind(scheme)
+    except ValueError:
+        kind = None
+    if not sep or kind is None:
+        raise ValueError(
+            f"bad address {text!r}: expected tcp://HOST:PORT, udp://HOST:PORT, a port, "
+            "unix:/PATH, unix-dgram:/PATH or unix:@NAME"
+        )
+    if kind in _UNIX_KINDS:
+        return _parse_unix(kind, rest, text)
+    if not rest.startswith("//"):
+        raise ValueError(f"bad address {text!r}: expected {scheme}://HOST:PORT")
+    hostport = rest[2:]
+    host, sep, port = hostport.rpartition(":")
+    if not sep:
+        raise ValueError(f"bad address {text!r}: missing port")
+    return Address(kind, host=_parse_host(host), port=parse_port(port))
+
+
+def _wildcard(addr: Address) -> bool:
+    return addr.host in ("0.0.0.0", "::")
+
+
+def overlaps(a: Address, b: Address) -> bool:
+    """Whether binding both addresses would collide (same port or same path)."""
+    if a.kind != b.kind:
+        return False
+    if a.is_unix:
+        return a.path == b.path
+    if a.port != b.port:
+        return False
+    if a.host == b.host:
+        return True
+    if a.dual_stack or b.dual_stack:
+        # A dual-stack socket covers every IPv4 and IPv6 address.
+        return True
+    if a.family != b.family:
+        return False
+    return _wildcard(a) or _wildcard(b)
