@@ -84,13 +84,22 @@ class Address:
         return f"{self.kind.value}://{host}:{self.port}"
 
 
+def _is_number(text: str) -> bool:
+    # str.isdigit() alone also accepts digits such as '²' that int() refuses.
+    return text.isascii() and text.isdigit()
+
+
 def parse_port(text: str) -> int:
-    if not text.isdigit():
+    """Parse a port number from 1 to 65535; raise ValueError saying what is wrong."""
+    if not _is_number(text):
         raise ValueError(f"bad port {text!r}: expected a number from 1 to 65535")
-    port = int(text)
-    if not 1 <= port <= 65535:
-        raise ValueError(f"bad port {port}: expected a number from 1 to 65535")
-    return port
+    # Leading zeros are harmless, but a huge number must not reach int(): past 4300
+    # digits it raises its own, unrelated error.
+    digits = text.lstrip("0") or "0"
+    if len(digits) > 5 or not 1 <= int(digits) <= 65535:
+        shown = digits if len(digits) <= 20 else digits[:20] + "..."
+        raise ValueError(f"bad port {shown}: expected a number from 1 to 65535")
+    return int(digits)
 
 
 def _parse_host(text: str) -> str:
@@ -124,7 +133,11 @@ def _parse_unix(kind: Kind, rest: str, text: str) -> Address:
         raise ValueError(f"bad address {text!r}: a Unix socket path must be absolute")
     if "\0" in rest:
         raise ValueError(f"bad address {text!r}: NUL in socket path")
-    if len(rest.encode()) > _UNIX_PATH_MAX:
+    try:
+        size = len(rest.encode())
+    except UnicodeEncodeError:
+        raise ValueError(f"bad address {text!r}: socket path is not valid Unicode") from None
+    if size > _UNIX_PATH_MAX:
         raise ValueError(
             f"bad address {text!r}: Unix socket paths are limited to {_UNIX_PATH_MAX} bytes"
         )
@@ -135,8 +148,12 @@ def parse_address(value: str | int) -> Address:
     """Parse one config address; raise ValueError saying what is wrong."""
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise ValueError(f"expected an address such as tcp://0.0.0.0:80, got {value!r}")
+    if isinstance(value, int) and not 1 <= value <= 65535:
+        # Checked before str(): a huge int cannot even be turned into text.
+        shown = value if abs(value) < 10**20 else "out of range"
+        raise ValueError(f"bad port {shown}: expected a number from 1 to 65535")
     text = str(value).strip()
-    if text.isdigit():
+    if _is_number(text):
         return Address(Kind.TCP, host="::", port=parse_port(text), dual_stack=True)
     scheme, sep, rest = text.partition(":")
     try:
@@ -165,10 +182,13 @@ def _wildcard(addr: Address) -> bool:
 
 def overlaps(a: Address, b: Address) -> bool:
     """Whether binding both addresses would collide (same port or same path)."""
+    if a.is_unix or b.is_unix:
+        # A path is one file whatever the socket type, so a stream and a datagram socket
+        # cannot both bind it. (Linux would allow that pair on an abstract name; one name
+        # for two sockets only confuses, so it is refused too.)
+        return a.is_unix and b.is_unix and a.path == b.path
     if a.kind != b.kind:
         return False
-    if a.is_unix:
-        return a.path == b.path
     if a.port != b.port:
         return False
     if a.host == b.host:

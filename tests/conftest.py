@@ -1,0 +1,142 @@
+"""Shared helpers: free ports, and a real lazyd daemon run as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from lazyd import control
+
+PROGRAMS = Path(__file__).parent / "programs"
+PY = sys.executable
+
+
+def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
+    """A port nobody listens on right now (the kernel's choice)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, kind) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def program(name: str, *args: object) -> str:
+    """A YAML flow list running one of tests/programs with this Python."""
+    parts = [PY, str(PROGRAMS / name), *map(str, args)]
+    return "[" + ", ".join(f'"{p}"' for p in parts) + "]"
+
+
+class LazydProcess:
+    """A real `lazyd run` in a subprocess, with its stderr collected."""
+
+    def __init__(self, process: trio.Process, control_path: str) -> None:
+        self.process = process
+        self.control_path = control_path
+        self.lines: list[str] = []
+        self._new_line = trio.Event()
+        self.returncode: int | None = None
+
+    async def _collect(self) -> None:
+        assert self.process.stderr is not None
+        buffer = b""
+        async for chunk in self.process.stderr:
+            buffer += chunk
+            *complete, buffer = buffer.split(b"\n")
+            for raw in complete:
+                line = raw.decode(errors="replace")
+                if os.environ.get("LAZYD_TEST_ECHO"):
+                    print("lazyd>", line, file=sys.stderr)
+                self.lines.append(line)
+            self._new_line.set()
+            self._new_line = trio.Event()
+        if buffer:
+            self.lines.append(buffer.decode(errors="replace"))
+        self._new_line.set()
+
+    async def wait_line(self, pattern: str, timeout: float = 10.0, count: int = 1) -> str:
+        """Wait until `count` lines of lazyd's stderr match `pattern`; return the last."""
+        regex = re.compile(pattern)
+        with trio.fail_after(timeout):
+            while True:
+                found = [line for line in self.lines if regex.search(line)]
+                if len(found) >= count:
+                    return found[count - 1]
+                if self.process.returncode is not None and self._new_line.is_set():
+                    raise AssertionError(
+                        f"lazyd exited ({self.process.returncode}) before a line matched "
+                        f"{pattern!r}:\n" + "\n".join(self.lines)
+                    )
+                await self._new_line.wait()
+
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    async def status(self) -> dict[str, Any]:
+        reply = await trio.to_thread.run_sync(control.request, self.control_path, "status")
+        services: dict[str, Any] = reply["services"]
+        return services
+
+    async def wait_state(self, service: str, state: str, timeout: float = 10.0) -> dict[str, Any]:
+        """Poll status until the service reaches a state (status is the only view in)."""
+        with trio.fail_after(timeout):
+            while True:
+                svc = (await self.status())[service]
+                if svc["state"] == state:
+                    return svc
+                await trio.sleep(0.02)
+
+    async def stop(self, timeout: float = 15.0) -> int:
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(timeout):
+            self.returncode = await self.process.wait()
+        return self.returncode
+
+
+@asynccontextmanager
+async def run_lazyd(
+    tmp_path: Path, config_text: str, *, expect_exit: int | None = 0
+) -> AsyncIterator[LazydProcess]:
+    """Start `lazyd run` on this config and wait until it holds its sockets."""
+    control_path = str(tmp_path / "control.sock")
+    config = tmp_path / "lazyd.yaml"
+    config.write_text(f"control: unix:{control_path}\n{config_text}")
+    process = await trio.lowlevel.open_process(
+        [PY, "-m", "lazyd", "run", "-c", str(config)],
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    lz = LazydProcess(process, control_path)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lz._collect)
+        try:
+            await lz.wait_line(r"^lazyd: holding \d+ sockets")
+            yield lz
+            rc = await lz.stop()
+            if expect_exit is not None:
+                assert rc == expect_exit, lz.log()
+        finally:
+            if process.returncode is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                await process.wait()
+            nursery.cancel_scope.cancel()
+
+
+def yaml_quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
