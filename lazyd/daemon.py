@@ -35,7 +35,7 @@ class Daemon:
             for name, svc in config.services.items()
         }
         self.closing = False
-        self._closed = trio.Event()
+        self.stopped = trio.Event()
 
     def _started(self, runner: ServiceRunner) -> None:
         # requires: start the dependencies at the same moment, in no order;
@@ -52,8 +52,6 @@ class Daemon:
                 if runner.config.activate is Activate.EAGER:
                     runner.start("eager")
             task_status.started()
-            await self._closed.wait()
-            nursery.cancel_scope.cancel()
 
     async def shutdown(self) -> None:
         """Stop every service (stop signal, then SIGKILL), then end run()."""
@@ -66,7 +64,7 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             for runner in self.runners.values():
                 nursery.start_soon(runner.wait_stopped)
-        self._closed.set()
+        self.stopped.set()
 
     def status(self) -> dict[str, Any]:
         now = trio.current_time()
@@ -103,7 +101,7 @@ async def serve(
     options: Options | None = None,
     task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Bind every socket, then run the daemon until SIGTERM or SIGINT."""
+    """Bind every socket, then run the daemon until SIGTERM/SIGINT or `Daemon.shutdown()`."""
     options = options or Options()
     soft, _hard = raise_fd_limit()
     options.nofile_soft = soft
@@ -115,26 +113,36 @@ async def serve(
         except LazydError as exc:
             raise type(exc)(f"control socket: {exc}") from None
         daemon = Daemon(config, sockets, options)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(daemon.run)
-                nursery.start_soon(control.serve_control, control_sock, daemon.handle_control)
-                options.log(
-                    f"lazyd: holding {sum(len(s) for s in sockets.values())} sockets "
-                    f"for {len(config.services)} services"
-                )
-                task_status.started(daemon)
-                async for signum in signals:
-                    options.log(f"lazyd: {signal.Signals(signum).name}: stopping every service")
-                    await daemon.shutdown()
-                    break
-                nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+            nursery.start_soon(control.serve_control, control_sock, daemon.handle_control)
+            nursery.start_soon(_stop_on_signals, daemon)
+            held = sum(len(s) for s in sockets.values())
+            options.log(
+                f"lazyd: holding {_plural(held, 'socket')} "
+                f"for {_plural(len(config.services), 'service')}"
+            )
+            task_status.started(daemon)
+            await daemon.stopped.wait()
+            nursery.cancel_scope.cancel()
     finally:
         release(config, sockets)
         if control_sock is not None:
             control_sock.close()
             _unlink_quietly(control.control_path(config))
     options.log("lazyd: stopped")
+
+
+async def _stop_on_signals(daemon: Daemon) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            daemon.options.log(f"lazyd: {signal.Signals(signum).name}: stopping every service")
+            await daemon.shutdown()
+            return
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _unlink_quietly(path: str) -> None:

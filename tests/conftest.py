@@ -121,7 +121,7 @@ async def run_lazyd(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(lz._collect)
         try:
-            await lz.wait_line(r"^lazyd: holding \d+ sockets")
+            await lz.wait_line(r"^lazyd: holding \d+ sockets?")
             yield lz
             rc = await lz.stop()
             if expect_exit is not None:

@@ -1,0 +1,1 @@
+"""Small services bundled with lazyd, so that `lazyd demo` runs anywhere."""
