@@ -794,7 +794,8 @@ def _syntax_error(filename: str, text: str, exc: BaseException) -> str:
 
 def plan(config: Config) -> str:
     """What `lazyd check` prints: every service, its sockets in fd order and its command."""
-    lines = [f"{config.path}: {len(config.services)} services"]
+    count = len(config.services)
+    lines = [f"{config.path}: {count} service{'' if count == 1 else 's'}, config OK"]
     for service in config.services.values():
         user = service.user or "(lazyd's own)"
         group = service.group or ("(the user's)" if service.user else "(lazyd's own)")

@@ -513,7 +513,7 @@ def test_plan_shows_the_seeds_blog(blog: str) -> None:
               quic:  udp://0.0.0.0:443
         """)
     assert plan(config) == textwrap.dedent(f"""\
-        lazyd.yaml: 1 services
+        lazyd.yaml: 1 service, config OK
         blog: pass mode, user nobody, group nogroup, ready started, activate lazy
           fd 3  http   tcp://0.0.0.0:80
           fd 4  https  tcp://0.0.0.0:443
