@@ -15,7 +15,7 @@ import trio
 
 from lazyd import __version__, control
 from lazyd import config as config_mod
-from lazyd.errors import ConfigError, LazydError
+from lazyd.errors import ConfigError, ControlError, LazydError
 
 DEFAULT_CONFIG = "lazyd.yaml"
 
@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show every service of a running daemon")
     status.add_argument("--json", action="store_true", help="print JSON")
     _add_control_arguments(status)
+
+    reload = sub.add_parser("reload", help="make a running daemon re-read its config")
+    _add_control_arguments(reload)
 
     sub.add_parser("demo", help="a self-contained demonstration; exits by itself")
     return parser
@@ -78,6 +81,18 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reload(args: argparse.Namespace) -> int:
+    path = _find_control(args)
+    try:
+        control.request(path, "reload")
+    except ControlError as exc:
+        for problem in exc.details.get("problems", []):
+            print(problem, file=sys.stderr)
+        raise
+    print("reloaded")
+    return 0
+
+
 def _cell(value: Any, suffix: str = "") -> str:
     return "-" if value is None else f"{value}{suffix}"
 
@@ -114,7 +129,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demo_main()
 
 
-COMMANDS = {"run": _cmd_run, "check": _cmd_check, "status": _cmd_status, "demo": _cmd_demo}
+COMMANDS = {
+    "run": _cmd_run,
+    "check": _cmd_check,
+    "status": _cmd_status,
+    "reload": _cmd_reload,
+    "demo": _cmd_demo,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -148,5 +148,5 @@ def request(path: str, command: str, **arguments: Any) -> dict[str, Any]:
     if not isinstance(reply, dict):
         raise ControlError(f"lazyd at {path} sent an answer that is not a JSON object")
     if not reply.get("ok"):
-        raise ControlError(f"lazyd at {path}: {reply.get('error', 'request failed')}")
+        raise ControlError(f"lazyd at {path}: {reply.get('error', 'request failed')}", reply)
     return reply

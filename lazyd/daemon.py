@@ -11,11 +11,12 @@ from typing import Any
 
 import trio
 
+from lazyd import config as config_mod
 from lazyd import control
-from lazyd.config import Activate, Config
-from lazyd.errors import LazydError
+from lazyd.config import Activate, Config, ServiceConfig, SocketConfig
+from lazyd.errors import ConfigError, LazydError
 from lazyd.service import Options, ServiceRunner, stderr_log
-from lazyd.sockets import bind_all, raise_fd_limit, release
+from lazyd.sockets import bind_all, bind_socket, raise_fd_limit, release, release_socket
 
 
 class Daemon:
@@ -36,6 +37,8 @@ class Daemon:
         }
         self.closing = False
         self.stopped = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._reloading = False
 
     def _started(self, runner: ServiceRunner) -> None:
         # requires: start the dependencies at the same moment, in no order;
@@ -46,6 +49,7 @@ class Daemon:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run every service until shutdown() is called or the task is cancelled."""
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             for runner in self.runners.values():
                 await nursery.start(runner.run)
             for runner in self.runners.values():
@@ -65,6 +69,112 @@ class Daemon:
             for runner in self.runners.values():
                 nursery.start_soon(runner.wait_stopped)
         self.stopped.set()
+
+    async def reload(self) -> list[str]:
+        """Re-read the config file and apply it; return its problems (none: applied).
+
+        Sockets whose address did not change stay open throughout, so no
+        client is refused.  Removed services are stopped and their sockets
+        closed; added ones are bound and held; changed ones take their new
+        settings at their next start, and a running one is restarted at once
+        only if what it was started with (command, user, group, environment,
+        sockets) changed.  A config with errors, or a new socket that cannot be
+        bound, changes nothing.
+        """
+        if self.closing or self._reloading:
+            return ["a reload or shutdown is already under way"]
+        self._reloading = True
+        try:
+            return await self._reload()
+        finally:
+            self._reloading = False
+
+    async def _reload(self) -> list[str]:
+        log = self.options.log
+        try:
+            new = config_mod.load(self.config.path)
+        except LazydError as exc:
+            problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
+            for problem in problems:
+                log(f"lazyd: reload: {problem}")
+            log("lazyd: reload failed; the running config stays in force")
+            return problems
+        held = {
+            _socket_key(sc): sock
+            for runner in self.runners.values()
+            for sc, sock in zip(runner.config.sockets, runner.sockets, strict=True)
+        }
+        kept: set[int] = set()
+        fresh: list[socket.socket] = []
+        plan: dict[str, list[socket.socket]] = {}
+        try:
+            for name, svc in new.services.items():
+                plan[name] = []
+                for sc in svc.sockets:
+                    sock = held.get(_socket_key(sc))
+                    if sock is None or id(sock) in kept:
+                        sock = bind_socket(sc, service=name)
+                        fresh.append(sock)
+                    kept.add(id(sock))
+                    plan[name].append(sock)
+        except LazydError as exc:
+            for sock in fresh:
+                release_socket(sock)
+            log(f"lazyd: reload: {exc}")
+            log("lazyd: reload failed; the running config stays in force")
+            return [str(exc)]
+
+        old_runners = self.runners
+        removed = [r for name, r in old_runners.items() if name not in new.services]
+        self.config = new
+        self.runners = {}
+        for name, svc in new.services.items():
+            runner = old_runners.get(name)
+            if runner is None:
+                runner = ServiceRunner(svc, plan[name], self.options, on_spawn=self._started)
+                self.runners[name] = runner
+                assert self._nursery is not None
+                await self._nursery.start(runner.run)
+                log(f"lazyd: reload: added {name}")
+                if svc.activate is Activate.EAGER:
+                    runner.start("eager")
+                continue
+            self.runners[name] = runner
+            if svc == runner.config and plan[name] == runner.sockets:
+                continue
+            restart = _needs_restart(runner.config, svc, runner.sockets, plan[name])
+            runner.reconfigure(svc, plan[name])
+            log(f"lazyd: reload: changed {name}")
+            if restart and runner.machine.process:
+                self._nursery_start(self._restart, runner)
+        for runner in removed:
+            log(f"lazyd: reload: removed {runner.name}")
+            runner.closing = True
+            runner.stop("removed by reload")
+        # Sockets nobody holds any more: close them once their service is gone
+        # or has let go of them (a running process keeps its own copy).
+        orphans = [s for s in held.values() if id(s) not in kept]
+        self._nursery_start(self._retire, removed, orphans)
+        log(f"lazyd: reloaded {new.path}")
+        return []
+
+    def _nursery_start(self, fn: Any, *args: Any) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(fn, *args)
+
+    async def _restart(self, runner: ServiceRunner) -> None:
+        runner.stop("reload")
+        await runner.wait_stopped()
+        runner.start("reload")
+
+    async def _retire(self, removed: list[ServiceRunner], orphans: list[socket.socket]) -> None:
+        for sock in orphans:
+            # Wake any task still waiting on it before the fd goes away.
+            trio.lowlevel.notify_closing(sock)
+            release_socket(sock)
+        for runner in removed:
+            await runner.wait_stopped()
+            runner.cancel()
 
     def status(self) -> dict[str, Any]:
         now = trio.current_time()
@@ -92,6 +202,11 @@ class Daemon:
         command = request["command"]
         if command == "status":
             return self.status()
+        if command == "reload":
+            problems = await self.reload()
+            if problems:
+                return {"ok": False, "error": "reload failed", "problems": problems}
+            return {"ok": True}
         return {"ok": False, "error": f"unknown command {command!r}"}
 
 
@@ -107,6 +222,7 @@ async def serve(
     options.nofile_soft = soft
     sockets = bind_all(config)
     control_sock: socket.socket | None = None
+    daemon: Daemon | None = None
     try:
         try:
             control_sock = control.bind_control(control.control_path(config))
@@ -126,6 +242,9 @@ async def serve(
             await daemon.stopped.wait()
             nursery.cancel_scope.cancel()
     finally:
+        if daemon is not None:
+            # A reload may have replaced some: release what is held now.
+            sockets = {name: r.sockets for name, r in daemon.runners.items()}
         release(config, sockets)
         if control_sock is not None:
             control_sock.close()
@@ -134,11 +253,35 @@ async def serve(
 
 
 async def _stop_on_signals(daemon: Daemon) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    """SIGTERM/SIGINT stop everything; SIGHUP reloads the config."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
+            if signum == signal.SIGHUP:
+                daemon.options.log("lazyd: SIGHUP: reloading the config")
+                await daemon.reload()
+                continue
             daemon.options.log(f"lazyd: {signal.Signals(signum).name}: stopping every service")
             await daemon.shutdown()
             return
+
+
+def _socket_key(sc: SocketConfig) -> tuple[str, str]:
+    """Sockets with the same key are the same socket across a reload."""
+    return (sc.listen.kind.value, str(sc.listen))
+
+
+def _needs_restart(
+    old: ServiceConfig,
+    new: ServiceConfig,
+    old_sockets: list[socket.socket],
+    new_sockets: list[socket.socket],
+) -> bool:
+    """Whether a running service must restart to pick up a change."""
+    started_with = ("command", "user", "group", "environment", "workdir", "mode")
+    if any(getattr(old, key) != getattr(new, key) for key in started_with):
+        return True
+    names = [sc.name for sc in old.sockets] != [sc.name for sc in new.sockets]
+    return names or old_sockets != new_sockets
 
 
 def _plural(count: int, noun: str) -> str:

@@ -102,7 +102,7 @@ async def _cold_start(directory: Path) -> None:
         _say(
             f"   {len(results)}/{CLIENTS} answered, by {len(pids)} process "
             f"({web.machine.activations} start); waits {waits[0] * 1000:.0f}"
-            f"–{waits[-1] * 1000:.0f} ms, none refused, none retried."
+            f" to {waits[-1] * 1000:.0f} ms, none refused, none retried."
         )
 
         _say(f"\n2. Idle exit and re-activation (the service exits after {IDLE_EXIT:g} s idle)")

@@ -12,6 +12,7 @@ Anything that is not a LazydError is a bug and is shown with its traceback.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 
 class LazydError(Exception):
@@ -38,4 +39,9 @@ class LaunchError(LazydError):
 
 
 class ControlError(LazydError):
-    """The control socket could not be reached, or its answer made no sense."""
+    """The control socket could not be reached, or its answer made no sense,
+    or the daemon refused the request (its reply, if any, is in `details`)."""
+
+    def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.details: dict[str, Any] = details or {}

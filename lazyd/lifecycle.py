@@ -176,6 +176,11 @@ def _seconds(value: float) -> str:
     return f"{value:g} s"
 
 
+def _due(at: float | None, now: float) -> float | None:
+    """`at` if that time has come, else None."""
+    return at if at is not None and now >= at else None
+
+
 class Lifecycle:
     """The state machine of one service.  See the module docstring."""
 
@@ -293,7 +298,12 @@ class Lifecycle:
         actions.append(Log(reason))
         if self.state is State.STOPPING:
             self._kill_at = None
-            self._go_idle(actions)
+            if self._start_failed:
+                # Timed out before it was even executed: a failed start like
+                # any other, restarted per policy (as Exited would be).
+                self._after_exit(failed=True, now=now, actions=actions)
+            else:
+                self._go_idle(actions)
             return
         if self.state is State.STARTING:
             self._record(Outcome.FAILED, now, actions)
@@ -358,9 +368,13 @@ class Lifecycle:
             self._restart_at = None
             return
         if self.state is State.STOPPING:
+            if self._start_failed:
+                # Being stopped after a start timeout, which would restart it
+                # once it exits: the explicit stop wins, no restart follows.
+                self._start_failed = False
+                self._stop_reason = reason
             return
         if self.state is State.STARTING:
-            self._start_failed = False
             actions.append(DropHeld(f"stopped before it was ready ({reason})"))
         self._stop(reason, now, actions)
 
@@ -376,9 +390,13 @@ class Lifecycle:
 
     def _on_tick(self, now: float, actions: list[Action]) -> None:
         if self.state is State.STARTING:
-            if self._ready_at is not None and now >= self._ready_at:
+            # A late Tick may find both due: whichever came first decides, and
+            # a ready delay that ends exactly at the start timeout is in time.
+            ready = _due(self._ready_at, now)
+            timeout = _due(self._timeout_at, now)
+            if ready is not None and (timeout is None or ready <= timeout):
                 self._become_ready(now, actions)
-            elif self._timeout_at is not None and now >= self._timeout_at:
+            elif timeout is not None:
                 text = f"not ready within {_seconds(self.config.start_timeout)}"
                 actions.append(Log(f"start timed out: {text}"))
                 self._record(Outcome.TIMED_OUT, now, actions)

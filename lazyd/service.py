@@ -128,8 +128,9 @@ class ServiceRunner:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the sockets and serve traffic until cancelled."""
         try:
-            if self.config.ready.kind is ReadyKind.NOTIFY:
-                self._notify = open_notify_socket(self.name)
+            # Every service gets a notify socket, so that a reload may switch
+            # it to `ready: notify` without a new one.
+            self._notify = open_notify_socket(self.name)
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._run_timer)
@@ -141,6 +142,22 @@ class ServiceRunner:
         finally:
             if self._notify is not None:
                 self._notify.close()
+
+    def cancel(self) -> None:
+        """End run(): for a service that was removed and has stopped."""
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    def reconfigure(self, config: ServiceConfig, sockets: Sequence[socket.socket]) -> None:
+        """Take new settings; they apply from the next start.  New sockets are
+        watched from now on (the caller closes the ones no longer used)."""
+        self.config = config
+        self.machine.config = config
+        if list(sockets) != self.sockets:
+            self.sockets = list(sockets)
+            # Restart the wait on the new set; the watcher re-arms itself.
+            if self._watch_scope is not None:
+                self._watch_scope.cancel()
 
     def start(self, reason: str) -> None:
         if not self.closing:
@@ -250,7 +267,11 @@ class ServiceRunner:
             user=self.config.user,
             group=self.config.group,
             workdir=self.config.workdir,
-            notify_socket=self._notify.address if self._notify is not None else None,
+            notify_socket=(
+                self._notify.address
+                if self._notify is not None and self.config.ready.kind is ReadyKind.NOTIFY
+                else None
+            ),
             nofile_soft=self.options.nofile_soft,
         )
         try:
@@ -316,6 +337,9 @@ class ServiceRunner:
 async def _wait_readable(
     sock: socket.socket, name: str, readable: list[str], nursery: trio.Nursery
 ) -> None:
-    await trio.lowlevel.wait_readable(sock)
+    try:
+        await trio.lowlevel.wait_readable(sock)
+    except trio.ClosedResourceError:
+        return  # a reload closed it; the watcher starts over with the new set
     readable.append(name)
     nursery.cancel_scope.cancel()

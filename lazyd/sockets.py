@@ -292,9 +292,14 @@ def _unlink_created(sock: socket.socket) -> None:
         log.warning("cannot remove socket file %s: %s", path, exc.strerror)
 
 
+def release_socket(sock: socket.socket) -> None:
+    """Close one socket and remove the Unix socket file lazyd created for it."""
+    # Unlink first: a client then finds no file rather than a dead one.
+    _unlink_created(sock)
+    sock.close()
+
+
 def _close_all(sockets: dict[str, list[socket.socket]]) -> None:
     for group in sockets.values():
         for sock in group:
-            # Unlink first: a client then finds no file rather than a dead one.
-            _unlink_created(sock)
-            sock.close()
+            release_socket(sock)

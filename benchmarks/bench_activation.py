@@ -1,0 +1,310 @@
+"""Cold start, connect → first byte: lazyd (pass mode) against systemd-socket-activate.
+
+Every round a client connects to a socket nobody has accepted on yet and times
+how long it takes until the first byte arrives. In that time the activator
+notices the connection, starts the service with the listening socket at fd 3
+(LISTEN_FDS=1, LISTEN_PID, LISTEN_FDNAMES), and the service accepts and writes
+one byte. Three rows, interleaved in one run (lazyd and systemd-socket-activate
+take turns at going first), after one unrecorded warm-up round of each:
+
+- direct: the service's own start-up, exec → first byte. A child forked in
+  advance waits on the daemon's CPU with the listener at fd 3; once the client
+  has connected it notes the time (CLOCK_MONOTONIC, as the client's clock) and
+  execs the service. This row is subtracted from the other two ("minus service
+  start-up"), which leaves what each activator adds: noticing the connection,
+  waking up, forking. The launcher is a fork of this Python process, whose exec
+  has a bigger address space to discard than systemd-socket-activate's, so
+  systemd-socket-activate's remainder can come out slightly below zero.
+- systemd-socket-activate (systemd's C tool): it binds, waits and, on the
+  first connection, execs the service in place of itself. Having exec'd, it is
+  gone, so it is started afresh for every round; that start-up happens before
+  the client connects and is not counted.
+- lazyd: one `lazyd run` for the whole run. The service serves one connection
+  and exits, after which lazyd holds the socket again, so every round is a cold
+  start without restarting lazyd. lazyd's own `spawn` figure from its log line
+  (`bench: ready in X ms (spawn Y ms, readiness Z ms)`) is reported too.
+
+The service is programs/first_byte.c, compiled here with `cc`, so that its own
+start-up is small and the activators' overhead is not lost in its noise. With
+`--service python` (or without a C compiler) it is first_byte.py under
+`python -S`; the subtraction is the same. The daemon side (lazyd,
+systemd-socket-activate, the service) runs on CPU 0, the client on CPU 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO
+
+ROOT = Path(__file__).resolve().parent.parent
+PROGRAMS = Path(__file__).resolve().parent / "programs"
+ACTIVATE = "/usr/bin/systemd-socket-activate"
+HOST = "127.0.0.1"
+TIMEOUT = 10.0  # seconds for any one step; a hang is a failure, not a figure
+# A quiet moment before each measurement, so that the previous round's exit
+# (lazyd reaping and re-arming, the kernel tearing down a process) is over.
+SETTLE = 0.01
+DAEMON_CPU, CLIENT_CPU = 0, 1
+PINNED = {DAEMON_CPU, CLIENT_CPU} <= os.sched_getaffinity(0)
+TARGET_MS = 2.0
+
+
+def pin_daemon_side() -> None:
+    """Move the calling process to the daemon's CPU (children inherit it)."""
+    if PINNED:
+        os.sched_setaffinity(0, {DAEMON_CPU})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+Moments = tuple[float, float]  # connect, first byte (time.monotonic(): CLOCK_MONOTONIC)
+
+
+def first_byte(port: int, after_connect: Callable[[], None] = lambda: None) -> Moments:
+    """Connect, wait for the first byte; return both moments."""
+    with socket.socket() as client:
+        client.settimeout(TIMEOUT)
+        connected = time.monotonic()
+        client.connect((HOST, port))
+        after_connect()
+        data = client.recv(1)
+        arrived = time.monotonic()
+    if data != b"!":
+        raise RuntimeError(f"the service answered {data!r} instead of b'!'")
+    return connected, arrived
+
+
+def elapsed_ms(moments: Moments) -> float:
+    return (moments[1] - moments[0]) * 1000
+
+
+class Lines:
+    """A child's stderr, read line by line with a deadline. No reader thread:
+    nothing may compete with the client for the GIL while it waits."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self.fd = stream.fileno()
+        self.buffer = b""
+        self.seen: list[str] = []
+
+    def wait(self, pattern: str) -> re.Match[str]:
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            while b"\n" in self.buffer:
+                raw, self.buffer = self.buffer.split(b"\n", 1)
+                self.seen.append(raw.decode(errors="replace"))
+                if match := regex.search(self.seen[-1]):
+                    return match
+            left = deadline - time.monotonic()
+            chunk = os.read(self.fd, 65536) if select.select([self.fd], [], [], left)[0] else b""
+            if not chunk:
+                log = "\n".join(self.seen[-20:])
+                raise RuntimeError(f"no line matched {pattern!r}; last lines:\n{log}")
+            self.buffer += chunk
+
+
+def run_direct(service: Sequence[str]) -> float:
+    """The service's own start-up: exec → first byte, the listener already at fd 3.
+
+    Forking beforehand keeps the fork (and waking an idle CPU for the child)
+    out of this row: those are part of what an activator does.
+    """
+    ours, theirs = socket.socketpair()
+    with socket.socket() as listener, ours, theirs:
+        listener.bind((HOST, 0))
+        listener.listen()
+        pid = os.fork()
+        if pid == 0:  # the child: only exec, or leave at once
+            try:
+                pin_daemon_side()
+                os.dup2(listener.fileno(), 3)
+                os.set_inheritable(3, True)  # dup2 onto itself would keep CLOEXEC
+                env = {"PATH": os.defpath, "LISTEN_FDS": "1",
+                       "LISTEN_PID": str(os.getpid()), "LISTEN_FDNAMES": "bench"}
+                theirs.sendall(b"r")
+                theirs.recv(1)
+                theirs.sendall(repr(time.monotonic()).encode())
+                os.execve(service[0], list(service), env)
+            finally:
+                os._exit(127)
+        theirs.close()
+        ours.settimeout(TIMEOUT)
+        try:
+            if ours.recv(1) != b"r":
+                raise RuntimeError("the direct launcher died before it was ready")
+            time.sleep(SETTLE)
+            _, arrived = first_byte(listener.getsockname()[1], lambda: ours.sendall(b"g"))
+            execed = float(ours.recv(64))
+        except BaseException:
+            os.kill(pid, signal.SIGKILL)
+            raise
+        finally:
+            status = os.waitpid(pid, 0)[1]
+    if status != 0:
+        raise RuntimeError("the service failed when started directly")
+    return (arrived - execed) * 1000
+
+
+def run_systemd(service: Sequence[str]) -> float:
+    """One cold start through a fresh systemd-socket-activate."""
+    port = free_port()
+    process = subprocess.Popen(
+        [ACTIVATE, "-l", f"{HOST}:{port}", "--fdname=bench", "--", *service],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env={"PATH": os.defpath}, preexec_fn=pin_daemon_side,
+    )
+    assert process.stderr is not None
+    try:
+        Lines(process.stderr).wait(r"^Listening on ")
+        time.sleep(SETTLE)
+        ms = elapsed_ms(first_byte(port))
+        if process.wait(TIMEOUT) != 0:
+            raise RuntimeError(f"the service failed under {ACTIVATE}")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+    return ms
+
+
+class Lazyd:
+    """One `lazyd run` holding one pass-mode service for the whole benchmark."""
+
+    def __init__(self, tmp: Path, service: Sequence[str]) -> None:
+        self.port = free_port()
+        user = "    user: root\n" if os.geteuid() == 0 else ""
+        command = ", ".join(f'"{part}"' for part in service)
+        config = tmp / "lazyd.yaml"
+        config.write_text(
+            f"control: unix:{tmp / 'control.sock'}\n"
+            f"services:\n  bench:\n    command: [{command}]\n{user}"
+            f"    sockets:\n      bench: tcp://{HOST}:{self.port}\n"
+            # Every round is a start: lift the crash-loop guard far above the rounds.
+            "    start_limit: 1000000\n"
+        )
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "lazyd", "run", "-c", str(config)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            cwd=ROOT, preexec_fn=pin_daemon_side,
+        )
+        assert self.process.stderr is not None
+        self.lines = Lines(self.process.stderr)
+        self.spawn_ms: list[float] = []
+        self.lines.wait(r"^lazyd: holding ")
+
+    def round(self) -> float:
+        time.sleep(SETTLE)
+        ms = elapsed_ms(first_byte(self.port))
+        spawn = self.lines.wait(r"^bench: ready in [\d.]+ ms \(spawn ([\d.]+) ms")
+        self.spawn_ms.append(float(spawn[1]))
+        # Only once the service is gone does lazyd hold the socket again.
+        self.lines.wait(r"^bench: exited with status 0$")
+        return ms
+
+    def close(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(TIMEOUT)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            assert self.process.stderr is not None
+            self.process.stderr.close()
+
+
+def build_service(kind: str, tmp: Path) -> tuple[list[str], str]:
+    """The service's command line, and a description of it for the output."""
+    cc = shutil.which("cc")
+    if kind == "c" and cc is not None:
+        binary = tmp / "first_byte"
+        subprocess.run([cc, "-O2", "-o", str(binary), str(PROGRAMS / "first_byte.c")], check=True)
+        return [str(binary)], "first_byte.c (C)"
+    return [sys.executable, "-S", str(PROGRAMS / "first_byte.py")], "first_byte.py (python -S)"
+
+
+def p90(values: list[float]) -> float:
+    return statistics.quantiles(values, n=10, method="inclusive")[8]
+
+
+def report(results: dict[str, list[float]], spawn_ms: list[float], header: str) -> None:
+    base = statistics.median(results["direct"])
+    print(header, end="\n\n")
+    print("| cold start, connect → first byte | median ms | p90 ms | minus service start-up ms |")
+    print("|---|---:|---:|---:|")
+    for key, label in (("direct", "direct service start-up (exec → first byte)"),
+                       ("systemd", "systemd-socket-activate"), ("lazyd", "lazyd (pass)")):
+        med = statistics.median(results[key])
+        minus = "—" if key == "direct" else f"{med - base:.3f}"
+        print(f"| {label} | {med:.3f} | {p90(results[key]):.3f} | {minus} |")
+    lazyd, systemd = statistics.median(results["lazyd"]), statistics.median(results["systemd"])
+    pairs = statistics.median(a - b for a, b in zip(results["lazyd"], results["systemd"],
+                                                    strict=True))
+    verdict = "met" if lazyd - systemd <= TARGET_MS else "NOT met"
+    print(f"\nlazyd - systemd-socket-activate: {lazyd - systemd:+.3f} ms "
+          f"(median of per-round differences {pairs:+.3f} ms); "
+          f"ratio lazyd / systemd-socket-activate: {lazyd / systemd:.2f}x")
+    print(f"target (lazyd within {TARGET_MS:g} ms of systemd-socket-activate): {verdict}")
+    print(f"lazyd's own logged `spawn` (traffic seen → exec done), median: "
+          f"{statistics.median(spawn_ms):.3f} ms")
+
+
+def main(argv: Sequence[str] = ()) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--rounds", type=int, default=30, help="rounds per row (%(default)s)")
+    parser.add_argument("--service", choices=("c", "python"), default="c")
+    args = parser.parse_args(argv)
+    if args.rounds < 2 or not os.access(ACTIVATE, os.X_OK):
+        parser.error(f"need --rounds >= 2 and an executable {ACTIVATE}")
+    if PINNED:
+        os.sched_setaffinity(0, {CLIENT_CPU})
+    results: dict[str, list[float]] = {"direct": [], "systemd": [], "lazyd": []}
+    with tempfile.TemporaryDirectory(prefix="lazyd-bench-") as tmpdir:
+        service, described = build_service(args.service, Path(tmpdir))
+        lazyd = Lazyd(Path(tmpdir), service)
+        try:
+            # One unrecorded round of each warms caches and lazyd's code paths.
+            run_direct(service), run_systemd(service), lazyd.round()
+            lazyd.spawn_ms.clear()
+            runs: dict[str, Callable[[], float]] = {
+                "direct": lambda: run_direct(service),
+                "systemd": lambda: run_systemd(service),
+                "lazyd": lazyd.round,
+            }
+            for i in range(args.rounds):
+                # Alternate which activator goes first, so neither always follows the other.
+                order = ("systemd", "lazyd") if i % 2 == 0 else ("lazyd", "systemd")
+                for key in ("direct", *order):
+                    results[key].append(runs[key]())
+        finally:
+            lazyd.close()
+    pinning = (f"daemon side on CPU {DAEMON_CPU}, client on CPU {CLIENT_CPU}" if PINNED
+               else "not pinned (fewer than 2 CPUs)")
+    report(results, lazyd.spawn_ms,
+           f"{args.rounds} rounds each, interleaved; service {described}; {pinning}; "
+           f"Python {sys.version.split()[0]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
