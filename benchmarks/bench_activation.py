@@ -1,34 +1,33 @@
 """Cold start, connect → first byte: lazyd (pass mode) against systemd-socket-activate.
 
-Every round a client connects to a socket nobody has accepted on yet and times
-how long it takes until the first byte arrives. In that time the activator
-notices the connection, starts the service with the listening socket at fd 3
-(LISTEN_FDS=1, LISTEN_PID, LISTEN_FDNAMES), and the service accepts and writes
-one byte. Three rows, interleaved in one run (lazyd and systemd-socket-activate
-take turns at going first), after one unrecorded warm-up round of each:
+A client connects to a socket nobody has accepted on yet and times how long it
+takes until the first byte arrives: the activator notices the connection and
+starts the service with the listener at fd 3 (LISTEN_FDS, LISTEN_PID,
+LISTEN_FDNAMES); the service accepts and writes one byte. Three rows,
+interleaved in one run (lazyd and systemd-socket-activate take turns at going
+first), after one unrecorded warm-up round of each:
 
 - direct: the service's own start-up, exec → first byte. A child forked in
-  advance waits on the daemon's CPU with the listener at fd 3; once the client
-  has connected it notes the time (CLOCK_MONOTONIC, as the client's clock) and
-  execs the service. This row is subtracted from the other two ("minus service
-  start-up"), which leaves what each activator adds: noticing the connection,
-  waking up, forking. The launcher is a fork of this Python process, whose exec
-  has a bigger address space to discard than systemd-socket-activate's, so
-  systemd-socket-activate's remainder can come out slightly below zero.
-- systemd-socket-activate (systemd's C tool): it binds, waits and, on the
-  first connection, execs the service in place of itself. Having exec'd, it is
-  gone, so it is started afresh for every round; that start-up happens before
-  the client connects and is not counted.
+  advance (the fork, and waking an idle CPU for it, are the activator's work)
+  waits on the daemon's CPU with the listener at fd 3; once the client has
+  connected it notes the time (CLOCK_MONOTONIC, as the client) and execs the
+  service. This row is subtracted from the others ("minus service start-up"),
+  leaving what each activator adds. The launcher is a fork of this Python
+  process, so its exec discards more memory than systemd-socket-activate's
+  does: that remainder can come out just below zero.
+- systemd-socket-activate: binds, waits, and on the first connection execs
+  the service in place of itself; so it is started afresh every round, before
+  the client connects (its own start-up is not counted).
 - lazyd: one `lazyd run` for the whole run. The service serves one connection
-  and exits, after which lazyd holds the socket again, so every round is a cold
-  start without restarting lazyd. lazyd's own `spawn` figure from its log line
-  (`bench: ready in X ms (spawn Y ms, readiness Z ms)`) is reported too.
+  and exits, and lazyd holds the socket again, so every round is a cold start
+  without restarting lazyd. The `spawn` figure of its log line (`bench: ready
+  in X ms (spawn Y ms, readiness Z ms)`) is reported too.
 
 The service is programs/first_byte.c, compiled here with `cc`, so that its own
-start-up is small and the activators' overhead is not lost in its noise. With
-`--service python` (or without a C compiler) it is first_byte.py under
-`python -S`; the subtraction is the same. The daemon side (lazyd,
-systemd-socket-activate, the service) runs on CPU 0, the client on CPU 1.
+start-up is small and the activators' overhead is not lost in its noise
+(`--service python`, or no compiler: first_byte.py under `python -S`). The
+daemon side (lazyd, systemd-socket-activate, the service) runs on CPU 0, the
+client on CPU 1.
 """
 
 from __future__ import annotations
@@ -46,6 +45,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import IO
 
@@ -74,11 +74,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-Moments = tuple[float, float]  # connect, first byte (time.monotonic(): CLOCK_MONOTONIC)
-
-
-def first_byte(port: int, after_connect: Callable[[], None] = lambda: None) -> Moments:
-    """Connect, wait for the first byte; return both moments."""
+def first_byte(port: int, after_connect: Callable[[], None] = lambda: None) -> tuple[float, float]:
+    """Connect, wait for the first byte; return both moments (time.monotonic())."""
     with socket.socket() as client:
         client.settimeout(TIMEOUT)
         connected = time.monotonic()
@@ -91,15 +88,12 @@ def first_byte(port: int, after_connect: Callable[[], None] = lambda: None) -> M
     return connected, arrived
 
 
-def elapsed_ms(moments: Moments) -> float:
-    return (moments[1] - moments[0]) * 1000
-
-
 class Lines:
     """A child's stderr, read line by line with a deadline. No reader thread:
     nothing may compete with the client for the GIL while it waits."""
 
     def __init__(self, stream: IO[bytes]) -> None:
+        self.stream = stream
         self.fd = stream.fileno()
         self.buffer = b""
         self.seen: list[str] = []
@@ -116,17 +110,12 @@ class Lines:
             left = deadline - time.monotonic()
             chunk = os.read(self.fd, 65536) if select.select([self.fd], [], [], left)[0] else b""
             if not chunk:
-                log = "\n".join(self.seen[-20:])
-                raise RuntimeError(f"no line matched {pattern!r}; last lines:\n{log}")
+                raise RuntimeError(f"no line matched {pattern!r} in:\n" + "\n".join(self.seen))
             self.buffer += chunk
 
 
 def run_direct(service: Sequence[str]) -> float:
-    """The service's own start-up: exec → first byte, the listener already at fd 3.
-
-    Forking beforehand keeps the fork (and waking an idle CPU for the child)
-    out of this row: those are part of what an activator does.
-    """
+    """The service's own start-up: exec → first byte, the listener already at fd 3."""
     ours, theirs = socket.socketpair()
     with socket.socket() as listener, ours, theirs:
         listener.bind((HOST, 0))
@@ -175,15 +164,14 @@ def run_systemd(service: Sequence[str]) -> float:
     try:
         Lines(process.stderr).wait(r"^Listening on ")
         time.sleep(SETTLE)
-        ms = elapsed_ms(first_byte(port))
+        connected, arrived = first_byte(port)
         if process.wait(TIMEOUT) != 0:
             raise RuntimeError(f"the service failed under {ACTIVATE}")
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        process.kill()  # a no-op once it has exited
+        process.wait()
         process.stderr.close()
-    return ms
+    return (arrived - connected) * 1000
 
 
 class Lazyd:
@@ -213,23 +201,21 @@ class Lazyd:
 
     def round(self) -> float:
         time.sleep(SETTLE)
-        ms = elapsed_ms(first_byte(self.port))
+        connected, arrived = first_byte(self.port)
         spawn = self.lines.wait(r"^bench: ready in [\d.]+ ms \(spawn ([\d.]+) ms")
         self.spawn_ms.append(float(spawn[1]))
         # Only once the service is gone does lazyd hold the socket again.
         self.lines.wait(r"^bench: exited with status 0$")
-        return ms
+        return (arrived - connected) * 1000
 
     def close(self) -> None:
         self.process.send_signal(signal.SIGTERM)
         try:
             self.process.wait(TIMEOUT)
         finally:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.wait()
-            assert self.process.stderr is not None
-            self.process.stderr.close()
+            self.process.kill()  # a no-op once it has exited
+            self.process.wait()
+            self.lines.stream.close()
 
 
 def build_service(kind: str, tmp: Path) -> tuple[list[str], str]:
@@ -242,10 +228,6 @@ def build_service(kind: str, tmp: Path) -> tuple[list[str], str]:
     return [sys.executable, "-S", str(PROGRAMS / "first_byte.py")], "first_byte.py (python -S)"
 
 
-def p90(values: list[float]) -> float:
-    return statistics.quantiles(values, n=10, method="inclusive")[8]
-
-
 def report(results: dict[str, list[float]], spawn_ms: list[float], header: str) -> None:
     base = statistics.median(results["direct"])
     print(header, end="\n\n")
@@ -255,7 +237,8 @@ def report(results: dict[str, list[float]], spawn_ms: list[float], header: str) 
                        ("systemd", "systemd-socket-activate"), ("lazyd", "lazyd (pass)")):
         med = statistics.median(results[key])
         minus = "—" if key == "direct" else f"{med - base:.3f}"
-        print(f"| {label} | {med:.3f} | {p90(results[key]):.3f} | {minus} |")
+        p90 = statistics.quantiles(results[key], n=10, method="inclusive")[8]
+        print(f"| {label} | {med:.3f} | {p90:.3f} | {minus} |")
     lazyd, systemd = statistics.median(results["lazyd"]), statistics.median(results["systemd"])
     pairs = statistics.median(a - b for a, b in zip(results["lazyd"], results["systemd"],
                                                     strict=True))
@@ -286,11 +269,8 @@ def main(argv: Sequence[str] = ()) -> int:
             # One unrecorded round of each warms caches and lazyd's code paths.
             run_direct(service), run_systemd(service), lazyd.round()
             lazyd.spawn_ms.clear()
-            runs: dict[str, Callable[[], float]] = {
-                "direct": lambda: run_direct(service),
-                "systemd": lambda: run_systemd(service),
-                "lazyd": lazyd.round,
-            }
+            runs: dict[str, Callable[[], float]] = {"lazyd": lazyd.round,
+                "direct": partial(run_direct, service), "systemd": partial(run_systemd, service)}
             for i in range(args.rounds):
                 # Alternate which activator goes first, so neither always follows the other.
                 order = ("systemd", "lazyd") if i % 2 == 0 else ("lazyd", "systemd")
