@@ -105,6 +105,8 @@ class ServiceConfig:
     queue_limit: int = 1024
     datagram_queue_limit: int = 1024
     idle_timeout: float | None = None  # proxy mode only
+    max_connections: int | None = None  # proxy: open forwarded connections at most
+    flow_timeout: float = 60.0  # proxy, datagrams: a client's flow ends after this silence
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,7 @@ _SERVICE_KEYS = (
     "command", "mode", "user", "group", "sockets", "ready", "environment", "workdir",
     "start_timeout", "stop_signal", "stop_timeout", "restart", "start_limit",
     "start_limit_interval", "requires", "activate", "queue_limit", "datagram_queue_limit",
-    "idle_timeout",
+    "idle_timeout", "max_connections", "flow_timeout",
 )
 _SOCKET_KEYS = ("listen", "upstream", "backlog", "reuse_port", "mode", "owner", "group",
                 "proxy_protocol")
@@ -427,7 +429,11 @@ _SERVICE_VALUES: _Converters = {
     "queue_limit": (_whole, "a whole number"),
     "datagram_queue_limit": (_whole, "a whole number"),
     "idle_timeout": (_positive_duration, "a duration"),
+    "max_connections": (_whole, "a whole number"),
+    "flow_timeout": (_positive_duration, "a duration"),
 }
+# Beside idle_timeout, which has its own explanation.
+_PROXY_ONLY_SERVICE_KEYS = ("max_connections", "flow_timeout")
 _SOCKET_VALUES: _Converters = {
     "upstream": (_address, "an address"),
     "backlog": (_whole, "a whole number"),
@@ -500,12 +506,11 @@ def _service(
     # With an unreadable mode, `mode` is None and the checks that depend on it stay quiet.
     mode = None if "mode" in keys else _SERVICE_DEFAULTS["mode"]
     mode = args.get("mode", mode)
-    if mode is Mode.PROXY:
-        # Proxy mode is designed but not built yet: deleting this check turns it on.
-        r.problem(keys["mode"].value, _join(path, "mode"),
-                  "mode: proxy is not available in this version of lazyd; use mode: pass")
     if mode is Mode.PASS and "idle_timeout" in keys:
         r.problem(keys["idle_timeout"].value, _join(path, "idle_timeout"), _IDLE_IN_PASS_MODE)
+    for key in _PROXY_ONLY_SERVICE_KEYS:
+        if mode is Mode.PASS and key in keys:
+            r.problem(keys[key].value, _join(path, key), f"{key} only applies to mode: proxy")
     if as_root and "user" not in keys:
         r.problem(entry.key, path, _AS_ROOT)
     if "user" in args and "group" not in keys:

@@ -13,10 +13,11 @@ import trio
 
 from lazyd import config as config_mod
 from lazyd import control
-from lazyd.config import Activate, Config, ServiceConfig, SocketConfig
+from lazyd.config import Activate, Config, Mode, ServiceConfig, SocketConfig
 from lazyd.errors import ConfigError, LazydError
 from lazyd.service import Options, ServiceRunner, stderr_log
 from lazyd.sockets import bind_all, bind_socket, raise_fd_limit, release, release_socket
+from lazyd.spawner import open_spawner
 
 
 class Daemon:
@@ -139,9 +140,18 @@ class Daemon:
                 if svc.activate is Activate.EAGER:
                     runner.start("eager")
                 continue
-            self.runners[name] = runner
             if svc == runner.config and plan[name] == runner.sockets:
+                self.runners[name] = runner
                 continue
+            if _needs_new_runner(runner.config, svc, runner.sockets, plan[name]):
+                # The proxies own their sockets' accept loops: a new runner takes
+                # over once the old one is gone; meanwhile the kernel holds traffic.
+                fresh_runner = ServiceRunner(svc, plan[name], self.options, on_spawn=self._started)
+                self.runners[name] = fresh_runner
+                log(f"lazyd: reload: changed {name}")
+                self._nursery_start(self._replace, runner, fresh_runner)
+                continue
+            self.runners[name] = runner
             restart = _needs_restart(runner.config, svc, runner.sockets, plan[name])
             runner.reconfigure(svc, plan[name])
             log(f"lazyd: reload: changed {name}")
@@ -161,6 +171,18 @@ class Daemon:
     def _nursery_start(self, fn: Any, *args: Any) -> None:
         assert self._nursery is not None
         self._nursery.start_soon(fn, *args)
+
+    async def _replace(self, old: ServiceRunner, new: ServiceRunner) -> None:
+        was_running = old.machine.process
+        old.closing = True
+        old.stop("reload")
+        await old.wait_stopped()
+        old.cancel()
+        await old.finished.wait()
+        assert self._nursery is not None
+        await self._nursery.start(new.run)
+        if was_running or new.config.activate is Activate.EAGER:
+            new.start("reload")
 
     async def _restart(self, runner: ServiceRunner) -> None:
         runner.stop("reload")
@@ -187,7 +209,7 @@ class Daemon:
                 "pid": runner.main_pid,
                 "activations": runner.machine.activations,
                 "queued": runner.queued(),
-                "active": None,  # pass mode: the service accepts; lazyd cannot see them
+                "active": runner.active(),  # pass mode: None, the service accepts itself
                 "last_start_ms": None if total is None else round(total * 1000, 3),
                 "last_start_ago_s": None if last is None else round(now - last.trigger, 3),
                 "mode": runner.config.mode.value,
@@ -229,7 +251,9 @@ async def serve(
         except LazydError as exc:
             raise type(exc)(f"control socket: {exc}") from None
         daemon = Daemon(config, sockets, options)
-        async with trio.open_nursery() as nursery:
+        # The spawner starts every service's process; it lives until the
+        # services are stopped (see lazyd.spawnerd).
+        async with open_spawner(), trio.open_nursery() as nursery:
             await nursery.start(daemon.run)
             nursery.start_soon(control.serve_control, control_sock, daemon.handle_control)
             nursery.start_soon(_stop_on_signals, daemon)
@@ -282,6 +306,24 @@ def _needs_restart(
         return True
     names = [sc.name for sc in old.sockets] != [sc.name for sc in new.sockets]
     return names or old_sockets != new_sockets
+
+
+def _needs_new_runner(
+    old: ServiceConfig,
+    new: ServiceConfig,
+    old_sockets: list[socket.socket],
+    new_sockets: list[socket.socket],
+) -> bool:
+    """Whether a change reaches into how lazyd itself serves the sockets."""
+    if old.mode is not new.mode:
+        return True
+    if old.mode is not Mode.PROXY:
+        return False
+    served_with = ("sockets", "queue_limit", "datagram_queue_limit", "max_connections",
+                   "flow_timeout", "idle_timeout")
+    return old_sockets != new_sockets or any(
+        getattr(old, key) != getattr(new, key) for key in served_with
+    )
 
 
 def _plural(count: int, noun: str) -> str:

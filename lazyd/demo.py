@@ -17,6 +17,7 @@ from pathlib import Path
 
 import trio
 
+from lazyd import boot
 from lazyd import config as config_mod
 from lazyd.daemon import Daemon, serve
 from lazyd.service import Options
@@ -123,9 +124,27 @@ async def _cold_start(directory: Path) -> None:
         _say(f"     {line}")
 
 
+async def _boots() -> tuple[boot.Boot, boot.Boot]:
+    delays = boot.DEFAULT_DELAYS
+    user = "root" if os.geteuid() == 0 else None
+    with tempfile.TemporaryDirectory(prefix="lazyd-boot-seq-") as tmp:
+        sequential = await boot.boot_sequential(Path(tmp), delays)
+    with tempfile.TemporaryDirectory(prefix="lazyd-boot-par-") as tmp:
+        parallel = await boot.boot_parallel(Path(tmp), delays, user)
+    return sequential, parallel
+
+
 def main() -> int:
     _say("lazyd demo: a service that does not exist until somebody needs it.\n")
     with tempfile.TemporaryDirectory(prefix="lazyd-demo-") as tmp:
         trio.run(_cold_start, Path(tmp))
-    _say("\ndone.")
-    return 0
+    _say(
+        "\n3. Parallel boot: logd <- bus <- device (syslog <- dbus <- bluetooth), which talk\n"
+        "   to each other only through sockets."
+    )
+    sequential, parallel = trio.run(_boots)
+    for line in boot.summary(sequential, parallel, boot.DEFAULT_DELAYS):
+        _say(line)
+    ok = not sequential.lost and not parallel.lost
+    _say("\ndone." if ok else "\nmessages were lost!")
+    return 0 if ok else 1

@@ -1,40 +1,34 @@
-"""Starting a service's process, relaying its output, signalling it.
+"""Starting a service's process and relaying its output.
 
-`open_service_process` forks and execs one service the way systemd would: its
-sockets at fds 3.. with the LISTEN_* variables (`lazyd.handoff`), a clean
-environment, setsid(2) so that it leads its own process group, its user and
-groups, its working directory, the original RLIMIT_NOFILE soft limit. It
-returns once exec has succeeded; the caller owns the `trio.Process` (waits for it, closes its
-stdout) and relays its output with `relay_output`.
+`open_service_process` starts one service the way systemd would: its sockets
+at fds 3.. with the LISTEN_* variables (`lazyd.handoff`), a clean environment,
+setsid(2) so that it leads its own process group, its user and groups, its
+working directory, the original RLIMIT_NOFILE soft limit. The daemon prepares
+everything (environment, credentials, the file to exec); the spawner
+(`lazyd.spawner`) forks and execs. It returns once exec has succeeded; the
+caller owns the `ServiceProcess` (waits for it, closes its stdout) and relays
+its output with `relay_output`.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import grp
 import os
 import pwd
 import shutil
-import subprocess
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import trio
 
 from lazyd.errors import LaunchError
-from lazyd.handoff import LISTEN_FDS_START, make_preexec, service_environment
+from lazyd.handoff import service_environment
+from lazyd.spawner import ServiceProcess, Spawner, SpawnError, current_spawner
 
 # The longest line relayed in one piece. A service that writes megabytes without a
 # newline must not make lazyd buffer them all.
 MAX_LINE = 16 * 1024
-
-# A spawn can be spoiled by another thread or coroutine closing an fd in 3..3+N-1 at the wrong
-# moment (see _reserve_fd_range). That is rare and detected, so it is worth trying
-# again a couple of times before calling it a failure.
-SPAWN_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -98,90 +92,36 @@ def _already(creds: _Credentials) -> bool:
     )
 
 
-def _resolve_command(command0: str, path: str) -> str | None:
-    """The file to exec for command0, searched in the service's PATH.
+def _resolve_command(command0: str, path: str, workdir: str | None) -> str | None:
+    """The absolute file to exec for command0, as execvp in the service would find it.
 
-    With env=None subprocess searches the *parent's* PATH, so a bare name is
-    looked up here. A name with a slash is left alone: it is relative to the
-    service's workdir, which only exists as cwd in the child.
+    A bare name is searched in the service's PATH (not lazyd's). A name with
+    a slash is relative to the service's workdir (else to lazyd's own).
     """
     if "/" in command0:
-        return command0
+        return os.path.join(workdir or os.getcwd(), command0)
     found = shutil.which(command0, path=path)
     return None if found is None else os.path.abspath(found)
 
 
-@contextmanager
-def _reserve_fd_range(n: int) -> Iterator[None]:
-    """Keep every fd number in 3..3+n-1 open in lazyd while a child is spawned.
-
-    subprocess allocates its error pipe (and trio the output pipe, and
-    subprocess /dev/null for stdin) as lowest free fds. Inside 3..3+n-1 they
-    would be hit by arrange_fds in the child, and a free number there makes
-    CPython's make_inheritable(pass_fds) fail with EBADF before the child gets
-    anywhere. Filling the holes with /dev/null placeholders keeps all of them
-    above the range. F_DUPFD allocates the lowest free number at or above its
-    argument atomically, so a number another thread takes in the meantime is
-    never overwritten.
-    """
-    end = LISTEN_FDS_START + n
-    placeholders: list[int] = []
-    try:
-        if n:
-            devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-            placeholders.append(devnull)
-            while True:
-                fd = fcntl.fcntl(devnull, fcntl.F_DUPFD_CLOEXEC, LISTEN_FDS_START)
-                placeholders.append(fd)
-                if fd >= end:
-                    break
-        yield
-    finally:
-        for fd in placeholders:
-            os.close(fd)
+def _reason(exc: SpawnError, workdir: str | None) -> str:
+    if exc.stage == "exec":
+        return exc.reason
+    if exc.stage == "chdir":
+        return f"workdir {workdir}: {exc.reason}"
+    return f"{exc.stage}: {exc.reason}"
 
 
-@contextmanager
-def _sources_above_stdio(fds: Sequence[int]) -> Iterator[tuple[int, ...]]:
-    """`fds`, with any of 0, 1, 2 replaced by a copy at 3 or above.
-
-    In the child, subprocess puts /dev/null and the output pipe on 0-2 before
-    the preexec function runs, so a socket that lazyd holds at fd 0-2 (it was
-    started with stdio closed) would be gone by then.
-    """
-    copies: dict[int, int] = {}
-    try:
-        for fd in fds:
-            if fd < LISTEN_FDS_START and fd not in copies:
-                copies[fd] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, LISTEN_FDS_START)
-        yield tuple(copies.get(fd, fd) for fd in fds)
-    finally:
-        for fd in copies.values():
-            os.close(fd)
-
-
-# One spawn at a time: a spawn closes its placeholders while another one's child
-# may still be relying on them.
-_spawn_lock = trio.Lock()
-
-
-def _reason(exc: OSError, workdir: str | None) -> str:
-    reason = os.strerror(exc.errno) if exc.errno else str(exc)
-    if workdir is not None and exc.filename == workdir:
-        # subprocess names the cwd for every failure before exec; chdir is the
-        # one that can fail for a root parent.
-        return f"workdir {workdir}: {reason}"
-    return reason
-
-
-async def open_service_process(spec: LaunchSpec) -> trio.Process:
+async def open_service_process(spec: LaunchSpec, spawner: Spawner | None = None) -> ServiceProcess:
     """Start the service described by `spec`; return once exec has succeeded.
 
-    The process has called setsid(2), so it leads its own process group; it
-    has /dev/null as stdin and one pipe (`process.stdout`) for its stdout and
-    stderr. The caller owns it: it must wait for it and close `process.stdout`.
-    Raises LaunchError for anything that prevents the start, ValueError when
-    `fds` and `fd_names` differ in length (a bug in the caller).
+    `spawner` defaults to `current_spawner()`. The process has called
+    setsid(2), so it leads its own process group; it has /dev/null as stdin
+    and one pipe (`process.stdout`) for its stdout and stderr. The caller owns
+    it: it must wait for it and close `process.stdout`. Raises LaunchError
+    (``NAME: cannot start COMMAND: reason``) for anything that prevents the
+    start, ValueError when `fds` and `fd_names` differ in length (a bug in the
+    caller).
     """
     if not spec.command:
         raise LaunchError(f"{spec.name}: cannot start: the command is empty")
@@ -203,51 +143,28 @@ async def open_service_process(spec: LaunchSpec) -> trio.Process:
         creds = _credentials(spec.user, spec.group)
     except ValueError as exc:
         raise fail(str(exc)) from None
-    executable = _resolve_command(command0, env["PATH"])
+    executable = _resolve_command(command0, env["PATH"], spec.workdir)
     if executable is None:
         raise fail(f"not found in PATH={env['PATH']}")
-    n = len(spec.fds)
-    if creds is None or _already(creds):
+    if creds is not None and _already(creds):
         creds = None
-
-    async with _spawn_lock:
-        for attempt in range(1, SPAWN_ATTEMPTS + 1):
-            with _sources_above_stdio(spec.fds) as sources, _reserve_fd_range(n):
-                try:
-                    return await trio.lowlevel.open_process(
-                        # argv[0] stays as configured, as with execvp; the file
-                        # exec'd is `executable`.
-                        list(spec.command),
-                        executable=executable,
-                        stdin=subprocess.DEVNULL,
-                        stdout=subprocess.PIPE,
-                        # One pipe for both keeps the order of lines between them.
-                        stderr=subprocess.STDOUT,
-                        close_fds=True,
-                        pass_fds=tuple(range(LISTEN_FDS_START, LISTEN_FDS_START + n)),
-                        # The environment is installed by the preexec function;
-                        # env=None makes subprocess exec with the child's own.
-                        env=None,
-                        preexec_fn=make_preexec(sources, env, spec.nofile_soft),
-                        start_new_session=True,
-                        cwd=spec.workdir,
-                        user=None if creds is None else creds.uid,
-                        group=None if creds is None else creds.gid,
-                        extra_groups=None if creds is None else list(creds.groups),
-                    )
-                except subprocess.SubprocessError:
-                    # The preexec function failed: the error pipe was in the fd
-                    # range after all (see handoff.make_preexec), or dup/setrlimit
-                    # failed. Nothing was exec'd, so trying again is harmless.
-                    if attempt == SPAWN_ATTEMPTS:
-                        raise fail("the child could not be prepared") from None
-                except OSError as exc:
-                    # EBADF: an fd in the range was closed by someone else before
-                    # the child made it inheritable; the same race as above.
-                    if exc.errno == errno.EBADF and attempt < SPAWN_ATTEMPTS:
-                        continue
-                    raise fail(_reason(exc, spec.workdir)) from None
-    raise AssertionError("unreachable")
+    if spawner is None:
+        spawner = current_spawner()
+    try:
+        return await spawner.spawn(
+            executable=executable,
+            # argv[0] stays as configured, as with execvp.
+            argv=spec.command,
+            env=env,
+            fds=spec.fds,
+            uid=None if creds is None else creds.uid,
+            gid=None if creds is None else creds.gid,
+            groups=None if creds is None else creds.groups,
+            workdir=spec.workdir,
+            nofile_soft=spec.nofile_soft,
+        )
+    except SpawnError as exc:
+        raise fail(_reason(exc, spec.workdir)) from None
 
 
 async def relay_output(
@@ -302,14 +219,3 @@ def write_to_stderr(line: str) -> None:
     """The sink for `relay_output` in the daemon: one line on lazyd's stderr."""
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
-
-
-def signal_group(process: trio.Process, sig: int) -> None:
-    """Send `sig` to the service's whole process group (it leads its own).
-
-    A group that no longer exists is not an error. The group id stays reserved
-    while any member lives, so this also reaches what the service left behind
-    after its main process was reaped.
-    """
-    with suppress(ProcessLookupError):
-        os.killpg(process.pid, sig)

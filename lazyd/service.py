@@ -10,7 +10,7 @@ its result when it comes.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import math
 import signal
 import socket
@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import trio
 
 from lazyd import launch
-from lazyd.config import ReadyKind, ServiceConfig
+from lazyd.config import Mode, ReadyKind, ServiceConfig, SocketConfig
+from lazyd.datagram import DatagramProxy
 from lazyd.errors import LaunchError
 from lazyd.lifecycle import (
     Action,
@@ -46,7 +47,9 @@ from lazyd.lifecycle import (
     Watch,
 )
 from lazyd.notify import NotifySocket, belongs_to, open_notify_socket
+from lazyd.proxy import StreamProxy, wait_connectable
 from lazyd.sockets import accept_queue_length
+from lazyd.spawner import ServiceProcess
 
 LogFn = Callable[[str], None]
 
@@ -99,11 +102,12 @@ class ServiceRunner:
         self.options = options
         self.on_spawn = on_spawn
         self.machine = Lifecycle(config, trio.current_time())
-        self.process: trio.Process | None = None
+        self.process: ServiceProcess | None = None
         self.status_text: str | None = None
         self.main_pid: int | None = None  # MAINPID= may move it from the child we spawned
         self.history: list[Activation] = []
         self.changed = trio.Event()  # set and replaced on every state change
+        self.finished = trio.Event()  # run() has returned
         self._nursery: trio.Nursery | None = None
         self._timer_scope = trio.CancelScope()
         self._armed = trio.Event()
@@ -112,6 +116,10 @@ class ServiceRunner:
         self._dispatching = False
         # Set once the daemon shuts down: no traffic starts the service again.
         self.closing = False
+        # Proxy mode: lazyd accepts and forwards itself (one proxy per socket).
+        self.proxies: list[StreamProxy | DatagramProxy] = []
+        self._probe_scope: trio.CancelScope | None = None
+        self._running_since = 0.0
 
     # -- public --------------------------------------------------------------
 
@@ -119,11 +127,22 @@ class ServiceRunner:
     def state(self) -> State:
         return self.machine.state
 
+    @property
+    def proxied(self) -> bool:
+        return self.config.mode is Mode.PROXY
+
     def queued(self) -> int | None:
-        """Connections waiting in the kernel's accept queues (TCP only)."""
+        """Connections (and datagrams) waiting: held by lazyd in proxy mode, in
+        the kernel's accept queues in pass mode (TCP only)."""
+        if self.proxies:
+            return sum(p.held if isinstance(p, StreamProxy) else p.queued for p in self.proxies)
         counts = [accept_queue_length(s) for s in self.sockets]
         known = [c for c in counts if c is not None]
         return sum(known) if known else None
+
+    def active(self) -> int | None:
+        """Open proxied connections and datagram flows (proxy mode only)."""
+        return sum(p.active for p in self.proxies) if self.proxies else None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the sockets and serve traffic until cancelled."""
@@ -134,7 +153,15 @@ class ServiceRunner:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._run_timer)
-                nursery.start_soon(self._run_watcher)
+                if self.proxied:
+                    for sc, sock in zip(self.config.sockets, self.sockets, strict=True):
+                        proxy = self._make_proxy(sc, sock)
+                        self.proxies.append(proxy)
+                        await nursery.start(proxy.run)
+                    if self.config.idle_timeout is not None:
+                        nursery.start_soon(self._run_idle_stop)
+                else:
+                    nursery.start_soon(self._run_watcher)
                 if self._notify is not None:
                     nursery.start_soon(self._run_notify, self._notify)
                 self._apply(self.machine.begin(trio.current_time()))
@@ -142,6 +169,7 @@ class ServiceRunner:
         finally:
             if self._notify is not None:
                 self._notify.close()
+            self.finished.set()
 
     def cancel(self) -> None:
         """End run(): for a service that was removed and has stopped."""
@@ -179,6 +207,13 @@ class ServiceRunner:
         finally:
             self._dispatching = False
         self._apply(actions)
+        if (
+            isinstance(event, Spawned)
+            and self.config.ready.kind is ReadyKind.CONNECT
+            and self.machine.state is State.STARTING
+            and self._nursery is not None
+        ):
+            self._nursery.start_soon(self._probe_upstreams, event.pid)
 
     # -- actions -------------------------------------------------------------
 
@@ -193,7 +228,10 @@ class ServiceRunner:
                 case Kill(sig, group):
                     self._kill(sig, group)
                 case Watch():
-                    self._armed.set()
+                    if self.proxied:
+                        self._restart_if_held()
+                    else:
+                        self._armed.set()
                 case Unwatch():
                     self._armed = trio.Event()
                     if self._watch_scope is not None:
@@ -205,8 +243,20 @@ class ServiceRunner:
                     del self.history[:-100]
                     waiting = self.queued() if action.outcome is Outcome.READY else None
                     self.options.log(format_activation(self.name, action, waiting))
-                case ReleaseHeld() | DropHeld():
-                    pass  # pass mode holds nothing itself: the kernel does
+                case ReleaseHeld():
+                    # Pass mode holds nothing itself: the kernel does.
+                    self._running_since = trio.current_time()
+                    for proxy in self.proxies:
+                        proxy.release()
+                case DropHeld(reason):
+                    for proxy in self.proxies:
+                        proxy.drop(reason)  # each logs what it closed, and why
+        if self.machine.state is not State.RUNNING:
+            for proxy in self.proxies:
+                if proxy.ready:
+                    proxy.unready()  # from now on, new traffic is held again
+        if self.machine.state is not State.STARTING and self._probe_scope is not None:
+            self._probe_scope.cancel()
         deadline = self.machine.deadline
         self._timer_scope.deadline = math.inf if deadline is None else deadline
         self.changed.set()
@@ -216,10 +266,67 @@ class ServiceRunner:
         if self.process is None:
             return
         if group:
-            launch.signal_group(self.process, sig)
+            self.process.signal_group(sig)
         else:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.send_signal(sig)
+            self.process.send_signal(sig)
+
+    # -- proxy mode ----------------------------------------------------------
+
+    def _make_proxy(self, sc: SocketConfig, sock: socket.socket) -> StreamProxy | DatagramProxy:
+        assert sc.upstream is not None  # the config requires it in proxy mode
+        on_traffic = functools.partial(self.start, f"traffic on {sc.name}")
+        if sc.listen.is_stream:
+            return StreamProxy(
+                self.name, sock, sc.upstream,
+                queue_limit=self.config.queue_limit,
+                max_connections=self.config.max_connections,
+                proxy_protocol=sc.proxy_protocol,
+                on_traffic=on_traffic, log=self.options.log,
+            )
+        return DatagramProxy(
+            self.name, sock, sc.upstream,
+            queue_limit=self.config.datagram_queue_limit,
+            flow_timeout=self.config.flow_timeout,
+            on_traffic=on_traffic, log=self.options.log,
+        )
+
+    def _restart_if_held(self) -> None:
+        """Back to idle with traffic already held (it came while the service was
+        stopping): start again, as queued traffic does in pass mode."""
+        if self._nursery is not None and any(
+            (p.held if isinstance(p, StreamProxy) else p.queued) for p in self.proxies
+        ):
+            self._nursery.start_soon(self._start_soon, "traffic held while stopping")
+
+    async def _start_soon(self, reason: str) -> None:
+        self.start(reason)
+
+    async def _probe_upstreams(self, pid: int) -> None:
+        """Readiness `connect`: ready once every stream upstream accepts."""
+        with trio.CancelScope() as scope:
+            self._probe_scope = scope
+            for sc in self.config.sockets:
+                if sc.upstream is not None and sc.upstream.is_stream:
+                    await wait_connectable(sc.upstream)
+            if self.machine.pid == pid and self.machine.state is State.STARTING:
+                self.dispatch(Ready())
+        if self._probe_scope is scope:
+            self._probe_scope = None
+
+    async def _run_idle_stop(self) -> None:
+        """Proxy mode: stop the service after idle_timeout with no open connection
+        and no active datagram flow.  Waits on events only; no polling."""
+        timeout = self.config.idle_timeout
+        assert timeout is not None
+        while True:
+            deadline = math.inf
+            if self.machine.state is State.RUNNING and not any(p.active for p in self.proxies):
+                since = max([self._running_since, *(p.last_active_change for p in self.proxies)])
+                deadline = since + timeout
+            with trio.move_on_at(deadline) as scope:
+                await _first_of([self.changed, *(p.activity_changed for p in self.proxies)])
+            if scope.cancelled_caught:
+                self.stop("idle")
 
     # -- tasks ---------------------------------------------------------------
 
@@ -285,16 +392,15 @@ class ServiceRunner:
         try:
             self.dispatch(Spawned(process.pid))
             async with trio.open_nursery() as nursery:
-                if process.stdout is not None:
-                    nursery.start_soon(self._relay, process.stdout)
-                returncode = await process.wait()
+                nursery.start_soon(self._relay, process.stdout)
                 # Whatever the service left behind in its process group goes
-                # with it, so that a stopped service is really gone.
-                launch.signal_group(process, signal.SIGKILL)
+                # with it (the spawner kills the group as it reaps the process),
+                # so that a stopped service is really gone.
+                returncode = await process.wait()
         finally:
             with trio.CancelScope(shield=True):
                 if process.returncode is None:
-                    launch.signal_group(process, signal.SIGKILL)
+                    process.signal_group(signal.SIGKILL)
                     await process.wait()
         self.process = None
         self.main_pid = None
@@ -332,6 +438,17 @@ class ServiceRunner:
                 self.options.log(f"{self.name}: service says it is stopping")
             if message.ready:
                 self.dispatch(Ready())
+
+
+async def _first_of(events: Sequence[trio.Event]) -> None:
+    """Return as soon as one of the events is set."""
+    async with trio.open_nursery() as nursery:
+        for event in events:
+            async def wait(event: trio.Event = event) -> None:
+                await event.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(wait)
 
 
 async def _wait_readable(

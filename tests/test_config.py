@@ -261,9 +261,10 @@ SINGLE_PROBLEMS = [
     (f"services:\n  web:\n    command: {TRUE}\n",
      "2:3: services.web: missing required key 'sockets'"),
     # modes and what only proxy mode may say
-    (web("mode: proxy", "sockets: {http: {listen: 8080, upstream: 'tcp://127.0.0.1:8081'}}"),
-     "3:11: services.web.mode: mode: proxy is not available in this version of lazyd; use "
-     "mode: pass"),
+    (web("max_connections: 10"),
+     "3:22: services.web.max_connections: max_connections only applies to mode: proxy"),
+    (web("mode: proxy", "sockets: {http: {listen: 8080}}"),
+     "4:15: services.web.sockets.http: mode: proxy needs an upstream address for each socket"),
     (web("mode: lazy"), "3:11: services.web.mode: expected pass or proxy, got 'lazy'"),
     (web("idle_timeout: 10m"), "3:19: services.web.idle_timeout: idle_timeout needs mode: "
      "proxy (in pass mode lazyd cannot see traffic; the service exits by itself when idle "
@@ -617,7 +618,7 @@ SERVICE_KEYS = [
     "command", "mode", "user", "group", "sockets", "ready", "environment", "workdir",
     "start_timeout", "stop_signal", "stop_timeout", "restart", "start_limit",
     "start_limit_interval", "requires", "activate", "queue_limit", "datagram_queue_limit",
-    "idle_timeout",
+    "idle_timeout", "max_connections", "flow_timeout",
 ]  # fmt: skip
 SOCKET_KEYS = ["listen", "upstream", "backlog", "reuse_port", "mode", "owner", "group",
                "proxy_protocol"]  # fmt: skip

@@ -3,7 +3,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import resource
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lazyd.handoff import TargetRangeBusy, arrange_fds, make_preexec, service_environment
+from lazyd.handoff import arrange_fds, service_environment
 
 HIGH = 100  # fds the tests keep out of every range under test
 
@@ -176,53 +175,3 @@ def test_service_environment_rejects_what_cannot_be_passed(
         service_environment(
             path="/bin", environment=environment, fd_names=names, notify_socket=None
         )
-
-
-def test_preexec_in_a_forked_child(tmp_path: Path) -> None:
-    """The preexec function arranges fds, installs the environment with LISTEN_PID, sets NOFILE."""
-    with marked_files(tmp_path, 2) as files:
-        (first, first_ino), (second, second_ino) = files
-        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        preexec = make_preexec([second, first], {"PATH": "/bin", "LISTEN_FDS": "2"}, 64)
-
-        def child() -> dict[str, Any]:
-            # As subprocess's make_inheritable leaves them: the range inheritable.
-            for fd in open_fds(3, 5):
-                os.set_inheritable(fd, True)
-            preexec()
-            return {
-                "pid": os.getpid(),
-                "env": dict(os.environ),
-                "inodes": [os.fstat(3).st_ino, os.fstat(4).st_ino],
-                "nofile": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
-            }
-
-        report = in_forked_child(child)["ok"]
-    assert report["env"] == {"PATH": "/bin", "LISTEN_FDS": "2", "LISTEN_PID": str(report["pid"])}
-    assert report["inodes"] == [second_ino, first_ino]
-    assert report["nofile"] == [64, hard]
-
-
-def test_preexec_without_fds_sets_no_listen_pid() -> None:
-    """With no sockets the child gets exactly the given environment."""
-    preexec = make_preexec([], {"PATH": "/bin"}, None)
-
-    def child() -> dict[str, str]:
-        preexec()
-        return dict(os.environ)
-
-    assert in_forked_child(child)["ok"] == {"PATH": "/bin"}
-
-
-def test_preexec_refuses_a_close_on_exec_fd_in_the_range(tmp_path: Path) -> None:
-    """A close-on-exec fd in 3..3+N-1 (subprocess's error pipe) is never overwritten."""
-    with marked_files(tmp_path, 1) as [(high, _)]:
-        preexec = make_preexec([high, high], {"PATH": "/bin"}, None)
-
-        def child() -> None:
-            os.dup2(high, 3, inheritable=True)
-            os.dup2(high, 4, inheritable=False)
-            preexec()
-
-        report = in_forked_child(child)
-    assert report["error"] == TargetRangeBusy.__name__

@@ -10,7 +10,7 @@ import signal
 import socket
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager, nullcontext
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -18,15 +18,9 @@ from typing import Any
 import pytest
 import trio
 
-from lazyd import launch
 from lazyd.errors import LaunchError
-from lazyd.launch import (
-    MAX_LINE,
-    LaunchSpec,
-    open_service_process,
-    relay_output,
-    signal_group,
-)
+from lazyd.launch import MAX_LINE, LaunchSpec, open_service_process, relay_output
+from lazyd.spawner import ServiceProcess, Spawner, open_spawner
 
 TIMEOUT = 5.0  # seconds; bounds every wait in these tests
 SOCKET_PROXYD = "/lib/systemd/systemd-socket-proxyd"
@@ -73,39 +67,45 @@ print(json.dumps({
 """
 
 
+@pytest.fixture
+async def spawner() -> AsyncIterator[Spawner]:
+    async with open_spawner() as spawner:
+        yield spawner
+
+
 @asynccontextmanager
-async def started(spec: LaunchSpec) -> AsyncIterator[tuple[trio.Process, list[str]]]:
+async def started(
+    spawner: Spawner, spec: LaunchSpec
+) -> AsyncIterator[tuple[ServiceProcess, list[str]]]:
     """Start `spec`, relay its output into a list; kill its group and reap it at the end."""
     lines: list[str] = []
-    process = await open_service_process(spec)
+    process = await open_service_process(spec, spawner)
     try:
-        assert process.stdout is not None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(relay_output, spec.name, process.stdout, lines.append)
             try:
                 yield process, lines
             finally:
                 # Lets the relay reach EOF, so the nursery can finish.
-                signal_group(process, signal.SIGKILL)
+                process.signal_group(signal.SIGKILL)
     finally:
         with trio.CancelScope(shield=True):
-            signal_group(process, signal.SIGKILL)
+            process.signal_group(signal.SIGKILL)
             await process.wait()
-            if process.stdout is not None:
-                await process.stdout.aclose()
+            await process.stdout.aclose()
 
 
-async def run_to_end(spec: LaunchSpec) -> tuple[int, list[str]]:
+async def run_to_end(spawner: Spawner, spec: LaunchSpec) -> tuple[int, list[str]]:
     """Start `spec`, wait for it to exit; its exit status and its relayed lines."""
     with trio.fail_after(TIMEOUT):
-        async with started(spec) as (process, lines):
+        async with started(spawner, spec) as (process, lines):
             status = await process.wait()
             # The relay reaches EOF once every holder of the pipe is gone.
         return status, lines
 
 
-async def report(spec: LaunchSpec) -> dict[str, Any]:
-    status, lines = await run_to_end(spec)
+async def report(spawner: Spawner, spec: LaunchSpec) -> dict[str, Any]:
+    status, lines = await run_to_end(spawner, spec)
     assert status == 0, lines
     [line] = lines
     prefix = f"{spec.name}: "
@@ -122,7 +122,7 @@ def report_program(tmp_path: Path) -> str:
 
 
 async def test_sockets_environment_and_fds(
-    report_program: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    report_program: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spawner: Spawner
 ) -> None:
     """Three sockets arrive at 3, 4, 5 with LISTEN_*; the environment is exactly the clean one."""
     monkeypatch.setenv("LAZYD_TEST_MARKER", "must not leak")
@@ -144,7 +144,7 @@ async def test_sockets_environment_and_fds(
             path="/usr/bin:/bin",
             notify_socket=notify,
         )
-        got = await report(spec)
+        got = await report(spawner, spec)
         expected = {3: http, 4: https, 5: quic}
         for fd, sock in expected.items():
             info = got["fds"][str(fd)]
@@ -166,7 +166,7 @@ async def test_sockets_environment_and_fds(
     assert got["sigblk"] == 0
 
 
-async def test_pid_is_the_process_that_execs(report_program: str) -> None:
+async def test_pid_is_the_process_that_execs(report_program: str, spawner: Spawner) -> None:
     """LISTEN_PID equals the pid lazyd got back, i.e. the very process that exec'd."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -178,7 +178,7 @@ async def test_pid_is_the_process_that_execs(report_program: str) -> None:
             fd_names=["only"],
         )
         with trio.fail_after(TIMEOUT):
-            async with started(spec) as (process, lines):
+            async with started(spawner, spec) as (process, lines):
                 await process.wait()
     [line] = lines
     got = json.loads(line.removeprefix("svc: "))
@@ -186,14 +186,14 @@ async def test_pid_is_the_process_that_execs(report_program: str) -> None:
     assert got["environ"]["LISTEN_PID"] == str(process.pid)
 
 
-async def test_without_sockets_no_listen_variables(report_program: str) -> None:
+async def test_without_sockets_no_listen_variables(report_program: str, spawner: Spawner) -> None:
     """No sockets: no LISTEN_* variables, only fds 0-2; PATH defaults to lazyd's own."""
-    got = await report(LaunchSpec(name="svc", command=[sys.executable, report_program]))
+    got = await report(spawner, LaunchSpec(name="svc", command=[sys.executable, report_program]))
     assert got["environ"] == {"PATH": os.environ.get("PATH", os.defpath)}
     assert got["open_fds"] == [0, 1, 2]
 
 
-async def test_runs_as_nobody() -> None:
+async def test_runs_as_nobody(spawner: Spawner) -> None:
     """With user nobody: nobody's uid, nogroup's gid, and only nobody's supplementary groups."""
     # sys.executable lives under /root here, out of nobody's reach: use the
     # system's interpreter and pass the program inline.
@@ -202,49 +202,51 @@ async def test_runs_as_nobody() -> None:
         pytest.skip("no system python3 that nobody may run")
     nobody = pwd.getpwnam("nobody")
     spec = LaunchSpec(name="svc", command=[python, "-c", REPORT], user="nobody", workdir="/")
-    got = await report(spec)
+    got = await report(spawner, spec)
     assert got["uid"] == got["euid"] == nobody.pw_uid
     assert got["gid"] == got["egid"] == grp.getgrnam("nogroup").gr_gid == nobody.pw_gid
     assert got["groups"] == sorted(os.getgrouplist("nobody", nobody.pw_gid))
 
 
-async def test_workdir(report_program: str, tmp_path: Path) -> None:
+async def test_workdir(report_program: str, tmp_path: Path, spawner: Spawner) -> None:
     """The service starts in its configured workdir."""
     workdir = tmp_path / "work"
     workdir.mkdir()
     got = await report(
-        LaunchSpec(name="svc", command=[sys.executable, report_program], workdir=str(workdir))
+        spawner,
+        LaunchSpec(name="svc", command=[sys.executable, report_program], workdir=str(workdir)),
     )
     assert got["cwd"] == str(workdir)
 
 
-async def test_relative_command_is_found_in_the_workdir(tmp_path: Path) -> None:
+async def test_relative_command_is_found_in_the_workdir(tmp_path: Path, spawner: Spawner) -> None:
     """A command with a slash is relative to the workdir, as execvp after chdir would see it."""
     (tmp_path / "hello.sh").write_text("#!/bin/sh\necho hi from $PWD\n")
     (tmp_path / "hello.sh").chmod(0o755)
     status, lines = await run_to_end(
-        LaunchSpec(name="svc", command=["./hello.sh"], workdir=str(tmp_path))
+        spawner, LaunchSpec(name="svc", command=["./hello.sh"], workdir=str(tmp_path))
     )
     assert (status, lines) == (0, [f"svc: hi from {tmp_path}"])
 
 
-async def test_command_found_in_the_services_path(tmp_path: Path) -> None:
+async def test_command_found_in_the_services_path(tmp_path: Path, spawner: Spawner) -> None:
     """A bare command name is looked up in the service's PATH, not lazyd's."""
     bindir = tmp_path / "bin"
     bindir.mkdir()
     (bindir / "lazyd-test-greeter").write_text("#!/bin/sh\necho greetings\n")
     (bindir / "lazyd-test-greeter").chmod(0o755)
     status, lines = await run_to_end(
-        LaunchSpec(name="svc", command=["lazyd-test-greeter"], path=f"{bindir}:/usr/bin:/bin")
+        spawner,
+        LaunchSpec(name="svc", command=["lazyd-test-greeter"], path=f"{bindir}:/usr/bin:/bin"),
     )
     assert (status, lines) == (0, ["svc: greetings"])
 
 
-async def test_nofile_soft_limit_restored(report_program: str) -> None:
+async def test_nofile_soft_limit_restored(report_program: str, spawner: Spawner) -> None:
     """The service gets the RLIMIT_NOFILE soft limit it is given, under lazyd's hard limit."""
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     got = await report(
-        LaunchSpec(name="svc", command=[sys.executable, report_program], nofile_soft=256)
+        spawner, LaunchSpec(name="svc", command=[sys.executable, report_program], nofile_soft=256)
     )
     assert got["nofile"] == [256, hard]
 
@@ -267,20 +269,20 @@ async def test_nofile_soft_limit_restored(report_program: str) -> None:
         ),
     ],
 )
-async def test_start_failures(spec: LaunchSpec, reason: str) -> None:
+async def test_start_failures(spec: LaunchSpec, reason: str, spawner: Spawner) -> None:
     """A command that cannot start gives LaunchError 'NAME: cannot start CMD: reason'."""
     with trio.fail_after(TIMEOUT), pytest.raises(LaunchError) as caught:
-        await open_service_process(spec)
+        await open_service_process(spec, spawner)
     assert str(caught.value).startswith(f"{spec.name}: cannot start {spec.command[0]}: {reason}")
 
 
-async def test_non_executable_file(tmp_path: Path) -> None:
+async def test_non_executable_file(tmp_path: Path, spawner: Spawner) -> None:
     """A file without execute permission gives LaunchError with 'Permission denied'."""
     plain = tmp_path / "server"
     plain.write_text("#!/bin/sh\n")
     plain.chmod(0o644)
     with trio.fail_after(TIMEOUT), pytest.raises(LaunchError) as caught:
-        await open_service_process(LaunchSpec(name="web", command=[str(plain)]))
+        await open_service_process(LaunchSpec(name="web", command=[str(plain)]), spawner)
     assert str(caught.value) == f"web: cannot start {plain}: Permission denied"
 
 
@@ -293,12 +295,12 @@ os.write(1, b"tail without newline")
 """
 
 
-async def test_output_is_prefixed_and_long_lines_split(tmp_path: Path) -> None:
+async def test_output_is_prefixed_and_long_lines_split(tmp_path: Path, spawner: Spawner) -> None:
     """stdout and stderr arrive in order, prefixed; a long line is split; the last one is kept."""
     program = tmp_path / "output.py"
     program.write_text(OUTPUT)
     status, lines = await run_to_end(
-        LaunchSpec(name="chatty", command=[sys.executable, str(program)])
+        spawner, LaunchSpec(name="chatty", command=[sys.executable, str(program)])
     )
     assert status == 0
     rest = 40000 - 2 * MAX_LINE
@@ -349,7 +351,7 @@ async def test_relay_replaces_invalid_utf8() -> None:
     assert lines == ["svc: bad \ufffd byte"]
 
 
-async def test_signal_group_reaches_the_whole_group() -> None:
+async def test_signal_group_reaches_the_whole_group(spawner: Spawner) -> None:
     """signal_group stops the service and what it started; a gone group is no error."""
     spec = LaunchSpec(
         name="svc", command=["/bin/sh", "-c", "sleep 60 & echo started; wait"], path="/usr/bin:/bin"
@@ -362,28 +364,26 @@ async def test_signal_group_reaches_the_whole_group() -> None:
         lines.append(line)
         first_line.set()
 
-    process = await open_service_process(spec)
-    assert process.stdout is not None
+    process = await open_service_process(spec, spawner)
     try:
         with trio.fail_after(TIMEOUT):
             async with trio.open_nursery() as nursery:
 
                 async def relay() -> None:
-                    assert process.stdout is not None
                     await relay_output("svc", process.stdout, collect)
                     relayed.set()
 
                 nursery.start_soon(relay)
                 await first_line.wait()
                 assert lines == ["svc: started"]
-                signal_group(process, signal.SIGTERM)
+                process.signal_group(signal.SIGTERM)
                 # sleep holds the output pipe too: EOF means both are gone.
                 await relayed.wait()
                 assert await process.wait() == -signal.SIGTERM
-        signal_group(process, signal.SIGTERM)  # reaped and gone: no error
+        process.signal_group(signal.SIGTERM)  # reaped and gone: no error
     finally:
         with trio.CancelScope(shield=True):
-            signal_group(process, signal.SIGKILL)
+            process.signal_group(signal.SIGKILL)
             await process.wait()
             await process.stdout.aclose()
 
@@ -394,7 +394,7 @@ async def echo(stream: trio.SocketStream) -> None:
             await stream.send_all(data)
 
 
-async def test_systemd_socket_proxyd_accepts_our_handoff() -> None:
+async def test_systemd_socket_proxyd_accepts_our_handoff(spawner: Spawner) -> None:
     """systemd-socket-proxyd, strict about LISTEN_PID and LISTEN_FDS, serves our socket."""
     if not os.access(SOCKET_PROXYD, os.X_OK):
         pytest.skip("systemd-socket-proxyd is not installed")
@@ -410,7 +410,7 @@ async def test_systemd_socket_proxyd_accepts_our_handoff() -> None:
                 fds=[listener.fileno()],
                 fd_names=["proxy"],
             )
-            async with started(spec) as (process, lines):
+            async with started(spawner, spec) as (process, lines):
                 client = await trio.open_tcp_stream(*listener.getsockname())
                 async with client:
                     await client.send_all(b"through systemd's proxy")
@@ -430,7 +430,7 @@ def test_spec_lists_no_sockets_by_default() -> None:
     assert (tuple(spec.fds), tuple(spec.fd_names), dict(spec.environment)) == ((), (), {})
 
 
-async def test_many_sockets_with_holes_in_the_range(report_program: str) -> None:
+async def test_many_sockets_with_holes_in_the_range(report_program: str, spawner: Spawner) -> None:
     """With free fds inside 3..3+N-1 in lazyd, all N sockets still arrive in order."""
     count = 24
     dummies = [os.open(os.devnull, os.O_RDONLY) for _ in range(count)]
@@ -447,12 +447,13 @@ async def test_many_sockets_with_holes_in_the_range(report_program: str) -> None
             os.close(fd)
         dummies = []
         got = await report(
+            spawner,
             LaunchSpec(
                 name="svc",
                 command=[sys.executable, report_program],
                 fds=[s.fileno() for s in sockets],
                 fd_names=[f"s{i}" for i in range(count)],
-            )
+            ),
         )
         assert got["open_fds"] == list(range(3 + count))
         for i, sock in enumerate(sockets):
@@ -465,7 +466,7 @@ async def test_many_sockets_with_holes_in_the_range(report_program: str) -> None
             sock.close()
 
 
-async def test_socket_held_at_fd_0(report_program: str) -> None:
+async def test_socket_held_at_fd_0(report_program: str, spawner: Spawner) -> None:
     """A socket that lazyd holds at fd 0 (started with stdin closed) still arrives at fd 3."""
     saved_stdin = os.dup(0)
     try:
@@ -474,56 +475,15 @@ async def test_socket_held_at_fd_0(report_program: str) -> None:
             sock.listen()
             os.dup2(sock.fileno(), 0)
             got = await report(
+                spawner,
                 LaunchSpec(
                     name="svc",
                     command=[sys.executable, report_program],
                     fds=[0],
                     fd_names=["zero"],
-                )
+                ),
             )
             assert got["fds"]["3"]["name"] == list(sock.getsockname())
     finally:
         os.dup2(saved_stdin, 0)
         os.close(saved_stdin)
-
-
-async def test_error_pipe_in_the_range_is_never_overwritten(
-    report_program: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Should subprocess's error pipe land in 3..3+N-1, the start fails instead of lying."""
-    # Take away the reservation that normally keeps the pipes above the range,
-    # and leave exactly five free numbers at its top: trio's output pipe, the
-    # /dev/null for stdin and the error pipe take them, in that order.
-    monkeypatch.setattr(launch, "_reserve_fd_range", lambda n: nullcontext())
-    count = 20
-    end = 3 + count
-    dummies: list[int] = []
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        try:
-            while (fd := os.open(os.devnull, os.O_RDONLY)) < end:
-                dummies.append(fd)
-            os.close(fd)
-            top = list(range(end - 5, end))
-            assert set(top) <= set(dummies), "the test needs the range's top free"
-            for fd in top:
-                os.close(fd)
-                dummies.remove(fd)
-            spec = LaunchSpec(
-                name="svc",
-                command=[sys.executable, report_program],
-                fds=[sock.fileno()] * count,
-                fd_names=["s"] * count,
-            )
-            with trio.fail_after(TIMEOUT), pytest.raises(LaunchError) as caught:
-                process = await open_service_process(spec)
-                # Only reached if the guard failed: clean up before the test fails.
-                signal_group(process, signal.SIGKILL)
-                await process.wait()
-                assert process.stdout is not None
-                await process.stdout.aclose()
-            assert "could not be prepared" in str(caught.value)
-        finally:
-            for fd in dummies:
-                os.close(fd)

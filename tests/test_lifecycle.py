@@ -491,9 +491,9 @@ class LifecycleWorld(RuleBasedStateMachine):
         self.spawn_at = 0.0
         self.watching = False
         self.sigkill_sent = False
-        self.attempt_open = False  # Spawned for, neither released nor dropped yet
+        self.attempt_open = False  # a Spawn was made; held traffic not yet released or dropped
         self.records = 0  # Activation records of the current attempt
-        self.stopped = False  # Stop came, and no Start since
+        self.stopped = False  # Stop came, and no Start was taken since
 
     @initialize()
     def begin(self) -> None:
@@ -535,7 +535,7 @@ class LifecycleWorld(RuleBasedStateMachine):
                 case Activation(outcome, _reason, trigger, spawned, ready):
                     self.records += 1
                     assert self.records == 1, "two records for one attempt"
-                    assert trigger <= self.spawn_at
+                    assert trigger == self.spawn_at
                     if spawned is not None:
                         assert self.spawn_at <= spawned <= self.now
                     if outcome is Outcome.READY:
@@ -567,49 +567,57 @@ class LifecycleWorld(RuleBasedStateMachine):
     @rule(reason=st.sampled_from(["traffic", "boot"]))
     def start(self, reason: str) -> None:
         was = self.machine.state
-        self.stopped = False
+        if was is State.IDLE:
+            self.stopped = False  # only a Start the machine takes overrides a Stop
         actions = self.send(Start(reason))
         if was is State.IDLE:
             assert self.machine.state in (State.STARTING, State.FAILED)
         else:
             assert actions == []
 
+    # The world's answers come only when the world could give them; everything
+    # else goes through `stale`, which must change nothing.
+
+    @precondition(lambda self: self.outside == "pending")
     @rule()
     def spawned(self) -> None:
         self.next_pid += 1
-        if self.outside != "pending":
-            self.send_stale(Spawned(self.next_pid))
-            return
         self.outside = "alive"
         self.pid = self.next_pid
         self.send(Spawned(self.next_pid))
 
-    @rule(reason=st.just("no such file: x"))
-    def spawn_failed(self, reason: str) -> None:
-        if self.outside != "pending":
-            self.send_stale(SpawnFailed(reason))
-            return
+    @precondition(lambda self: self.outside == "pending")
+    @rule()
+    def spawn_failed(self) -> None:
         self.outside = None
-        self.send(SpawnFailed(reason))
+        self.send(SpawnFailed("no such file: x"))
 
+    @precondition(lambda self: self.outside == "alive")
     @rule()
     def ready(self) -> None:
-        if self.outside != "alive":
-            self.send_stale(Ready())
-            return
         was = self.machine.state
         self.send(Ready())
         if was is State.STARTING:
             assert self.machine.state is State.RUNNING
 
+    @precondition(lambda self: self.outside == "alive")
     @rule(returncode=st.sampled_from([0, 1, -9, -15]))
     def exited(self, returncode: int) -> None:
-        if self.outside != "alive":
-            self.send_stale(Exited(returncode))
-            return
         self.outside = None
         self.pid = None
         self.send(Exited(returncode))
+
+    @rule(event=st.sampled_from([Spawned(7), SpawnFailed("late"), Ready(), Exited(0)]))
+    def stale(self, event: Event) -> None:
+        """An answer that does not fit the world now: duplicate, late or out of order."""
+        fits = {
+            Spawned: self.outside == "pending",
+            SpawnFailed: self.outside == "pending",
+            Ready: self.outside == "alive",
+            Exited: self.outside == "alive",
+        }
+        if not fits[type(event)]:
+            self.send_stale(event)
 
     @rule(reason=st.sampled_from(["shutdown", "idle timeout"]))
     def stop(self, reason: str) -> None:
@@ -625,7 +633,17 @@ class LifecycleWorld(RuleBasedStateMachine):
         deadline = self.machine.deadline
         if deadline is None or self.now + step < deadline:
             self.now += step
-            return
+        else:
+            self.tick_at(deadline)
+
+    @precondition(lambda self: self.machine.deadline is not None)
+    @rule()
+    def until_deadline(self) -> None:
+        """Nothing else happens before the deadline: the timer fires."""
+        assert self.machine.deadline is not None
+        self.tick_at(self.machine.deadline)
+
+    def tick_at(self, deadline: float) -> None:
         self.now = deadline
         was = self.machine.state
         self.send(Tick())
@@ -675,8 +693,13 @@ class LifecycleWorld(RuleBasedStateMachine):
 
     @invariant()
     def deadline_ahead(self) -> None:
-        # Ticks come on time, so whatever was due has been handled: a deadline
-        # at or before now would make the timer fire again at once.
+        """After handle(event, now) returns, the deadline is None or later than now.
+
+        This holds because the world never lets time pass a deadline without a
+        Tick at exactly that deadline (`advance`, `until_deadline`), as the
+        daemon's timer does.  A deadline at or before now would then mean a
+        Tick that changed nothing, and a timer that fires again at once.
+        """
         deadline = self.machine.deadline
         assert deadline is None or deadline > self.now
 

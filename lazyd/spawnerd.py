@@ -1,0 +1,583 @@
+"""The spawner: the small process that forks and execs lazyd's services.
+
+Why a separate process: LISTEN_PID must equal the pid that execs the service,
+so some code has to run between fork and exec, and in the daemon that forces
+CPython to fork() the whole daemon (its page tables included) instead of
+vfork()ing. This process is single-threaded and small, so its fork is cheap.
+When lazyd runs as root and drops its privileges after binding, this process
+is also what stays privileged; that is why it understands exactly two
+requests, checks every field of them, and answers anything else with an error
+instead of failing.
+
+It is started by `lazyd.spawner.open_spawner` as ``python -I -S`` (no site,
+no environment, nothing from the current directory on sys.path: it imports only
+the standard library and `lazyd.handoff`). Its fd 0 is one end of an AF_UNIX
+SOCK_SEQPACKET socketpair, the daemon holds the other. Every message is one
+JSON object (at most MAX_MESSAGE bytes) and may carry fds (SCM_RIGHTS).
+
+Requests (daemon → spawner), each with an integer ``id`` echoed in its reply:
+
+``{"op": "spawn", "id", "executable", "argv", "env", "uid", "gid", "groups",
+"workdir", "nofile_soft"}`` + the service's sockets as fds, in LISTEN_FDS order.
+``executable`` is an absolute path; ``env`` is complete except LISTEN_PID;
+``uid``/``gid``/``groups``/``workdir``/``nofile_soft`` may be null ("as is").
+The child calls setsid(2), gets /dev/null as stdin and one pipe as stdout and
+stderr, its sockets at 3.., default signal dispositions, its credentials, its
+workdir, its RLIMIT_NOFILE soft limit and LISTEN_PID (when it has sockets),
+and nothing else open. Reply once exec has succeeded: ``{"id", "pid"}`` with
+the read end of the output pipe as fd; or ``{"id", "error", "stage", "errno"}``
+(``stage`` names the step that failed: "exec", "chdir", "setuid", ...).
+
+``{"op": "signal", "id", "pid", "signal", "group"}``: kill(2), or killpg(2)
+when ``group`` is true, for a pid this spawner started, reported to the daemon,
+and has not reaped yet. Reply ``{"id", "ok": true}`` or ``{"id", "error"}``.
+
+Notices (spawner → daemon): ``{"exited": pid, "returncode": rc}`` once a
+service's process was reaped (rc negative for a signal, as in `subprocess`).
+It always follows the spawn reply of that pid. Before reaping a service's main
+process, while its pid (and so its process group id) is still reserved by the
+zombie, the spawner sends SIGKILL to the process group: whatever the service
+left behind goes with it, and no pid can have been reused in between.
+
+Lifetime: the spawner outlives nothing. When the daemon's end closes (lazyd
+exits, cleanly or not) it sends SIGKILL to the process group of every process
+it started and still has, reaps them and exits. lazyd stops its services
+properly (stop signal, then SIGKILL after stop_timeout) before closing it, so
+normally nothing is left to kill. SIGINT, SIGTERM and SIGHUP are ignored: a
+Ctrl-C or a signal sent to lazyd's whole process group must leave lazyd able
+to stop its services through the spawner.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import fcntl
+import gc
+import json
+import os
+import resource
+import select
+import signal
+import socket
+import sys
+
+from lazyd.handoff import LISTEN_FDS_START, arrange_fds
+
+# Not `from typing import TYPE_CHECKING`: importing typing would cost this small
+# process time and memory, and every fork copies its page tables.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any, NoReturn
+
+CONTROL_FD = 0
+MAX_MESSAGE = 64 * 1024  # bytes of JSON in one message, either way
+MAX_FDS = 253  # fds in one message: Linux's SCM_MAX_FD
+MAX_IN_FLIGHT = 64  # spawns whose exec is not confirmed yet
+MAX_CHILDREN = 4096  # processes started and not yet reaped
+MAX_ID = 2**53  # request ids stay exact in every JSON implementation
+MAX_ERROR = 512  # bytes a failed child writes to its error pipe, at most
+_ID_BITS = 0xFFFFFFFE  # uid_t/gid_t: (uid_t)-1 means "unchanged" to the kernel, so refused
+_FD_BYTES = array.array("i").itemsize
+
+# The only signals the spawner does not leave at their default. It handles
+# them (with a no-op) rather than ignoring them, because exec resets handled
+# signals to the default but keeps ignored ones ignored: so a child has no
+# signal to reset before exec, which saves it time (see `_child`).
+_HANDLED = (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# How long the spawner waits for an exec before it turns back to its other
+# work; a child that takes longer (a workdir on a hung network mount) is then
+# followed from the poll loop.
+EXEC_WAIT_MS = 100
+
+
+class BadRequest(Exception):
+    """A request the spawner refuses; its message goes back in the error reply."""
+
+
+class _Gone(Exception):
+    """The daemon's end of the socket is closed."""
+
+
+def _int(header: dict[str, Any], key: str, low: int, high: int) -> int:
+    value = header.get(key)
+    # bool is an int subclass; true must not pass for 1.
+    if type(value) is not int or not low <= value <= high:
+        raise BadRequest(f"{key} must be an integer in {low}..{high}")
+    return value
+
+
+def _optional_int(header: dict[str, Any], key: str, low: int, high: int) -> int | None:
+    return None if header.get(key) is None else _int(header, key, low, high)
+
+
+def _text(value: object, what: str) -> str:
+    if not isinstance(value, str) or not value or "\0" in value:
+        raise BadRequest(f"{what} must be a non-empty string without NUL")
+    return value
+
+
+class _SpawnRequest:
+    """A checked spawn request."""
+
+    __slots__ = ("argv", "env", "executable", "gid", "groups", "nofile_soft", "uid", "workdir")
+
+    def __init__(self, header: dict[str, Any]) -> None:
+        unknown = set(header) - {"op", "id", *self.__slots__}
+        if unknown:
+            raise BadRequest(f"unknown field {sorted(unknown)[0]!r}")
+        self.executable = _text(header.get("executable"), "executable")
+        if not self.executable.startswith("/"):
+            raise BadRequest("executable must be an absolute path")
+        argv = header.get("argv")
+        if not isinstance(argv, list) or not argv:
+            raise BadRequest("argv must be a non-empty list")
+        for arg in argv:
+            if not isinstance(arg, str) or "\0" in arg:
+                raise BadRequest("each argument must be a string without NUL")
+        self.argv: list[str] = argv
+        env = header.get("env")
+        if not isinstance(env, dict):
+            raise BadRequest("env must be an object")
+        for key, value in env.items():
+            if "=" in _text(key, "each variable name") or not isinstance(value, str):
+                raise BadRequest(f"environment variable {key!r} cannot be set")
+            if "\0" in value:
+                raise BadRequest(f"environment variable {key!r} cannot be set")
+        if "LISTEN_PID" in env:
+            raise BadRequest("LISTEN_PID is set by the spawner")
+        self.env: dict[str, str] = env
+        self.uid = _optional_int(header, "uid", 0, _ID_BITS)
+        self.gid = _optional_int(header, "gid", 0, _ID_BITS)
+        groups = header.get("groups")
+        if groups is not None:
+            if not isinstance(groups, list) or len(groups) > 65536:  # NGROUPS_MAX
+                raise BadRequest("groups must be a list of at most 65536 group ids")
+            for group in groups:
+                if type(group) is not int or not 0 <= group <= _ID_BITS:
+                    raise BadRequest(f"groups must be integers in 0..{_ID_BITS}")
+        self.groups: list[int] | None = groups
+        workdir = header.get("workdir")
+        self.workdir = None if workdir is None else _text(workdir, "workdir")
+        self.nofile_soft = _optional_int(header, "nofile_soft", 0, 2**63 - 1)
+        # All or nothing: a uid without its gid and groups would leave the
+        # service with the spawner's own, which may be root's.
+        if (self.uid is None) != (self.gid is None) or (self.uid is None) != (groups is None):
+            raise BadRequest("uid, gid and groups are given together or not at all")
+
+
+class _InFlight:
+    """A child forked for a spawn request whose exec is not confirmed yet."""
+
+    __slots__ = ("err_r", "out_r", "pid", "request_id")
+
+    def __init__(self, request_id: int, pid: int, out_r: int, err_r: int) -> None:
+        self.request_id = request_id
+        self.pid = pid
+        self.out_r = out_r
+        self.err_r = err_r
+
+
+def prepare_child_fds(
+    fds: Sequence[int], devnull: int, out_w: int, keep: int, fd_limit: int
+) -> None:
+    """In a forked child: sockets at 3.., /dev/null at 0, `out_w` at 1 and 2.
+
+    `devnull`, `out_w` and `keep` must be at or above 3+len(fds) (the parent
+    puts them there), so that nothing below overwrites them. The sockets are
+    arranged before stdio is touched, so a socket that sits at 0-2 is copied
+    first. Afterwards every fd from 3+len(fds) up to `fd_limit` is closed
+    except `keep` (the error pipe, which is close-on-exec).
+    """
+    end = LISTEN_FDS_START + len(fds)
+    arrange_fds(fds)
+    os.dup2(devnull, 0)
+    os.dup2(out_w, 1)
+    os.dup2(out_w, 2)
+    # close_range(2) where the interpreter has it: one call, whatever the limit.
+    os.closerange(end, keep)
+    os.closerange(keep + 1, max(fd_limit, keep + 1))
+
+
+def _child(
+    request: _SpawnRequest,
+    fds: Sequence[int],
+    devnull: int,
+    out_w: int,
+    err_w: int,
+    fd_limit: int,
+    nofile: tuple[int, int] | None,
+) -> NoReturn:
+    """Between fork and exec: turn this child into the service. Never returns.
+
+    Everything that can be done in the parent is done there: on a fork, every
+    page this code writes to is copied first, and that is most of its cost.
+    Signal dispositions need no work (see _HANDLED); the mask is empty.
+    """
+    stage = "setsid"
+    try:
+        # A signal arriving before exec runs the spawner's C handler, which
+        # writes to the wakeup fd: detach it, as its number is about to be
+        # closed and could be reused.
+        signal.set_wakeup_fd(-1)
+        os.setsid()
+        stage = "fds"
+        prepare_child_fds(fds, devnull, out_w, err_w, fd_limit)
+        # Only what differs is changed: an unprivileged spawner may still start
+        # a service as its own user, which setgroups would refuse (EPERM).
+        if request.groups is not None and sorted(set(request.groups)) != sorted(
+            set(os.getgroups())
+        ):
+            stage = "setgroups"
+            os.setgroups(request.groups)
+        if request.gid is not None and os.getresgid() != (request.gid,) * 3:
+            stage = "setgid"
+            os.setresgid(request.gid, request.gid, request.gid)
+        if request.uid is not None and os.getresuid() != (request.uid,) * 3:
+            stage = "setuid"
+            os.setresuid(request.uid, request.uid, request.uid)
+        if request.workdir is not None:
+            stage = "chdir"
+            os.chdir(request.workdir)
+        if nofile is not None:
+            stage = "rlimit"
+            resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
+        env = request.env
+        if fds:
+            # As systemd's activate.c does: set in the process that execs, so it
+            # equals the pid the service sees as its own.
+            env["LISTEN_PID"] = str(os.getpid())
+        stage = "exec"
+        os.execve(request.executable, request.argv, env)
+    except BaseException as exc:
+        code = exc.errno if isinstance(exc, OSError) and exc.errno else 0
+        os.write(err_w, f"{code} {stage} {type(exc).__name__}".encode()[:MAX_ERROR])
+    finally:
+        os._exit(127)
+
+
+class Spawnerd:
+    """The spawner's state and its poll loop."""
+
+    def __init__(self, control: socket.socket) -> None:
+        self.control = control
+        # pid -> whether its exit is reported (true once the daemon was told its pid).
+        self.children: dict[int, bool] = {}
+        # Spawns whose exec is not confirmed yet: by pid, and those followed
+        # from the poll loop (see EXEC_WAIT_MS) also by error pipe fd.
+        self.in_flight_pids: dict[int, _InFlight] = {}
+        self.in_flight: dict[int, _InFlight] = {}
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.nofile_hard = hard
+        # No fd of ours is above the soft limit: every one was opened under it.
+        self.fd_limit = soft if 0 <= soft < 2**31 else 2**31 - 1
+        # Above every fd range a request can ask for if the limit allows, so
+        # that no spawn needs a temporary copy of it (see _above).
+        self.devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        with contextlib.suppress(OSError):
+            high = fcntl.fcntl(self.devnull, fcntl.F_DUPFD_CLOEXEC, LISTEN_FDS_START + MAX_FDS)
+            os.close(self.devnull)
+            self.devnull = high
+        self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.poller = select.poll()
+        self.exec_poller = select.poll()
+        self.poller.register(self.control.fileno(), select.POLLIN)
+        self.poller.register(self.wake_r, select.POLLIN)
+        self.signal_numbers = frozenset(int(s) for s in signal.valid_signals())
+
+    def run(self) -> None:
+        """Serve requests until the daemon's end closes; then kill what is left."""
+        signal.set_wakeup_fd(self.wake_w)
+        for sig in _HANDLED:
+            signal.signal(sig, _on_signal)
+        try:
+            while True:
+                for fd, _events in self.poller.poll():
+                    if fd == self.wake_r:
+                        while _read_some(self.wake_r):
+                            pass
+                        self.reap()
+                    elif fd == self.control.fileno():
+                        if not self.handle_request():
+                            return
+                    elif fd in self.in_flight:
+                        self.confirm(self.in_flight[fd])
+        except _Gone:
+            return
+        finally:
+            self.kill_all()
+
+    # -- requests ----------------------------------------------------------
+
+    def handle_request(self) -> bool:
+        """Read and answer one request; False once the daemon's end is closed."""
+        try:
+            data, ancdata, flags, _ = self.control.recvmsg(
+                MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * _FD_BYTES), socket.MSG_CMSG_CLOEXEC
+            )
+        except (ConnectionResetError, BrokenPipeError):
+            return False
+        fds = received_fds(ancdata)
+        if not data and not fds:
+            return False  # EOF (lazyd never sends an empty message)
+        request_id: int | None = None
+        try:
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                raise BadRequest(f"message too long (limit {MAX_MESSAGE} bytes, {MAX_FDS} fds)")
+            try:
+                header = json.loads(data)
+            except (ValueError, RecursionError):
+                raise BadRequest("not a JSON message") from None
+            if not isinstance(header, dict):
+                raise BadRequest("not a JSON object")
+            request_id = _int(header, "id", 0, MAX_ID)
+            op = header.get("op")
+            if op == "spawn":
+                self.spawn(request_id, header, fds)
+                return True  # answered once exec succeeds or fails
+            if op == "signal":
+                if fds:
+                    raise BadRequest("signal takes no fds")
+                self.signal(header)
+                self.send({"id": request_id, "ok": True})
+                return True
+            raise BadRequest(f"unknown op {op!r}")
+        except _Gone:
+            raise
+        except BadRequest as exc:
+            self.fail(request_id, "request", 0, str(exc))
+        except Exception as exc:  # never crash on one request: say what went wrong
+            self.fail(request_id, "request", 0, f"{type(exc).__name__}: {exc}")
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return True
+
+    def spawn(self, request_id: int, header: dict[str, Any], fds: list[int]) -> None:
+        request = _SpawnRequest(header)
+        if len(self.in_flight_pids) >= MAX_IN_FLIGHT:
+            raise BadRequest(f"more than {MAX_IN_FLIGHT} spawns in flight")
+        if len(self.children) >= MAX_CHILDREN:
+            raise BadRequest(f"more than {MAX_CHILDREN} processes running")
+        nofile: tuple[int, int] | None = None
+        if request.nofile_soft is not None:
+            soft, hard = request.nofile_soft, self.nofile_hard
+            if hard != resource.RLIM_INFINITY and soft > hard:
+                soft = hard  # a soft limit above the hard one would make setrlimit fail
+            nofile = (soft, hard)
+        end = LISTEN_FDS_START + len(fds)
+        out_r = err_r = -1
+        # The child's pipe ends, and temporary copies: ours are closed after the
+        # fork (the error pipe's must be, for its EOF to mean "exec'd").
+        ours: list[int] = []
+        try:
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+            ours.append(out_w)
+            err_r, err_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            ours.append(err_w)
+            # The child first fills 3..end-1; what it needs after that lives above.
+            out_w, err_w, devnull = (_above(fd, end, ours) for fd in (out_w, err_w, self.devnull))
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                self.fail(request_id, "fork", exc.errno or 0, os.strerror(exc.errno or 0))
+                pid = -1
+            if pid == 0:
+                _child(request, fds, devnull, out_w, err_w, self.fd_limit, nofile)
+        except BaseException:
+            pid = -1
+            raise
+        finally:
+            for fd in ours:
+                os.close(fd)
+            if pid < 0:
+                for fd in (out_r, err_r):
+                    if fd >= 0:
+                        os.close(fd)
+        if pid < 0:
+            return
+        # Sleep until the child has exec'd (or failed), before any bookkeeping:
+        # with one CPU, that lets the child run at once rather than after us.
+        # It usually takes well under a millisecond.
+        self.exec_poller.register(err_r, select.POLLIN)
+        exec_done = self.exec_poller.poll(EXEC_WAIT_MS)
+        self.exec_poller.unregister(err_r)
+        self.children[pid] = False
+        spawned = _InFlight(request_id, pid, out_r, err_r)
+        self.in_flight_pids[pid] = spawned
+        if exec_done:
+            self.confirm(spawned)
+        else:
+            self.in_flight[err_r] = spawned
+            self.poller.register(err_r, select.POLLIN)
+
+    def confirm(self, spawned: _InFlight) -> None:
+        """The error pipe is readable: EOF means exec succeeded, bytes that it failed."""
+        try:
+            report = os.read(spawned.err_r, MAX_ERROR)
+        except BlockingIOError:
+            return  # spurious wakeup; the child still runs
+        if self.in_flight.pop(spawned.err_r, None) is not None:
+            self.poller.unregister(spawned.err_r)
+        os.close(spawned.err_r)
+        del self.in_flight_pids[spawned.pid]
+        try:
+            if report:
+                # "ERRNO STAGE EXCEPTION", as written by _child.
+                code, stage, name = [*report.decode(errors="replace").split(" ", 2), "", ""][:3]
+                errno = int(code) if code.isdigit() else 0
+                self.fail(spawned.request_id, stage, errno, os.strerror(errno) if errno else name)
+            else:
+                self.send({"id": spawned.request_id, "pid": spawned.pid}, [spawned.out_r])
+                if spawned.pid in self.children:
+                    self.children[spawned.pid] = True
+        finally:
+            os.close(spawned.out_r)
+
+    def signal(self, header: dict[str, Any]) -> None:
+        pid = _int(header, "pid", 1, 2**31 - 1)
+        sig = _int(header, "signal", 1, 255)
+        group = header.get("group")
+        if sig not in self.signal_numbers:
+            raise BadRequest(f"no signal {sig}")
+        if not isinstance(group, bool):
+            raise BadRequest("group must be true or false")
+        # Only processes the daemon knows from us and that we have not reaped:
+        # such a pid (and, since each leads its own group, that group id) cannot
+        # belong to anyone else yet.
+        if not self.children.get(pid, False):
+            raise BadRequest(f"pid {pid} is not a running process of this spawner")
+        try:
+            if group:
+                os.killpg(pid, sig)
+            else:
+                os.kill(pid, sig)
+        except OSError as exc:
+            raise BadRequest(f"pid {pid}: {os.strerror(exc.errno or 0)}") from None
+
+    # -- children ----------------------------------------------------------
+
+    def reap(self) -> None:
+        """Reap every exited child; report the services' exits."""
+        while True:
+            try:
+                # WNOWAIT: look, but leave the zombie, so that its pid stays reserved.
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if info is None:
+                return
+            pid = info.si_pid
+            if pid in self.children:
+                _quietly(os.killpg, pid, signal.SIGKILL)  # what the service left behind
+            _, status = os.waitpid(pid, 0)
+            spawned = self.in_flight_pids.get(pid)
+            if spawned is not None:
+                # The child is gone, so its error pipe is at EOF or holds its error:
+                # the spawn reply goes out before the exit notice.
+                self.confirm(spawned)
+            if self.children.pop(pid, False):
+                self.send({"exited": pid, "returncode": os.waitstatus_to_exitcode(status)})
+
+    def kill_all(self) -> None:
+        """SIGKILL every process group started here; reap them all."""
+        for pid in self.children:
+            _quietly(os.killpg, pid, signal.SIGKILL)
+            _quietly(os.kill, pid, signal.SIGKILL)  # in case it had not called setsid yet
+        for pid in list(self.children):
+            _quietly(os.waitpid, pid, 0)
+        self.children.clear()
+
+    # -- replies -----------------------------------------------------------
+
+    def fail(self, request_id: int | None, stage: str, errno: int, message: str) -> None:
+        self.send(
+            {"id": request_id, "error": f"{stage}: {message}", "stage": stage, "errno": errno}
+        )
+
+    def send(self, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
+        data = json.dumps(message, separators=(",", ":")).encode()
+        ancdata = []
+        if fds:
+            ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        try:
+            # Blocking: the daemon always reads; should it hang, so may we.
+            self.control.sendmsg([data], ancdata, socket.MSG_NOSIGNAL)
+        except (BrokenPipeError, ConnectionResetError):
+            raise _Gone() from None
+
+
+def received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """The fds an SCM_RIGHTS message carried (already close-on-exec, as received)."""
+    fds = array.array("i")
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % _FD_BYTES])
+    return list(fds)
+
+
+def _above(fd: int, low: int, temporaries: list[int]) -> int:
+    """`fd`, or a close-on-exec copy of it at `low` or above (added to `temporaries`)."""
+    if fd >= low:
+        return fd
+    copy = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, low)
+    temporaries.append(copy)
+    return copy
+
+
+def _read_some(fd: int) -> bytes:
+    try:
+        return os.read(fd, 4096)
+    except BlockingIOError:
+        return b""
+
+
+def _quietly(fn: Any, *args: Any) -> None:
+    with contextlib.suppress(OSError):
+        fn(*args)
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    """Nothing to do here: SIGCHLD's byte on the wakeup fd wakes the poll loop,
+    and SIGINT, SIGTERM and SIGHUP are not for the spawner (see the module's
+    docstring)."""
+
+
+def _setup_signals() -> None:
+    for sig in signal.valid_signals():
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            # (ValueError/OSError: one the C library keeps for itself.)
+            with contextlib.suppress(OSError, ValueError):
+                signal.signal(sig, signal.SIG_DFL)
+    # Whatever lazyd's thread had blocked is not inherited by the services.
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+
+
+def main() -> None:
+    """Entry point: serve the socket at fd 0 until the daemon closes its end."""
+    _setup_signals()
+    # Keep 1 and 2 taken: should lazyd have started us with them closed, a
+    # received socket landing there would get this process's stray output.
+    for fd in (1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    control = socket.socket(fileno=CONTROL_FD)
+    if control.type != socket.SOCK_SEQPACKET or control.family != socket.AF_UNIX:
+        sys.exit("lazyd spawner: fd 0 must be an AF_UNIX SOCK_SEQPACKET socket")
+    control.set_inheritable(False)
+    control.setblocking(True)
+    # Everything allocated so far lives as long as we do: keep the collector
+    # from walking (and so, in a fresh child, copying) the pages it sits on.
+    gc.freeze()
+    Spawnerd(control).run()
+    control.close()
+
+
+if __name__ == "__main__":
+    main()

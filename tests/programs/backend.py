@@ -1,0 +1,64 @@
+"""A service that binds its own port (for proxy mode).
+
+    backend.py KIND:ADDRESS [--delay S] [--echo]
+
+KIND is tcp (HOST:PORT), unix (PATH) or udp (HOST:PORT).  It sleeps --delay
+seconds before binding (its start-up), then serves: stream clients get
+"PID LINE" for each line (or, with --echo, every byte back, and EOF after the
+client's EOF); UDP clients get "PID ADDRESS DATA" for each datagram, where
+ADDRESS is the sender it saw.
+"""
+
+import argparse
+import os
+import socket
+import sys
+import threading
+import time
+
+parser = argparse.ArgumentParser()
+parser.add_argument("address")
+parser.add_argument("--delay", type=float, default=0.0)
+parser.add_argument("--echo", action="store_true")
+args = parser.parse_args()
+kind, _, where = args.address.partition(":")
+time.sleep(args.delay)
+pid = os.getpid()
+
+if kind == "udp":
+    host, port = where.rsplit(":", 1)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((host, int(port)))
+    print("listening", flush=True)
+    while True:
+        data, peer = sock.recvfrom(65536)
+        sock.sendto(b"%d %s:%d %s" % (pid, peer[0].encode(), peer[1], data), peer)
+
+if kind == "unix":
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(where)
+    server.listen(1024)
+else:
+    host, port = where.rsplit(":", 1)
+    server = socket.create_server((host, int(port)), backlog=1024)
+print("listening", flush=True)
+
+
+def serve(conn: socket.socket) -> None:
+    with conn:
+        try:
+            if args.echo:
+                while data := conn.recv(1 << 20):
+                    conn.sendall(data)
+                conn.shutdown(socket.SHUT_WR)
+                return
+            with conn.makefile("rb") as lines:
+                for line in lines:
+                    conn.sendall(b"%d %s" % (pid, line))
+        except OSError as exc:
+            print(f"connection: {exc}", file=sys.stderr, flush=True)
+
+
+while True:
+    conn, _ = server.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()

@@ -1,0 +1,447 @@
+from __future__ import annotations
+
+import array
+import errno
+import json
+import os
+import signal
+import socket
+import stat
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from lazyd import spawnerd
+from lazyd.errors import LaunchError
+from lazyd.launch import relay_output
+from lazyd.spawner import ServiceProcess, Spawner, SpawnError, open_spawner, spawner_command
+
+TIMEOUT = 5.0  # seconds; bounds every wait in these tests
+PATH = "/usr/bin:/bin"
+
+
+class Raw:
+    """A spawner driven through its socket directly, as a misbehaving daemon could."""
+
+    def __init__(self, sock: trio.socket.SocketType, process: trio.Process) -> None:
+        self.sock = sock
+        self.process = process
+        self.exits: dict[int, int] = {}
+        self._next_id = 100
+
+    async def send(self, message: bytes | dict[str, Any], fds: Sequence[int] = ()) -> None:
+        data = message if isinstance(message, bytes) else json.dumps(message).encode()
+        ancdata = []
+        if fds:
+            ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        await self.sock.sendmsg([data], ancdata)
+
+    async def receive(self) -> tuple[dict[str, Any], list[int]]:
+        data, ancdata, _, _ = await self.sock.recvmsg(65536, socket.CMSG_SPACE(64))
+        assert data, "the spawner closed its end"
+        message: dict[str, Any] = json.loads(data)
+        return message, spawnerd.received_fds(ancdata)
+
+    async def reply(self, request_id: int | None) -> tuple[dict[str, Any], list[int]]:
+        """The next reply to `request_id`; exit notices on the way are kept in `exits`."""
+        while True:
+            message, fds = await self.receive()
+            if "exited" in message:
+                self.exits[message["exited"]] = message["returncode"]
+            elif message["id"] == request_id:
+                return message, fds
+
+    async def request(
+        self, header: dict[str, Any], fds: Sequence[int] = ()
+    ) -> tuple[dict[str, Any], list[int]]:
+        self._next_id += 1
+        header = {"id": self._next_id, **header}
+        await self.send(header, fds)
+        return await self.reply(header["id"])
+
+    async def exit_of(self, pid: int) -> int:
+        while pid not in self.exits:
+            message, fds = await self.receive()
+            assert not fds
+            if "exited" in message:
+                self.exits[message["exited"]] = message["returncode"]
+        return self.exits[pid]
+
+
+def spawn(argv: list[str], **fields: Any) -> dict[str, Any]:
+    return {"op": "spawn", "executable": argv[0], "argv": argv, "env": {"PATH": PATH}, **fields}
+
+
+@asynccontextmanager
+async def raw_spawner() -> AsyncIterator[Raw]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with theirs:
+        process = await trio.lowlevel.open_process(spawner_command(), stdin=theirs.fileno())
+    raw = Raw(trio.socket.from_stdlib_socket(ours), process)
+    try:
+        yield raw
+    finally:
+        raw.sock.close()  # the spawner kills what it still has and exits
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(TIMEOUT):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+
+async def wait_gone(pid: int) -> None:
+    """Wait until `pid` (not our child) has exited."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        await trio.lowlevel.wait_readable(fd)
+    finally:
+        os.close(fd)
+
+
+async def read_all(fd: int) -> bytes:
+    stream = trio.lowlevel.FdStream(fd)
+    async with stream:
+        chunks = []
+        while chunk := await stream.receive_some():
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def test_spawn_exit_codes_and_signals() -> None:
+    """A spawned process's exit status arrives; a signal gives the negative signal number."""
+    with trio.fail_after(TIMEOUT):
+        async with open_spawner() as spawner:
+            exits = await spawner.spawn(
+                executable="/bin/sh", argv=["sh", "-c", "exit 3"], env={"PATH": PATH}
+            )
+            sleeper = await spawner.spawn(
+                executable="/bin/sleep", argv=["sleep", "60"], env={"PATH": PATH}
+            )
+            sleeper.send_signal(signal.SIGTERM)
+            assert await exits.wait() == 3
+            assert await sleeper.wait() == -signal.SIGTERM
+            assert (exits.returncode, sleeper.returncode) == (3, -signal.SIGTERM)
+            sleeper.send_signal(signal.SIGTERM)  # exited: nothing is sent, no error
+            for process in (exits, sleeper):
+                await process.stdout.aclose()
+
+
+async def test_output_pipe_delivers_lines() -> None:
+    """The output pipe carries stdout and stderr, in order, and ends when the process does."""
+    with trio.fail_after(TIMEOUT):
+        async with open_spawner() as spawner:
+            process = await spawner.spawn(
+                executable="/bin/sh",
+                argv=["sh", "-c", "echo one; echo two >&2; echo three"],
+                env={"PATH": PATH},
+            )
+            lines: list[str] = []
+            async with process.stdout:
+                await relay_output("svc", process.stdout, lines.append)
+            assert await process.wait() == 0
+    assert lines == ["svc: one", "svc: two", "svc: three"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "stage", "code"),
+    [
+        ({"executable": "/nonexistent/lazyd-server"}, "exec", errno.ENOENT),
+        ({"executable": "PLAIN"}, "exec", errno.EACCES),
+        ({"workdir": "/nonexistent/dir"}, "chdir", errno.ENOENT),
+    ],
+)
+async def test_exec_failure_reports_errno_and_stage(
+    fields: dict[str, Any], stage: str, code: int, tmp_path: Path
+) -> None:
+    """A child that cannot exec reports the errno and the step that failed; no exit follows."""
+    if fields.get("executable") == "PLAIN":  # a file without execute permission
+        (tmp_path / "plain").write_text("#!/bin/sh\n")
+        fields = {"executable": str(tmp_path / "plain")}
+    with trio.fail_after(TIMEOUT):
+        async with open_spawner() as spawner:
+            args: dict[str, Any] = {"executable": "/bin/true", "argv": ["x"], "env": {}}
+            with pytest.raises(SpawnError) as caught:
+                await spawner.spawn(**(args | fields))
+            assert (caught.value.stage, caught.value.errno) == (stage, code)
+            assert str(caught.value) == os.strerror(code)
+            # The spawner carries on.
+            process = await spawner.spawn(**args)
+            assert await process.wait() == 0
+            await process.stdout.aclose()
+
+
+async def test_signal_only_processes_it_spawned() -> None:
+    """A signal request for a foreign or already reaped pid is refused; the process is untouched."""
+    foreign = await trio.lowlevel.open_process(["/bin/sleep", "60"])
+    try:
+        with trio.fail_after(TIMEOUT):
+            async with raw_spawner() as raw:
+                for sig, group in [(signal.SIGKILL, False), (signal.SIGKILL, True)]:
+                    header = {"op": "signal", "pid": foreign.pid, "signal": sig, "group": group}
+                    reply, _ = await raw.request(header)
+                    assert "is not a running process of this spawner" in reply["error"]
+                # Its own, once reaped, is foreign too.
+                reply, [out] = await raw.request(spawn(["/bin/true"]))
+                os.close(out)
+                assert await raw.exit_of(reply["pid"]) == 0
+                header = {"op": "signal", "pid": reply["pid"], "signal": 15, "group": False}
+                reply, _ = await raw.request(header)
+                assert "error" in reply
+                # And one of its own that runs is signalled.
+                reply, [out] = await raw.request(spawn(["/bin/sleep", "60"]))
+                os.close(out)
+                header = {"op": "signal", "pid": reply["pid"], "signal": 15, "group": False}
+                assert (await raw.request(header))[0] == {"id": raw._next_id, "ok": True}
+                assert await raw.exit_of(reply["pid"]) == -signal.SIGTERM
+        assert foreign.poll() is None
+    finally:
+        foreign.kill()
+        await foreign.wait()
+
+
+MALFORMED: list[bytes | dict[str, Any]] = [
+    b"not json",
+    b"[1, 2]",
+    b'{"op": "spawn"}',  # no id
+    {"id": True, "op": "signal", "pid": 1, "signal": 9, "group": False},
+    {"id": 1, "op": "exec"},
+    {"id": 1, "op": "spawn", "executable": "true", "argv": ["true"], "env": {}},
+    {"id": 1, "op": "spawn", "executable": "/bin/true", "argv": [], "env": {}},
+    {"id": 1, "op": "spawn", "executable": "/bin/true", "argv": ["a\0b"], "env": {}},
+    {"id": 1, "op": "spawn", "executable": "/bin/true", "argv": ["t"], "env": {"A=B": "x"}},
+    {"id": 1, "op": "spawn", "executable": "/bin/true", "argv": ["t"], "env": {}, "uid": True},
+    {"id": 1, "op": "spawn", "executable": "/bin/true", "argv": ["t"], "env": {}, "uid": -1},
+    {"id": 1, "op": "spawn", "executable": "/bin/true", "argv": ["t"], "env": {}, "groups": 0},
+    {"id": 1, "op": "spawn", "executable": "/bin/true", "argv": ["t"], "env": {}, "shell": 1},
+    {"id": 1, "op": "spawn", "executable": "/bin/true", "argv": ["t"], "env": {}, "uid": 0},
+    {"id": 1, "op": "spawn", "executable": "/bin/true", "argv": ["t"], "env": {"LISTEN_PID": "1"}},
+    {"id": 1, "op": "signal", "pid": 1, "signal": 0, "group": False},
+    {"id": 1, "op": "signal", "pid": 1, "signal": 9, "group": "yes"},
+    b"[" * 50000 + b"]" * 10000,
+    b" " * (spawnerd.MAX_MESSAGE + 1),
+]
+
+
+async def test_malformed_requests_get_error_replies() -> None:
+    """Anything malformed gets an error reply, fds sent with it are closed, and work goes on."""
+    ours, theirs = socket.socketpair()
+    with trio.fail_after(TIMEOUT), ours, theirs:
+        async with raw_spawner() as raw:
+            for message in MALFORMED:
+                await raw.send(message)
+                reply, fds = await raw.receive()
+                assert set(reply) == {"id", "error", "stage", "errno"}, message
+                assert reply["stage"] == "request"
+                assert not fds
+            # A signal request with an fd attached: refused, and the fd not kept.
+            await raw.send(
+                {"id": 7, "op": "signal", "pid": 1, "signal": 9, "group": False}, [theirs.fileno()]
+            )
+            reply, _ = await raw.reply(7)
+            assert reply["error"] == "request: signal takes no fds"
+            theirs.close()
+            ours.settimeout(TIMEOUT)
+            assert ours.recv(1) == b""  # no copy of `theirs` is left open anywhere
+            reply, [out] = await raw.request(spawn(["/bin/sh", "-c", "echo still here"]))
+            assert await read_all(out) == b"still here\n"
+            assert await raw.exit_of(reply["pid"]) == 0
+
+
+async def test_failed_exec_gets_no_exit_notice() -> None:
+    """A spawn that fails is answered once, with its error; its child's exit is not reported."""
+    with trio.fail_after(TIMEOUT):
+        async with raw_spawner() as raw:
+            reply, fds = await raw.request(spawn(["/nonexistent/server"]))
+            assert (reply["stage"], reply["errno"], fds) == ("exec", errno.ENOENT, [])
+            reply, [out] = await raw.request(spawn(["/bin/true"]))
+            os.close(out)
+            assert await raw.exit_of(reply["pid"]) == 0
+            assert list(raw.exits) == [reply["pid"]]
+
+
+async def test_closing_the_socket_kills_everything_and_the_spawner_exits() -> None:
+    """When the daemon's end closes, every process group it started dies and it exits 0."""
+    with trio.fail_after(TIMEOUT):
+        async with raw_spawner() as raw:
+            # The background sleep holds the output pipe too: EOF means both died.
+            reply, [out] = await raw.request(
+                spawn(["/bin/sh", "-c", "sleep 60 & echo started; wait"])
+            )
+            stream = trio.lowlevel.FdStream(out)
+            async with stream:
+                assert await stream.receive_some() == b"started\n"
+                raw.sock.close()
+                assert await raw.process.wait() == 0
+                while await stream.receive_some():
+                    pass
+            await wait_gone(reply["pid"])
+
+
+async def test_leader_exit_kills_the_rest_of_its_group() -> None:
+    """When a service's main process exits, what it left in its process group is killed."""
+    with trio.fail_after(TIMEOUT):
+        async with open_spawner() as spawner:
+            process = await spawner.spawn(
+                executable="/bin/sh",
+                argv=["sh", "-c", "sleep 60 & echo started"],
+                env={"PATH": PATH},
+            )
+            lines: list[str] = []
+            async with process.stdout:
+                # EOF: the sleep, which holds the pipe as well, is gone too.
+                await relay_output("svc", process.stdout, lines.append)
+            assert await process.wait() == 0
+    assert lines == ["svc: started"]
+
+
+async def test_cancelled_spawn_leaves_no_process(tmp_path: Path) -> None:
+    """A spawn whose caller is cancelled while it waits for the reply kills what it started."""
+    pid_file = tmp_path / "pid"
+    with trio.fail_after(TIMEOUT):
+        async with open_spawner() as spawner:
+            with trio.CancelScope() as scope:
+                async with trio.open_nursery() as nursery:
+
+                    async def start() -> None:
+                        await spawner.spawn(
+                            executable="/bin/sh",
+                            argv=["sh", "-c", f"echo $$ > {pid_file}; exec sleep 60"],
+                            env={"PATH": PATH},
+                        )
+                        raise AssertionError("the spawn was not cancelled")
+
+                    nursery.start_soon(start)
+                    await trio.testing.wait_all_tasks_blocked()
+                    scope.cancel()
+            assert scope.cancelled_caught
+            # The spawner went on to exec it; then it was killed.
+            process = await spawner.spawn(
+                executable="/bin/sh", argv=["sh", "-c", f"cat {pid_file}"], env={"PATH": PATH}
+            )
+            async with process.stdout:
+                pid = int((await process.stdout.receive_some()).strip())
+            await process.wait()
+            await wait_gone(pid)
+
+
+async def test_losing_the_spawner_is_fatal() -> None:
+    """If the spawner dies, LaunchError ends the block and waiting on a process raises it."""
+    waited: list[BaseException] = []
+    process: ServiceProcess | None = None
+
+    async def wait_for(process: ServiceProcess) -> None:
+        try:
+            await process.wait()
+        except LaunchError as exc:
+            waited.append(exc)
+
+    with trio.fail_after(TIMEOUT), pytest.raises(LaunchError, match="spawner exited"):
+        async with open_spawner() as spawner, trio.open_nursery() as nursery:
+            process = await spawner.spawn(
+                executable="/bin/sleep", argv=["sleep", "60"], env={"PATH": PATH}
+            )
+            nursery.start_soon(wait_for, process)
+            os.kill(spawner.pid, signal.SIGKILL)
+    assert process is not None
+    # The spawner did not get to kill it: clean up ourselves.
+    os.killpg(process.pid, signal.SIGKILL)
+    await process.stdout.aclose()
+    with trio.fail_after(TIMEOUT):
+        await wait_gone(process.pid)
+    assert [str(exc) for exc in waited] == [f"pid {process.pid}: lost with lazyd's spawner"]
+
+
+def _spawner_is_current(spawner: Spawner) -> bool:
+    from lazyd.spawner import current_spawner
+
+    return current_spawner() is spawner
+
+
+async def test_current_spawner() -> None:
+    """Inside open_spawner, current_spawner() is that spawner; outside there is none."""
+    async with open_spawner() as spawner:
+        assert _spawner_is_current(spawner)
+    with pytest.raises(RuntimeError):
+        _spawner_is_current(spawner)
+
+
+# -- the child's fd arrangement ------------------------------------------------
+
+
+def _fd_report() -> dict[str, Any]:
+    found = {}
+    for fd in range(256):
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            continue
+        found[fd] = st
+    return {
+        "open": sorted(found),
+        "ino": {fd: st.st_ino for fd, st in found.items()},
+        "chr": {fd: stat.S_ISCHR(st.st_mode) for fd, st in found.items()},
+    }
+
+
+@pytest.mark.parametrize("sources", [[4, 3], [1, 3, 0], [5, 2, 4, 2], [6, 3], [], [0]])
+def test_child_fds_with_sources_in_the_range_and_at_stdio(
+    tmp_path: Path, sources: list[int]
+) -> None:
+    """Sockets land on 3.., /dev/null on 0, the output pipe on 1 and 2, all else closed."""
+    files = {}
+    for number in sorted(set(sources)):
+        path = tmp_path / f"f{number}"
+        path.write_text(str(number))
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        files[number] = (os.dup2(fd, 200 + number, inheritable=False), os.fstat(fd).st_ino)
+        os.close(fd)
+    out_r, out_w = os.pipe()
+    pipe_ino = os.fstat(out_w).st_ino
+    end = 3 + len(sources)
+    squatter = next((n for n in range(3, end) if n not in sources), None)
+    result_r, result_w = os.pipe()
+    devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    high = {"devnull": 150, "out_w": 151, "keep": 152}
+    try:
+        for name, fd in (("devnull", devnull), ("out_w", out_w), ("keep", result_w)):
+            os.dup2(fd, high[name], inheritable=False)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            try:
+                for number, (fd, _) in files.items():
+                    os.dup2(fd, number)
+                if squatter is not None:  # something else in the range is overwritten
+                    os.dup2(high["devnull"], squatter)
+                spawnerd.prepare_child_fds(
+                    sources, high["devnull"], high["out_w"], high["keep"], 1024
+                )
+                os.write(high["keep"], json.dumps(_fd_report()).encode())
+            finally:
+                os._exit(0)
+        os.close(result_w)
+        result_w = -1
+        for fd in high.values():
+            os.close(fd)
+        data = b""
+        while chunk := os.read(result_r, 65536):
+            data += chunk
+        os.waitpid(pid, 0)
+    finally:
+        for fd in (out_r, out_w, result_r, result_w, devnull, *(f for f, _ in files.values())):
+            if fd >= 0:
+                os.close(fd)
+    report = json.loads(data)
+    assert report["open"] == [*range(end), high["keep"]]
+    assert report["chr"]["0"] is True  # /dev/null
+    assert report["ino"]["1"] == report["ino"]["2"] == pipe_ino
+    for i, number in enumerate(sources):
+        assert report["ino"][str(3 + i)] == files[number][1]
