@@ -26,6 +26,8 @@ def test_demo_shows_a_cold_start_with_every_held_connection_answered() -> None:
     assert "20/20 answered, by 1 process (1 start)" in out
     assert "activations: 2." in out
     assert out.count("web: ready in ") >= 2
+    assert out.count("messages lost: 0") == 2
+    assert "parallel / sequential = 0." in out
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONF.glob("*.yaml")))
