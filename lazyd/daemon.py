@@ -15,6 +15,7 @@ from lazyd import config as config_mod
 from lazyd import control
 from lazyd.config import Activate, Config, Mode, ServiceConfig, SocketConfig
 from lazyd.errors import ConfigError, LazydError
+from lazyd.lifecycle import State
 from lazyd.service import Options, ServiceRunner, stderr_log
 from lazyd.sockets import bind_all, bind_socket, raise_fd_limit, release, release_socket
 from lazyd.spawner import open_spawner
@@ -198,11 +199,15 @@ class Daemon:
             await runner.wait_stopped()
             runner.cancel()
 
-    def status(self) -> dict[str, Any]:
+    def status(self, *, history: bool = False) -> dict[str, Any]:
+        """What `lazyd status --json` shows; `history` adds every recorded start."""
         now = trio.current_time()
         services: dict[str, Any] = {}
         for name, runner in self.runners.items():
-            last = runner.machine.last
+            runner.refresh_first_byte()
+            last = runner.history[-1] if runner.history else None
+            ready = [r for r in runner.history if r.ready is not None]
+            up = runner.state is State.RUNNING and ready
             total = last.total if last is not None else None
             services[name] = {
                 "state": runner.state.value,
@@ -211,19 +216,22 @@ class Daemon:
                 "queued": runner.queued(),
                 "active": runner.active(),  # pass mode: None, the service accepts itself
                 "last_start_ms": None if total is None else round(total * 1000, 3),
-                "last_start_ago_s": None if last is None else round(now - last.trigger, 3),
+                "last_start_at": None if last is None else round(last.wall, 3),
+                "last_outcome": None if last is None else last.outcome.value,
+                "uptime_s": round(now - ready[-1].ready, 3) if up and ready[-1].ready else None,
+                **runner.history.summary(),
                 "mode": runner.config.mode.value,
                 "status": runner.status_text,
-                "sockets": {
-                    sc.name: str(sc.listen) for sc in runner.config.sockets
-                },
+                "sockets": {sc.name: str(sc.listen) for sc in runner.config.sockets},
             }
+            if history:
+                services[name]["starts"] = [r.to_json() for r in runner.history]
         return {"ok": True, "pid": os.getpid(), "services": services}
 
     async def handle_control(self, request: dict[str, Any]) -> dict[str, Any]:
         command = request["command"]
         if command == "status":
-            return self.status()
+            return self.status(history=bool(request.get("history")))
         if command == "reload":
             problems = await self.reload()
             if problems:

@@ -15,7 +15,7 @@ import math
 import signal
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -50,8 +50,12 @@ from lazyd.notify import NotifySocket, belongs_to, open_notify_socket
 from lazyd.proxy import StreamProxy, wait_connectable
 from lazyd.sockets import accept_queue_length
 from lazyd.spawner import ServiceProcess
+from lazyd.starts import StartHistory, StartRecord
 
 LogFn = Callable[[str], None]
+
+# How long after a pass-mode start lazyd looks for the service's first accept.
+FIRST_ACCEPT_WINDOW = 2.0
 
 
 def stderr_log(line: str) -> None:
@@ -105,7 +109,7 @@ class ServiceRunner:
         self.process: ServiceProcess | None = None
         self.status_text: str | None = None
         self.main_pid: int | None = None  # MAINPID= may move it from the child we spawned
-        self.history: list[Activation] = []
+        self.history = StartHistory()
         self.changed = trio.Event()  # set and replaced on every state change
         self.finished = trio.Event()  # run() has returned
         self._nursery: trio.Nursery | None = None
@@ -239,10 +243,13 @@ class ServiceRunner:
                 case Log(text):
                     self.options.log(f"{self.name}: {text}")
                 case Activation():
-                    self.history.append(action)
-                    del self.history[:-100]
-                    waiting = self.queued() if action.outcome is Outcome.READY else None
-                    self.options.log(format_activation(self.name, action, waiting))
+                    record = StartRecord.from_activation(action, trio.current_time())
+                    if action.outcome is Outcome.READY:
+                        record.held = self.queued()
+                        if record.held and not self.proxied:
+                            self._nursery_soon(self._watch_first_accept, record)
+                    self.history.append(record)
+                    self.options.log(format_activation(self.name, action, record.held))
                 case ReleaseHeld():
                     # Pass mode holds nothing itself: the kernel does.
                     self._running_since = trio.current_time()
@@ -289,6 +296,36 @@ class ServiceRunner:
             flow_timeout=self.config.flow_timeout,
             on_traffic=on_traffic, log=self.options.log,
         )
+
+    def _nursery_soon(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(fn, *args)
+
+    async def _watch_first_accept(self, record: StartRecord) -> None:
+        """Pass mode: note when the service first accepts, seen as its listeners'
+        accept queues shrinking.  The kernel sends no event for that, so this
+        samples every millisecond, for at most FIRST_ACCEPT_WINDOW seconds after
+        the start: a bounded cost, once per start."""
+        assert record.held is not None
+        with trio.move_on_after(FIRST_ACCEPT_WINDOW):
+            while self.machine.state is State.RUNNING:
+                queued = self.queued()
+                if queued is None or queued < record.held:
+                    if queued is not None:
+                        record.first_accept = trio.current_time()
+                    return
+                await trio.sleep(0.001)
+
+    def refresh_first_byte(self) -> None:
+        """Proxy mode: fill in the latest start's first forwarded byte."""
+        if not self.history or not self.proxies:
+            return
+        record = self.history[-1]
+        if record.first_byte is None and record.ready is not None:
+            times = [p.first_byte_at for p in self.proxies if p.first_byte_at is not None]
+            times = [t for t in times if t >= record.ready]
+            if times:
+                record.first_byte = min(times)
 
     def _restart_if_held(self) -> None:
         """Back to idle with traffic already held (it came while the service was
