@@ -4,21 +4,27 @@ requests, and stop cleanly on SIGTERM/SIGINT."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import socket
+import time
+from collections.abc import Callable
 from typing import Any
 
 import trio
 
 from lazyd import config as config_mod
-from lazyd import control
+from lazyd import control, systemd
 from lazyd.config import Activate, Config, Mode, ServiceConfig, SocketConfig
 from lazyd.errors import ConfigError, LazydError
 from lazyd.lifecycle import State
+from lazyd.logs import Level, log_at
+from lazyd.metrics import Metrics, bind_metrics, serve_metrics
 from lazyd.service import Options, ServiceRunner, stderr_log
 from lazyd.sockets import bind_all, bind_socket, raise_fd_limit, release, release_socket
 from lazyd.spawner import open_spawner
+from lazyd.starts import StartRecord
 
 
 class Daemon:
@@ -64,6 +70,7 @@ class Daemon:
         if self.closing:
             return
         self.closing = True
+        systemd.notify("STOPPING=1")
         for runner in self.runners.values():
             runner.closing = True
             runner.stop("shutdown")
@@ -86,10 +93,13 @@ class Daemon:
         if self.closing or self._reloading:
             return ["a reload or shutdown is already under way"]
         self._reloading = True
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
         try:
             return await self._reload()
         finally:
             self._reloading = False
+            systemd.notify("READY=1")
 
     async def _reload(self) -> list[str]:
         log = self.options.log
@@ -98,8 +108,8 @@ class Daemon:
         except LazydError as exc:
             problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
             for problem in problems:
-                log(f"lazyd: reload: {problem}")
-            log("lazyd: reload failed; the running config stays in force")
+                log_at(log, Level.ERR, f"lazyd: reload: {problem}")
+            log_at(log, Level.ERR, "lazyd: reload failed; the running config stays in force")
             return problems
         held = {
             _socket_key(sc): sock
@@ -122,8 +132,8 @@ class Daemon:
         except LazydError as exc:
             for sock in fresh:
                 release_socket(sock)
-            log(f"lazyd: reload: {exc}")
-            log("lazyd: reload failed; the running config stays in force")
+            log_at(log, Level.ERR, f"lazyd: reload: {exc}")
+            log_at(log, Level.ERR, "lazyd: reload failed; the running config stays in force")
             return [str(exc)]
 
         old_runners = self.runners
@@ -250,14 +260,29 @@ async def serve(
     options = options or Options()
     soft, _hard = raise_fd_limit()
     options.nofile_soft = soft
-    sockets = bind_all(config)
+    # Under systemd, sockets may come bound already: use them, bind the rest.
+    inherited = systemd.adopt(config, systemd.take_listen_fds(), options.log)
+    try:
+        sockets = bind_all(config, inherited)
+    except BaseException:
+        for sock in inherited.values():
+            sock.close()
+        raise
     control_sock: socket.socket | None = None
+    metrics_sock: socket.socket | None = None
+    metrics: Metrics | None = None
     daemon: Daemon | None = None
     try:
         try:
             control_sock = control.bind_control(control.control_path(config))
         except LazydError as exc:
             raise type(exc)(f"control socket: {exc}") from None
+        if config.metrics is not None:
+            metrics_sock = bind_metrics(config.metrics)
+            metrics = Metrics(lambda: daemon.runners if daemon is not None else {})
+            options = dataclasses.replace(
+                options, on_activation=_both(options.on_activation, metrics.observe)
+            )
         daemon = Daemon(config, sockets, options)
         # The spawner starts every service's process; it lives until the
         # services are stopped (see lazyd.spawnerd).
@@ -265,11 +290,15 @@ async def serve(
             await nursery.start(daemon.run)
             nursery.start_soon(control.serve_control, control_sock, daemon.handle_control)
             nursery.start_soon(_stop_on_signals, daemon)
+            if metrics_sock is not None and metrics is not None:
+                await nursery.start(serve_metrics, metrics_sock, metrics)
+                options.log(f"lazyd: metrics at http://{config.metrics}/metrics")
             held = sum(len(s) for s in sockets.values())
             options.log(
                 f"lazyd: holding {_plural(held, 'socket')} "
                 f"for {_plural(len(config.services), 'service')}"
             )
+            systemd.notify(f"READY=1\nSTATUS=holding {_plural(held, 'socket')}")
             task_status.started(daemon)
             await daemon.stopped.wait()
             nursery.cancel_scope.cancel()
@@ -281,6 +310,8 @@ async def serve(
         if control_sock is not None:
             control_sock.close()
             _unlink_quietly(control.control_path(config))
+        if metrics_sock is not None:
+            metrics_sock.close()
     options.log("lazyd: stopped")
 
 
@@ -332,6 +363,20 @@ def _needs_new_runner(
     return old_sockets != new_sockets or any(
         getattr(old, key) != getattr(new, key) for key in served_with
     )
+
+
+def _both(
+    first: Callable[[str, StartRecord], None] | None, second: Callable[[str, StartRecord], None]
+) -> Callable[[str, StartRecord], None]:
+    """Both callbacks, in order (`first` may be absent)."""
+    if first is None:
+        return second
+
+    def both(name: str, record: StartRecord) -> None:
+        first(name, record)
+        second(name, record)
+
+    return both
 
 
 def _plural(count: int, noun: str) -> str:

@@ -27,6 +27,7 @@ import socket
 import stat
 import struct
 import weakref
+from collections.abc import Mapping
 
 from lazyd.addresses import Address, Kind
 from lazyd.config import Config, SocketConfig
@@ -66,18 +67,24 @@ def bind_socket(sc: SocketConfig, *, service: str | None = None) -> socket.socke
         raise BindError(f"{where} ({sc.listen}): cannot bind: {exc}") from exc
 
 
-def bind_all(config: Config) -> dict[str, list[socket.socket]]:
+def bind_all(
+    config: Config, inherited: Mapping[tuple[str, str], socket.socket] | None = None
+) -> dict[str, list[socket.socket]]:
     """Bind every socket of every service: service name -> its sockets in config order.
 
-    All or nothing: if one socket cannot be bound, every socket bound so far is
+    A socket found in `inherited` (by service and socket name: lazyd itself
+    was socket-activated) is used as it is instead of being bound.  All or
+    nothing: if one socket cannot be bound, every socket bound so far is
     closed, the socket files created are removed, and BindError is raised.
     """
+    inherited = inherited or {}
     bound: dict[str, list[socket.socket]] = {}
     try:
         for name, service in config.services.items():
             sockets = bound.setdefault(name, [])
             for sc in service.sockets:
-                sockets.append(bind_socket(sc, service=name))
+                sock = inherited.get((name, sc.name))
+                sockets.append(sock if sock is not None else bind_socket(sc, service=name))
     except BaseException:
         _close_all(bound)
         raise

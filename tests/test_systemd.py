@@ -1,0 +1,87 @@
+"""lazyd under systemd: inherited sockets, and readiness reported to its supervisor."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+from lazyd.notify import open_notify_socket
+from tests.conftest import free_port, program
+
+CONF = Path(__file__).parent.parent / "conf"
+
+
+async def test_lazyd_started_by_systemd_socket_activate_uses_the_inherited_socket(
+    tmp_path: Path,
+) -> None:
+    """systemd-socket-activate binds the port and starts lazyd on the first connection;
+    lazyd adopts the socket named web.http (binding it again would fail: no
+    SO_REUSEPORT), starts its service, and the early client is answered.  lazyd reports
+    READY=1 and, on SIGTERM, STOPPING=1 to its own NOTIFY_SOCKET."""
+    port = free_port()
+    config = tmp_path / "lazyd.yaml"
+    config.write_text(
+        f"control: unix:{tmp_path / 'control.sock'}\n"
+        "services:\n"
+        "  web:\n"
+        f"    command: {program('serve_lines.py', 0)}\n"
+        "    user: root\n"
+        "    sockets:\n"
+        f"      http: tcp://127.0.0.1:{port}\n"
+    )
+    with open_notify_socket("lazyd-test") as notify:
+        activate = await trio.lowlevel.open_process(
+            [
+                "systemd-socket-activate", "-l", f"127.0.0.1:{port}", "--fdname=web.http",
+                "-E", f"NOTIFY_SOCKET={notify.address}", "-E", f"PATH={os.environ['PATH']}",
+                sys.executable, "-m", "lazyd", "run", "-c", str(config),
+            ],
+            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        )
+        try:
+            with trio.fail_after(20):
+                # systemd-socket-activate execs lazyd on the first connection.
+                while True:
+                    try:
+                        client = socket.create_connection(("127.0.0.1", port))
+                        break
+                    except ConnectionRefusedError:  # not listening yet
+                        await trio.sleep(0.01)
+                with client:
+                    client.sendall(b"early\n")
+                    client.shutdown(socket.SHUT_WR)
+                    answer = await trio.to_thread.run_sync(client.makefile("rb").read)
+                assert answer.endswith(b" early\n")
+                ready = await notify.receive()
+                assert ready.ready and ready.pid == activate.pid  # lazyd is the exec'd process
+                activate.send_signal(signal.SIGTERM)
+                stopping = await notify.receive()
+                assert stopping.stopping
+                assert await activate.wait() == 0
+            assert activate.stderr is not None
+            data = b""
+            while chunk := await activate.stderr.receive_some(1 << 16):
+                data += chunk
+            log = data.decode()
+            adopted = "lazyd: using the inherited socket 'web.http' for services.web.sockets.http"
+            assert adopted in log
+        finally:
+            if activate.returncode is None:
+                os.killpg(activate.pid, signal.SIGKILL)
+                await activate.wait()
+
+
+def test_example_units_name_configured_sockets() -> None:
+    """conf/lazyd.socket names its socket SERVICE.SOCKET of the example config, and
+    conf/lazyd.service is Type=notify running `lazyd run`."""
+    unit = (CONF / "lazyd.socket").read_text()
+    assert "FileDescriptorName=blog.http" in unit and "ListenStream=0.0.0.0:80" in unit
+    assert "http: tcp://0.0.0.0:80" in (CONF / "blog.yaml").read_text()
+    service = (CONF / "lazyd.service").read_text()
+    assert "Type=notify" in service and "lazyd run -c" in service
