@@ -1,4 +1,4 @@
-"""`lazyd run | check | status | demo`: the command line.
+"""`lazyd run | check | status | reload | analyze | demo`: the command line.
 
 Exit status: 0 success, 1 a config or start-up error, 2 bad usage.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ import trio
 from lazyd import __version__, control
 from lazyd import config as config_mod
 from lazyd.errors import ConfigError, ControlError, LazydError
+from lazyd.logs import FORMATS, Level, Logger
 
 DEFAULT_CONFIG = "lazyd.yaml"
 
@@ -30,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the daemon in the foreground")
     run.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config file (%(default)s)")
+    run.add_argument("--log-format", choices=FORMATS, default="text",
+                     help="log lines as text (default) or one JSON object each")
 
     check = sub.add_parser("check", help="validate a config and print the plan")
     check.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config file (%(default)s)")
@@ -41,6 +45,15 @@ def _parser() -> argparse.ArgumentParser:
     reload = sub.add_parser("reload", help="make a running daemon re-read its config")
     _add_control_arguments(reload)
 
+    analyze = sub.add_parser(
+        "analyze", help="start latency per service (blame) or an SVG timeline of starts (plot)"
+    )
+    analyze.add_argument("view", choices=("blame", "plot"),
+                         help="blame: a table, slowest first; plot: SVG on stdout")
+    analyze.add_argument("--since", type=_duration, metavar="DURATION",
+                         help="only starts within this long ago (30s, 10m, 2h)")
+    _add_control_arguments(analyze)
+
     sub.add_parser("demo", help="a self-contained demonstration; exits by itself")
     return parser
 
@@ -49,6 +62,13 @@ def _add_control_arguments(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--control", metavar="PATH", help="the daemon's control socket")
     where.add_argument("-c", "--config", help="find the control socket in this config")
+
+
+def _duration(text: str) -> float:
+    try:
+        return config_mod.parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _find_control(args: argparse.Namespace) -> str:
@@ -60,9 +80,22 @@ def _find_control(args: argparse.Namespace) -> str:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from lazyd.daemon import serve
+    from lazyd.service import Options
 
-    config = config_mod.load(args.config)
-    trio.run(lambda: serve(config))
+    logger = Logger(args.log_format)
+    options = Options(log=logger, output=logger.output)
+    # Start-up errors go through the logger too: a JSON log stays all JSON,
+    # and under journald they are errors.
+    try:
+        config = config_mod.load(args.config)
+        trio.run(lambda: serve(config, options=options))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            logger(problem, Level.ERR)
+        return 1
+    except LazydError as exc:
+        logger(f"lazyd: {exc}", Level.ERR)
+        return 1
     return 0
 
 
@@ -93,25 +126,67 @@ def _cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from lazyd import analyze
+
+    reply = control.request(_find_control(args), "status", history=True)
+    services = reply["services"]
+    if args.since is not None:
+        services = analyze.recent(services, time.time() - args.since)
+    if args.view == "blame":
+        print(analyze.format_blame(services))
+    else:
+        sys.stdout.write(analyze.render_svg(services))
+    return 0
+
+
 def _cell(value: Any, suffix: str = "") -> str:
     return "-" if value is None else f"{value}{suffix}"
 
 
+def format_uptime(seconds: float | None) -> str:
+    """45s, 12m05s, 3h07m, 2d04h; '-' when not running."""
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _last_start(svc: dict[str, Any]) -> str:
+    from lazyd.analyze import format_ms
+
+    outcome = svc.get("last_outcome")
+    if outcome not in (None, "ready"):
+        return str(outcome)  # failed, timed out: there is no time to show
+    return format_ms(svc.get("last_start_ms"))
+
+
 def format_status(services: dict[str, Any]) -> str:
     """The table `lazyd status` prints."""
-    header = ("SERVICE", "STATE", "PID", "STARTS", "QUEUED", "ACTIVE", "LAST START")
+    from lazyd.analyze import format_ms
+
+    header = ("SERVICE", "STATE", "PID", "UPTIME", "STARTS", "QUEUED", "ACTIVE",
+              "LAST START", "P50", "P90")
     rows = [header]
     for name, svc in services.items():
-        last = svc.get("last_start_ms")
         rows.append(
             (
                 name,
                 str(svc.get("state")),
                 _cell(svc.get("pid")),
+                format_uptime(svc.get("uptime_s")),
                 _cell(svc.get("activations")),
                 _cell(svc.get("queued")),
                 _cell(svc.get("active")),
-                "-" if last is None else f"{last:.1f} ms",
+                _last_start(svc),
+                format_ms(svc.get("p50_ms")),
+                format_ms(svc.get("p90_ms")),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -134,6 +209,7 @@ COMMANDS = {
     "check": _cmd_check,
     "status": _cmd_status,
     "reload": _cmd_reload,
+    "analyze": _cmd_analyze,
     "demo": _cmd_demo,
 }
 

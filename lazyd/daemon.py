@@ -21,6 +21,7 @@ from lazyd.errors import ConfigError, LazydError
 from lazyd.lifecycle import State
 from lazyd.logs import Level, log_at
 from lazyd.metrics import Metrics, bind_metrics, serve_metrics
+from lazyd.metrics import url as metrics_url
 from lazyd.service import Options, ServiceRunner, stderr_log
 from lazyd.sockets import bind_all, bind_socket, raise_fd_limit, release, release_socket
 from lazyd.spawner import open_spawner
@@ -138,6 +139,9 @@ class Daemon:
 
         old_runners = self.runners
         removed = [r for name, r in old_runners.items() if name not in new.services]
+        if new.metrics != self.config.metrics:
+            log_at(log, Level.WARNING, "lazyd: reload: a new metrics: address takes effect "
+                   "when lazyd restarts; the endpoint stays where it is")
         self.config = new
         self.runners = {}
         for name, svc in new.services.items():
@@ -292,7 +296,7 @@ async def serve(
             nursery.start_soon(_stop_on_signals, daemon)
             if metrics_sock is not None and metrics is not None:
                 await nursery.start(serve_metrics, metrics_sock, metrics)
-                options.log(f"lazyd: metrics at http://{config.metrics}/metrics")
+                options.log(f"lazyd: metrics at {metrics_url(metrics_sock)}")
             held = sum(len(s) for s in sockets.values())
             options.log(
                 f"lazyd: holding {_plural(held, 'socket')} "

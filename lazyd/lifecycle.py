@@ -249,7 +249,10 @@ class Lifecycle:
     def _spawn(self, now: float, actions: list[Action]) -> None:
         """Start a process unless the start limit forbids it."""
         interval = self.config.start_limit_interval
-        while self._starts and self._starts[0] <= now - interval:
+        # `start + interval`, never `now - interval`: it is the sum `failed`
+        # waits for, so a start always counts for exactly its interval and
+        # rounding cannot keep it one Tick too long (0.001 + 10 - 10 < 0.001).
+        while self._starts and self._starts[0] + interval <= now:
             self._starts.popleft()
         if len(self._starts) >= self.config.start_limit:
             self.state = State.FAILED

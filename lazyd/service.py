@@ -46,6 +46,7 @@ from lazyd.lifecycle import (
     Unwatch,
     Watch,
 )
+from lazyd.logs import activation_fields, activation_level, lifecycle_level, log_at
 from lazyd.notify import NotifySocket, belongs_to, open_notify_socket
 from lazyd.proxy import StreamProxy, wait_connectable
 from lazyd.sockets import accept_queue_length
@@ -86,8 +87,10 @@ class Options:
     """What the daemon gives every runner besides its service's config."""
 
     nofile_soft: int | None = None
-    log: LogFn = stderr_log
+    log: LogFn = stderr_log  # a lazyd.logs.Logger also takes a level (see log_at)
     output: LogFn = stderr_log
+    # Called as each start attempt ends, with the service's name (the metrics).
+    on_activation: Callable[[str, StartRecord], None] | None = None
 
 
 class ServiceRunner:
@@ -241,7 +244,7 @@ class ServiceRunner:
                     if self._watch_scope is not None:
                         self._watch_scope.cancel()
                 case Log(text):
-                    self.options.log(f"{self.name}: {text}")
+                    log_at(self.options.log, lifecycle_level(text), f"{self.name}: {text}")
                 case Activation():
                     record = StartRecord.from_activation(action, trio.current_time())
                     if action.outcome is Outcome.READY:
@@ -249,7 +252,11 @@ class ServiceRunner:
                         if record.held and not self.proxied:
                             self._nursery_soon(self._watch_first_accept, record)
                     self.history.append(record)
-                    self.options.log(format_activation(self.name, action, record.held))
+                    log_at(self.options.log, activation_level(record),
+                           format_activation(self.name, action, record.held),
+                           **activation_fields(record))
+                    if self.options.on_activation is not None:
+                        self.options.on_activation(self.name, record)
                 case ReleaseHeld():
                     # Pass mode holds nothing itself: the kernel does.
                     self._running_since = trio.current_time()

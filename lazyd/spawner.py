@@ -18,8 +18,8 @@ lifecycle layer needs: it signals while handling an event.
 Losing the spawner (it exited, or stopped reading) is fatal: lazyd can then
 neither start nor stop anything, so the reader raises LaunchError, which ends
 `open_spawner`'s body; waiting spawns and `ServiceProcess.wait` raise it too,
-and `open_spawner` raises it once. What the spawner had started is left
-running then (no process remains that may signal it); lazyd's exit says so.
+and `open_spawner` raises it once. Whatever the spawner had started is then
+left running: no process remains that may signal it.
 """
 
 from __future__ import annotations
@@ -51,7 +51,10 @@ _ANCILLARY = socket.CMSG_SPACE(4 * array.array("i").itemsize)
 # The spawner's interpreter: no site (so no .pth files, no editable-install
 # finders: the package's own directory is put on sys.path instead), no
 # environment variables, nothing from the current directory.
-_BOOT = "import sys; sys.path.append(sys.argv[1]); from lazyd.spawnerd import main; main()"
+_BOOT = (
+    "import sys; sys.path.append(sys.argv[1]); from lazyd.spawnerd import main; "
+    "main(int(sys.argv[2]))"
+)
 
 _current: contextvars.ContextVar[Spawner] = contextvars.ContextVar("lazyd_spawner")
 
@@ -343,10 +346,14 @@ class Spawner:
         self._sock.close()
 
 
-def spawner_command() -> list[str]:
-    """The command that runs the spawner, with this interpreter and this copy of lazyd."""
+def spawner_command(exec_wait_ms: int = spawnerd.EXEC_WAIT_MS) -> list[str]:
+    """The command that runs the spawner, with this interpreter and this copy of lazyd.
+
+    `exec_wait_ms`: how long it waits for one exec before it serves other
+    requests meanwhile (see `lazyd.spawnerd.EXEC_WAIT_MS`).
+    """
     package = os.path.dirname(os.path.abspath(spawnerd.__file__))
-    return [sys.executable, "-I", "-S", "-c", _BOOT, os.path.dirname(package)]
+    return [sys.executable, "-I", "-S", "-c", _BOOT, os.path.dirname(package), str(exec_wait_ms)]
 
 
 @asynccontextmanager

@@ -11,7 +11,7 @@ instead of failing.
 
 It is started by `lazyd.spawner.open_spawner` as ``python -I -S`` (no site,
 no environment, nothing from the current directory on sys.path: it imports only
-the standard library and `lazyd.handoff`). Its fd 0 is one end of an AF_UNIX
+the standard library and `lazyd.handoff`, and not even `typing`, to stay small). Its fd 0 is one end of an AF_UNIX
 SOCK_SEQPACKET socketpair, the daemon holds the other. Every message is one
 JSON object (at most MAX_MESSAGE bytes) and may carry fds (SCM_RIGHTS).
 
@@ -20,7 +20,8 @@ Requests (daemon → spawner), each with an integer ``id`` echoed in its reply:
 ``{"op": "spawn", "id", "executable", "argv", "env", "uid", "gid", "groups",
 "workdir", "nofile_soft"}`` + the service's sockets as fds, in LISTEN_FDS order.
 ``executable`` is an absolute path; ``env`` is complete except LISTEN_PID;
-``uid``/``gid``/``groups``/``workdir``/``nofile_soft`` may be null ("as is").
+``uid``/``gid``/``groups`` (all three or none), ``workdir`` and
+``nofile_soft`` may be null ("as is").
 The child calls setsid(2), gets /dev/null as stdin and one pipe as stdout and
 stderr, its sockets at 3.., default signal dispositions, its credentials, its
 workdir, its RLIMIT_NOFILE soft limit and LISTEN_PID (when it has sockets),
@@ -43,9 +44,10 @@ Lifetime: the spawner outlives nothing. When the daemon's end closes (lazyd
 exits, cleanly or not) it sends SIGKILL to the process group of every process
 it started and still has, reaps them and exits. lazyd stops its services
 properly (stop signal, then SIGKILL after stop_timeout) before closing it, so
-normally nothing is left to kill. SIGINT, SIGTERM and SIGHUP are ignored: a
-Ctrl-C or a signal sent to lazyd's whole process group must leave lazyd able
-to stop its services through the spawner.
+normally nothing is left to kill. SIGINT, SIGTERM and SIGHUP have no effect
+on it: a Ctrl-C or a signal sent to lazyd's whole process group must leave
+lazyd able to stop its services through the spawner. (SIGKILL does kill it;
+lazyd then stops with an error and what the spawner had started keeps running.)
 """
 
 from __future__ import annotations
@@ -87,8 +89,8 @@ _FD_BYTES = array.array("i").itemsize
 # signal to reset before exec, which saves it time (see `_child`).
 _HANDLED = (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # How long the spawner waits for an exec before it turns back to its other
-# work; a child that takes longer (a workdir on a hung network mount) is then
-# followed from the poll loop.
+# work by default; a child that takes longer (a workdir on a hung network
+# mount) is then followed from the poll loop.
 EXEC_WAIT_MS = 100
 
 
@@ -167,6 +169,17 @@ class _SpawnRequest:
             raise BadRequest("uid, gid and groups are given together or not at all")
 
 
+class _Credentials:
+    """What a child must change: None for what it keeps."""
+
+    __slots__ = ("gid", "groups", "uid")
+
+    def __init__(self, uid: int | None, gid: int | None, groups: list[int] | None) -> None:
+        self.uid = uid
+        self.gid = gid
+        self.groups = groups
+
+
 class _InFlight:
     """A child forked for a spawn request whose exec is not confirmed yet."""
 
@@ -202,6 +215,7 @@ def prepare_child_fds(
 
 def _child(
     request: _SpawnRequest,
+    creds: _Credentials,
     fds: Sequence[int],
     devnull: int,
     out_w: int,
@@ -224,19 +238,16 @@ def _child(
         os.setsid()
         stage = "fds"
         prepare_child_fds(fds, devnull, out_w, err_w, fd_limit)
-        # Only what differs is changed: an unprivileged spawner may still start
-        # a service as its own user, which setgroups would refuse (EPERM).
-        if request.groups is not None and sorted(set(request.groups)) != sorted(
-            set(os.getgroups())
-        ):
+        # Only what differs from the spawner's own (see Spawnerd.spawn).
+        if creds.groups is not None:
             stage = "setgroups"
-            os.setgroups(request.groups)
-        if request.gid is not None and os.getresgid() != (request.gid,) * 3:
+            os.setgroups(creds.groups)
+        if creds.gid is not None:
             stage = "setgid"
-            os.setresgid(request.gid, request.gid, request.gid)
-        if request.uid is not None and os.getresuid() != (request.uid,) * 3:
+            os.setresgid(creds.gid, creds.gid, creds.gid)
+        if creds.uid is not None:
             stage = "setuid"
-            os.setresuid(request.uid, request.uid, request.uid)
+            os.setresuid(creds.uid, creds.uid, creds.uid)
         if request.workdir is not None:
             stage = "chdir"
             os.chdir(request.workdir)
@@ -260,8 +271,9 @@ def _child(
 class Spawnerd:
     """The spawner's state and its poll loop."""
 
-    def __init__(self, control: socket.socket) -> None:
+    def __init__(self, control: socket.socket, exec_wait_ms: int = EXEC_WAIT_MS) -> None:
         self.control = control
+        self.exec_wait_ms = exec_wait_ms
         # pid -> whether its exit is reported (true once the daemon was told its pid).
         self.children: dict[int, bool] = {}
         # Spawns whose exec is not confirmed yet: by pid, and those followed
@@ -285,6 +297,10 @@ class Spawnerd:
         self.poller.register(self.control.fileno(), select.POLLIN)
         self.poller.register(self.wake_r, select.POLLIN)
         self.signal_numbers = frozenset(int(s) for s in signal.valid_signals())
+        # Our credentials never change.
+        self.own_groups = sorted(set(os.getgroups()))
+        self.own_uids = os.getresuid()
+        self.own_gids = os.getresgid()
 
     def run(self) -> None:
         """Serve requests until the daemon's end closes; then kill what is left."""
@@ -366,6 +382,16 @@ class Spawnerd:
             if hard != resource.RLIM_INFINITY and soft > hard:
                 soft = hard  # a soft limit above the hard one would make setrlimit fail
             nofile = (soft, hard)
+        # Only what differs from ours is changed (decided here, where it costs
+        # less than in the child): an unprivileged spawner may still start a
+        # service as its own user, which setgroups would refuse (EPERM).
+        creds = _Credentials(None, None, None)
+        if request.groups is not None and sorted(set(request.groups)) != self.own_groups:
+            creds.groups = request.groups
+        if request.gid is not None and (request.gid,) * 3 != self.own_gids:
+            creds.gid = request.gid
+        if request.uid is not None and (request.uid,) * 3 != self.own_uids:
+            creds.uid = request.uid
         end = LISTEN_FDS_START + len(fds)
         out_r = err_r = -1
         # The child's pipe ends, and temporary copies: ours are closed after the
@@ -384,7 +410,7 @@ class Spawnerd:
                 self.fail(request_id, "fork", exc.errno or 0, os.strerror(exc.errno or 0))
                 pid = -1
             if pid == 0:
-                _child(request, fds, devnull, out_w, err_w, self.fd_limit, nofile)
+                _child(request, creds, fds, devnull, out_w, err_w, self.fd_limit, nofile)
         except BaseException:
             pid = -1
             raise
@@ -401,7 +427,7 @@ class Spawnerd:
         # with one CPU, that lets the child run at once rather than after us.
         # It usually takes well under a millisecond.
         self.exec_poller.register(err_r, select.POLLIN)
-        exec_done = self.exec_poller.poll(EXEC_WAIT_MS)
+        exec_done = self.exec_poller.poll(self.exec_wait_ms)
         self.exec_poller.unregister(err_r)
         self.children[pid] = False
         spawned = _InFlight(request_id, pid, out_r, err_r)
@@ -554,7 +580,7 @@ def _setup_signals() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
 
 
-def main() -> None:
+def main(exec_wait_ms: int = EXEC_WAIT_MS) -> None:
     """Entry point: serve the socket at fd 0 until the daemon closes its end."""
     _setup_signals()
     # Keep 1 and 2 taken: should lazyd have started us with them closed, a
@@ -575,7 +601,7 @@ def main() -> None:
     # Everything allocated so far lives as long as we do: keep the collector
     # from walking (and so, in a fresh child, copying) the pages it sits on.
     gc.freeze()
-    Spawnerd(control).run()
+    Spawnerd(control, exec_wait_ms).run()
     control.close()
 
 

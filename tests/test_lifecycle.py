@@ -310,6 +310,17 @@ def test_start_limit_window_is_half_open() -> None:
     assert machine.handle(Start(), 10.0) == [Spawn(), Unwatch()]
 
 
+def test_start_limit_interval_over_means_over_despite_rounding() -> None:
+    """Failed until t + interval; a start at exactly that time is made, whatever the rounding."""
+    machine = begun(config(start_limit=1, start_limit_interval=10.0))
+    machine.handle(Start(), 0.001)
+    machine.handle(SpawnFailed("no such file: x"), 0.001)
+    machine.handle(Start(), 0.001)
+    assert where(machine) == (State.FAILED, 0.001 + 10.0)
+    machine.handle(Tick(), 0.001 + 10.0)
+    assert machine.handle(Start(), 0.001 + 10.0) == [Spawn(), Unwatch()]
+
+
 def test_restart_refused_by_start_limit_fails() -> None:
     """A restart the start limit forbids puts the service in failed, not in a loop."""
     machine = begun(config(ready=NOTIFY, restart=Restart.ALWAYS, start_limit=2))
@@ -510,7 +521,7 @@ class LifecycleWorld(RuleBasedStateMachine):
                     assert self.outside is None, f"second process on {event}"
                     assert not self.stopped, "a spawn after Stop without a Start"
                     interval = self.config.start_limit_interval
-                    recent = [t for t in self.spawn_times if not t <= self.now - interval]
+                    recent = [t for t in self.spawn_times if t + interval > self.now]
                     assert len(recent) < self.config.start_limit, "start limit broken"
                     self.spawn_times.append(self.now)
                     self.spawn_at = self.now
@@ -649,7 +660,7 @@ class LifecycleWorld(RuleBasedStateMachine):
         self.send(Tick())
         if was is State.FAILED and self.machine.state is State.IDLE:
             # The next traffic after the interval tries again.
-            recent = [t for t in self.spawn_times if not t <= self.now - INTERVAL]
+            recent = [t for t in self.spawn_times if t + INTERVAL > self.now]
             assert len(recent) < START_LIMIT
 
     @precondition(lambda self: self.machine.deadline is None

@@ -23,6 +23,9 @@ from lazyd.spawner import ServiceProcess, Spawner, SpawnError, open_spawner, spa
 
 TIMEOUT = 5.0  # seconds; bounds every wait in these tests
 PATH = "/usr/bin:/bin"
+# Both ways a spawner follows an exec: waiting for it at once (the default),
+# and from its poll loop (what happens when an exec takes longer).
+EXEC_WAIT = pytest.mark.parametrize("exec_wait_ms", [spawnerd.EXEC_WAIT_MS, 0])
 
 
 class Raw:
@@ -78,10 +81,11 @@ def spawn(argv: list[str], **fields: Any) -> dict[str, Any]:
 
 
 @asynccontextmanager
-async def raw_spawner() -> AsyncIterator[Raw]:
+async def raw_spawner(exec_wait_ms: int = spawnerd.EXEC_WAIT_MS) -> AsyncIterator[Raw]:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with theirs:
-        process = await trio.lowlevel.open_process(spawner_command(), stdin=theirs.fileno())
+        command = spawner_command(exec_wait_ms)
+        process = await trio.lowlevel.open_process(command, stdin=theirs.fileno())
     raw = Raw(trio.socket.from_stdlib_socket(ours), process)
     try:
         yield raw
@@ -179,12 +183,13 @@ async def test_exec_failure_reports_errno_and_stage(
             await process.stdout.aclose()
 
 
-async def test_signal_only_processes_it_spawned() -> None:
+@EXEC_WAIT
+async def test_signal_only_processes_it_spawned(exec_wait_ms: int) -> None:
     """A signal request for a foreign or already reaped pid is refused; the process is untouched."""
     foreign = await trio.lowlevel.open_process(["/bin/sleep", "60"])
     try:
         with trio.fail_after(TIMEOUT):
-            async with raw_spawner() as raw:
+            async with raw_spawner(exec_wait_ms) as raw:
                 for sig, group in [(signal.SIGKILL, False), (signal.SIGKILL, True)]:
                     header = {"op": "signal", "pid": foreign.pid, "signal": sig, "group": group}
                     reply, _ = await raw.request(header)
@@ -256,10 +261,11 @@ async def test_malformed_requests_get_error_replies() -> None:
             assert await raw.exit_of(reply["pid"]) == 0
 
 
-async def test_failed_exec_gets_no_exit_notice() -> None:
+@EXEC_WAIT
+async def test_failed_exec_gets_no_exit_notice(exec_wait_ms: int) -> None:
     """A spawn that fails is answered once, with its error; its child's exit is not reported."""
     with trio.fail_after(TIMEOUT):
-        async with raw_spawner() as raw:
+        async with raw_spawner(exec_wait_ms) as raw:
             reply, fds = await raw.request(spawn(["/nonexistent/server"]))
             assert (reply["stage"], reply["errno"], fds) == ("exec", errno.ENOENT, [])
             reply, [out] = await raw.request(spawn(["/bin/true"]))
@@ -268,10 +274,11 @@ async def test_failed_exec_gets_no_exit_notice() -> None:
             assert list(raw.exits) == [reply["pid"]]
 
 
-async def test_closing_the_socket_kills_everything_and_the_spawner_exits() -> None:
+@EXEC_WAIT
+async def test_closing_the_socket_kills_everything_and_the_spawner_exits(exec_wait_ms: int) -> None:
     """When the daemon's end closes, every process group it started dies and it exits 0."""
     with trio.fail_after(TIMEOUT):
-        async with raw_spawner() as raw:
+        async with raw_spawner(exec_wait_ms) as raw:
             # The background sleep holds the output pipe too: EOF means both died.
             reply, [out] = await raw.request(
                 spawn(["/bin/sh", "-c", "sleep 60 & echo started; wait"])

@@ -1,0 +1,334 @@
+"""A flood during a cold start: 10,000 connections at once to a service that
+needs a second before it can serve.
+
+The service is programs/flood_backend.c (compiled here with `cc`): it sleeps
+1 s, then serves a fixed HTTP answer, and writes the moment it began serving
+(CLOCK_MONOTONIC) to a file: that is the service's ready time, the origin of
+"slowest answer after ready".  The client (programs/flood_client.py, on CPU 1,
+its RLIMIT_NOFILE raised) opens every connection at once, sends each a small
+request and reads each answer to the end.  Compared, each started cold for
+every run, interleaved, the order rotating every round:
+
+- lazyd (proxy): lazyd accepts and holds the connections; the service binds
+  its own port after 1 s; lazyd's `ready: connect` probe finds it and every
+  held connection is forwarded.  Once `queue_limit` connections are held
+  (1024 by default) lazyd stops accepting and the kernel's accept queue holds
+  the rest; a second row sets queue_limit to the flood's size.
+- lazyd (pass): real socket activation; the service takes the listening socket
+  at fd 3 and serves from it after 1 s.  Until then only the kernel's accept
+  queue (min(backlog, net.core.somaxconn)) holds connections; SYNs past it
+  are dropped, and their clients send them again 1 s, then 3 s, ... later.
+- systemd-socket-activate + systemd-socket-proxyd: the activator execs a
+  shell that starts the same service in the background (bind after 1 s) and
+  execs systemd-socket-proxyd, which connects every client at once: while
+  nothing listens yet, the connect is refused and the client is reset.
+
+Per connection the client records the connect time, whether its SYN was
+retransmitted (TCP_INFO), the moment its answer was complete, and how it
+ended.  The kernel's ListenOverflows counter (system-wide, from
+/proc/net/netstat) is read before and after each run.  Nothing in the
+system's settings is changed: the relevant ones are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import resource
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.bench_proxy import (
+    ACTIVATE,
+    CLIENT_CPU,
+    HOST,
+    PINNED,
+    PROGRAMS,
+    PROXYD,
+    SERVER_CPU,
+    Started,
+    cpu_seconds,
+    ensure_commands,
+    free_port,
+    lazyd_argv,
+    lazyd_processes,
+    lazyd_service,
+    need,
+    peak_rss_mb,
+    progress,
+    proxy_socket,
+    setup_child,
+)
+
+DELAY = 1.0  # the service's own start-up, seconds
+CONNECTIONS = 10_000
+DEADLINE = 12.0  # a connection still open this long after the flood began timed out
+NOFILE = 65536  # for the server side: each proxied connection costs two fds
+SETTLE = 1.0  # between runs, so one run's closing sockets do not meet the next run
+SYSCTLS = ("net.core.somaxconn", "net.ipv4.tcp_max_syn_backlog", "net.ipv4.tcp_syncookies",
+           "net.ipv4.tcp_abort_on_overflow", "net.ipv4.tcp_syn_retries",
+           "net.ipv4.ip_local_port_range")
+# What the flood must look like behind lazyd's proxy mode.
+TARGET_AFTER_READY = 0.5
+SETUPS = ("lazyd-proxy", "lazyd-proxy-queue", "lazyd-pass", "proxyd")
+
+
+def label(setup: str, connections: int) -> str:
+    return {
+        "lazyd-proxy": "lazyd (proxy)",
+        "lazyd-proxy-queue": f"lazyd (proxy), queue_limit {connections}",
+        "lazyd-pass": "lazyd (pass)",
+        "proxyd": "systemd-socket-activate + systemd-socket-proxyd",
+    }[setup]
+
+
+def sysctl(name: str) -> str:
+    return " ".join(Path("/proc/sys", *name.split(".")).read_text().split())
+
+
+def fd_limit() -> str:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    top = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+    return (f"{NOFILE if hard == resource.RLIM_INFINITY else min(NOFILE, hard)} "
+            f"(the hard limit here is {top})")
+
+
+def listen_overflows() -> int:
+    """TcpExt ListenOverflows: connections dropped because an accept queue was full."""
+    lines = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines()
+             if line.startswith("TcpExt:")]
+    return int(dict(zip(lines[0], lines[1], strict=True))["ListenOverflows"])
+
+
+def build_backend(tmp: Path) -> Path:
+    ensure_commands({"cc": ("gcc",)})
+    binary = tmp / "flood_backend"
+    subprocess.run([need("cc"), "-O2", "-o", str(binary), str(PROGRAMS / "flood_backend.c")],
+                   check=True)
+    return binary
+
+
+@contextlib.contextmanager
+def start(setup: str, tmp: Path, run: int, backend: Path,
+          connections: int) -> Iterator[tuple[int, Path, Started]]:
+    """Start one set-up cold; yield (port, ready file, the activator's process)."""
+    port, upstream = free_port(), free_port()
+    ready = tmp / f"ready-{run}"
+    delay = ["--delay", f"{DELAY:g}", "--ready-file", str(ready)]
+    bind = [str(backend), "--bind", f"{HOST}:{upstream}", *delay]
+    log = tmp / f"{setup}-{run}.log"
+    if setup == "proxyd":
+        # The service comes up beside the proxy, as a unit the proxy's unit
+        # requires would: started at the first connection, ready 1 s later.
+        script = f"{shlex.join(bind)} 3<&- & exec {PROXYD} {HOST}:{upstream}"
+        argv = [ACTIVATE, "-l", f"{HOST}:{port}", "--", "/bin/sh", "-c", script]
+        proc = Started(argv, log, nofile=NOFILE)
+        pattern = r"Listening on"
+    else:
+        if setup == "lazyd-pass":
+            service = lazyd_service("flood", [str(backend), "--fd", *delay],
+                                    f"main: 'tcp://{HOST}:{port}'", mode="pass")
+        else:
+            extra = [f"queue_limit: {connections}"] if setup == "lazyd-proxy-queue" else []
+            service = lazyd_service("flood", bind, proxy_socket(port, upstream), *extra)
+        config = tmp / f"lazyd-{run}.yaml"
+        config.write_text(f"control: unix:{tmp / f'control-{run}.sock'}\nservices:\n{service}")
+        proc = Started(lazyd_argv(config), log, nofile=NOFILE)
+        pattern = r"^lazyd: holding"
+    try:
+        proc.wait_line(pattern)
+        yield port, ready, proc
+    finally:
+        proc.stop()
+
+
+@dataclass
+class Flood:
+    """One run's outcome, times in seconds."""
+
+    setup: str
+    round: int
+    outcomes: Counter[str]
+    syn_retried: int  # connections whose SYN was sent more than once
+    connect_max: float
+    ready: float | None  # the service's ready time, after the first connect
+    after_ready: list[float]  # each answered connection's answer time minus ready
+    overflows: int
+    issued: float  # how long the client took to issue every connect
+    cpu: float  # CPU time the activator (lazyd's processes, or the proxy) used
+    peak_rss: float  # its largest peak resident set size, MB
+    activator_line: str = ""
+
+    @property
+    def answered(self) -> int:
+        return self.outcomes["answered"]
+
+    @property
+    def slowest(self) -> float | None:
+        return max(self.after_ready) if self.after_ready else None
+
+    @property
+    def late(self) -> int:
+        return sum(t >= 1.0 for t in self.after_ready)
+
+
+def flood(setup: str, round_: int, tmp: Path, run: int, backend: Path,
+          connections: int) -> Flood:
+    with start(setup, tmp, run, backend, connections) as (port, ready_file, proc):
+        # systemd-socket-activate becomes the shell, then the proxy: one pid.
+        pids = lazyd_processes(proc) if setup.startswith("lazyd") else [proc.pid]
+        cpu = cpu_seconds(pids)
+        overflows = listen_overflows()
+        client = subprocess.run(
+            [sys.executable, str(PROGRAMS / "flood_client.py"), HOST, str(port),
+             str(connections), f"{DEADLINE:g}"],
+            capture_output=True, text=True, check=True, timeout=DEADLINE + 30,
+            preexec_fn=setup_child(CLIENT_CPU),
+        )
+        overflows = listen_overflows() - overflows
+        cpu = cpu_seconds(pids) - cpu
+        peak_rss = peak_rss_mb(pids)
+        data = json.loads(client.stdout)
+        line = ""
+        if setup.startswith("lazyd"):
+            match = re.search(r"^flood: (ready in .*|start .*)$", proc.text(), re.MULTILINE)
+            line = match[1] if match else "(no start line)"
+    t0 = data["t0"]
+    ready = float(ready_file.read_text()) - t0 if ready_file.exists() else None
+    connect = [c - s for c, s in zip(data["connected"], data["started"], strict=True)
+               if c is not None]
+    answered = [d - t0 for d, o in zip(data["done"], data["outcome"], strict=True)
+                if o == "answered"]
+    return Flood(
+        setup=setup, round=round_, outcomes=Counter(data["outcome"]),
+        syn_retried=sum(n > 0 for n in data["syn_retransmits"]),
+        connect_max=max(connect, default=0.0), ready=ready,
+        after_ready=[a - ready for a in answered] if ready is not None else [],
+        overflows=overflows, issued=data["issued"] - t0, cpu=cpu, peak_rss=peak_rss,
+        activator_line=line,
+    )
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def report(runs: list[Flood], connections: int, rounds: int) -> None:
+    lazyd = [r for r in runs if r.setup == "lazyd-proxy"]
+
+    def met(r: Flood) -> bool:
+        return (r.answered == connections and r.syn_retried == 0 and r.late == 0
+                and r.slowest is not None and r.slowest <= TARGET_AFTER_READY)
+
+    def summary(setup: str) -> str:
+        rs = [r for r in runs if r.setup == setup]
+        answered = sum(r.answered for r in rs)
+        slowest = max((r.slowest for r in rs if r.slowest is not None), default=None)
+        retried = sum(r.syn_retried for r in rs)
+        return (f"{label(setup, connections)} {answered}/{connections * len(rs)} answered, "
+                f"{retried} SYN retried, slowest {fmt(slowest, 2)} s after ready")
+
+    print(f"**{connections:,} connections at once during a {DELAY:g} s cold start: "
+          + "; ".join(summary(s) for s in SETUPS if any(r.setup == s for r in runs))
+          + f". Target for lazyd (proxy): {'met' if lazyd and all(map(met, lazyd)) else 'NOT met'}"
+          + "**\n")
+    settings = ", ".join(f"{name} = {sysctl(name)}" for name in SYSCTLS)
+    pinning = (f"activator and service on CPU {SERVER_CPU}, client on CPU {CLIENT_CPU}"
+               if PINNED else "not pinned (fewer than 2 CPUs)")
+    print(f"{rounds} round(s), each set-up started cold for every run, interleaved (order "
+          f"rotated each round); {pinning}; the service binds (or starts accepting) "
+          f"{DELAY:g} s after it is started; client deadline {DEADLINE:g} s; "
+          f"Python {sys.version.split()[0]}; load average {os.getloadavg()[0]:.2f}; "
+          f"fd limit (RLIMIT_NOFILE) of the server side: {fd_limit()}.  "
+          f"System settings (unchanged): {settings}.  systemd-socket-proxyd runs with its "
+          "default --connections-max=256 (past 256 open connections it closes new ones "
+          "at once).\n")
+    print("#### How each connection ended\n")
+    print("| set-up | round | answered | reset | closed unanswered | refused | timed out "
+          "| SYN retried |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in runs:
+        other = sum(n for o, n in r.outcomes.items() if o.startswith("error:"))
+        print(f"| {label(r.setup, connections)} | {r.round} | {r.answered} "
+              f"| {r.outcomes['reset']} | {r.outcomes['closed']} | {r.outcomes['refused']} "
+              f"| {r.outcomes['timeout'] + other} | {r.syn_retried} |")
+    print("\n#### When, and at what cost (times in seconds)\n")
+    print("| set-up | round | service ready after first connect | slowest connect "
+          "| slowest answer after ready | p99 answer after ready | answers ≥ 1 s after ready "
+          "| listen overflows | activator CPU s | activator peak RSS MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in runs:
+        p99 = (statistics.quantiles(r.after_ready, n=100, method="inclusive")[98]
+               if len(r.after_ready) >= 2 else None)
+        print(f"| {label(r.setup, connections)} | {r.round} | {fmt(r.ready)} "
+              f"| {r.connect_max:.3f} | {fmt(r.slowest)} | {fmt(p99)} | {r.late} "
+              f"| {r.overflows} | {r.cpu:.2f} | {r.peak_rss:.0f} |")
+    print()
+    others = Counter(o for r in runs for o in r.outcomes.elements() if o.startswith("error:"))
+    if others:
+        print(f"Counted as timed out: other errors {dict(others)}.")
+    lines = [f"{label(r.setup, connections)}, round {r.round}: `{r.activator_line}`"
+             for r in runs if r.activator_line]
+    if lines:
+        print("lazyd's start lines: " + "; ".join(lines) + ".")
+    issued = [r.issued for r in runs]
+    print(f"The client issued its {connections:,} connects in {min(issued):.2f}-"
+          f"{max(issued):.2f} s.  `slowest connect` counts from a connection's own connect() "
+          "until the client saw it complete; `SYN retried`: connections whose SYN the client "
+          "had to send again (TCP_INFO), each a second or more lost; `listen overflows`: the "
+          "kernel's count of connections dropped at a full accept queue during the run "
+          "(system-wide, upstream queues included).  Target for lazyd (proxy): all answered, "
+          f"no SYN retried, slowest answer within {TARGET_AFTER_READY:g} s of ready.")
+
+
+def main(argv: Sequence[str] = ()) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_flood", description=__doc__)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--rounds", type=int, default=3, help="runs per set-up (%(default)s)")
+    parser.add_argument("--connections", type=int, default=CONNECTIONS,
+                        help="connections in the flood (%(default)s)")
+    parser.add_argument("--quick", action="store_true", help="one round")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds = 1
+    if args.rounds < 1 or args.connections < 1:
+        parser.error("need --rounds >= 1 and --connections >= 1")
+    for tool in (PROXYD, ACTIVATE):
+        if not os.access(tool, os.X_OK):
+            parser.error(f"{tool} is needed")
+    if PINNED:
+        os.sched_setaffinity(0, {CLIENT_CPU})
+    runs: list[Flood] = []
+    with tempfile.TemporaryDirectory(prefix="lazyd-bench-flood-") as tmpdir:
+        tmp = Path(tmpdir)
+        backend = build_backend(tmp)
+        run = 0
+        for i in range(args.rounds):
+            k = i % len(SETUPS)
+            for setup in SETUPS[k:] + SETUPS[:k]:
+                run += 1
+                progress(f"round {i + 1}/{args.rounds}: {label(setup, args.connections)}")
+                result = flood(setup, i + 1, tmp, run, backend, args.connections)
+                progress(f"  {dict(result.outcomes)}, SYN retried {result.syn_retried}, "
+                         f"slowest {fmt(result.slowest)} s after ready")
+                runs.append(result)
+                time.sleep(SETTLE)
+    report(runs, args.connections, args.rounds)
+    return 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # clean up on SIGTERM too
+    sys.exit(main(sys.argv[1:]))
