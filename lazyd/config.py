@@ -102,7 +102,7 @@ class ServiceConfig:
     start_limit_interval: float = 10.0
     requires: tuple[str, ...] = ()
     activate: Activate = Activate.LAZY
-    queue_limit: int = 1024
+    queue_limit: int = 4096  # as net.core.somaxconn: a flood this size is not refused
     datagram_queue_limit: int = 1024
     idle_timeout: float | None = None  # proxy mode only
     max_connections: int | None = None  # proxy: open forwarded connections at most

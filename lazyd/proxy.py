@@ -193,7 +193,7 @@ async def _finish_connect(sock: socket.socket, code: int, upstream: Address) -> 
 
 
 async def wait_connectable(
-    upstream: Address, *, interval: float = 0.01, max_interval: float = 0.2
+    upstream: Address, *, interval: float = 0.01, max_interval: float = 0.05
 ) -> None:
     """Return once a connection to `upstream` succeeds (readiness `connect`).
 

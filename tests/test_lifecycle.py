@@ -715,7 +715,9 @@ class LifecycleWorld(RuleBasedStateMachine):
         assert deadline is None or deadline > self.now
 
 
-_EXAMPLES = int(os.environ.get("LAZYD_LIFECYCLE_EXAMPLES", "40"))
+# 30 examples for each of the 15 configs keeps the file fast; to hunt, run it once with
+# LAZYD_LIFECYCLE_EXAMPLES=5000 (about 15 minutes; it passes).
+_EXAMPLES = int(os.environ.get("LAZYD_LIFECYCLE_EXAMPLES", "30"))
 
 
 @pytest.mark.parametrize("ready", READY_KINDS, ids=str)
