@@ -9,6 +9,9 @@ its RLIMIT_NOFILE raised) opens every connection at once, sends each a small
 request and reads each answer to the end.  Compared, each started cold for
 every run, interleaved, the order rotating every round:
 
+- direct: no activator and no cold start; the service already serves when
+  the flood begins.  The floor: what answering the flood costs by itself
+  (its answers count from the flood's start).
 - lazyd (proxy): lazyd accepts and holds the connections; the service binds
   its own port after 1 s; lazyd's `ready: connect` probe finds it and every
   held connection is forwarded.  Once `queue_limit` connections are held
@@ -22,6 +25,8 @@ every run, interleaved, the order rotating every round:
   shell that starts the same service in the background (bind after 1 s) and
   execs systemd-socket-proxyd, which connects every client at once: while
   nothing listens yet, the connect is refused and the client is reset.
+  Its default --connections-max=256 is kept: past 256 open connections it
+  closes new ones at once.
 
 Per connection the client records the connect time, whether its SYN was
 retransmitted (TCP_INFO), the moment its answer was complete, and how it
@@ -58,6 +63,7 @@ from benchmarks.bench_proxy import (
     PROGRAMS,
     PROXYD,
     SERVER_CPU,
+    TIMEOUT,
     Started,
     cpu_seconds,
     ensure_commands,
@@ -82,11 +88,12 @@ SYSCTLS = ("net.core.somaxconn", "net.ipv4.tcp_max_syn_backlog", "net.ipv4.tcp_s
            "net.ipv4.ip_local_port_range")
 # What the flood must look like behind lazyd's proxy mode.
 TARGET_AFTER_READY = 0.5
-SETUPS = ("lazyd-proxy", "lazyd-proxy-queue", "lazyd-pass", "proxyd")
+SETUPS = ("direct", "lazyd-proxy", "lazyd-proxy-queue", "lazyd-pass", "proxyd")
 
 
 def label(setup: str, connections: int) -> str:
     return {
+        "direct": "direct (the service already running; no activator)",
         "lazyd-proxy": "lazyd (proxy)",
         "lazyd-proxy-queue": f"lazyd (proxy), queue_limit {connections}",
         "lazyd-pass": "lazyd (pass)",
@@ -129,6 +136,16 @@ def start(setup: str, tmp: Path, run: int, backend: Path,
     delay = ["--delay", f"{DELAY:g}", "--ready-file", str(ready)]
     bind = [str(backend), "--bind", f"{HOST}:{upstream}", *delay]
     log = tmp / f"{setup}-{run}.log"
+    if setup == "direct":
+        # The floor: how long the service itself takes to answer the flood.
+        proc = Started([str(backend), "--bind", f"{HOST}:{port}", "--delay", "0",
+                        "--ready-file", str(ready)], log, nofile=NOFILE)
+        try:
+            wait_file(ready, proc)
+            yield port, ready, proc
+        finally:
+            proc.stop()
+        return
     if setup == "proxyd":
         # The service comes up beside the proxy, as a unit the proxy's unit
         # requires would: started at the first connection, ready 1 s later.
@@ -154,6 +171,14 @@ def start(setup: str, tmp: Path, run: int, backend: Path,
         proc.stop()
 
 
+def wait_file(path: Path, proc: Started) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while not (path.exists() and path.read_text().endswith("\n")):
+        if proc.process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{proc.argv[0]} did not start: {proc.text()}")
+        time.sleep(0.005)
+
+
 @dataclass
 class Flood:
     """One run's outcome, times in seconds."""
@@ -167,8 +192,8 @@ class Flood:
     after_ready: list[float]  # each answered connection's answer time minus ready
     overflows: int
     issued: float  # how long the client took to issue every connect
-    cpu: float  # CPU time the activator (lazyd's processes, or the proxy) used
-    peak_rss: float  # its largest peak resident set size, MB
+    cpu: float | None  # CPU time the activator (lazyd's processes, or the proxy) used
+    peak_rss: float | None  # its largest peak resident set size, MB
     activator_line: str = ""
 
     @property
@@ -188,8 +213,9 @@ def flood(setup: str, round_: int, tmp: Path, run: int, backend: Path,
           connections: int) -> Flood:
     with start(setup, tmp, run, backend, connections) as (port, ready_file, proc):
         # systemd-socket-activate becomes the shell, then the proxy: one pid.
-        pids = lazyd_processes(proc) if setup.startswith("lazyd") else [proc.pid]
-        cpu = cpu_seconds(pids)
+        pids = (lazyd_processes(proc) if setup.startswith("lazyd")
+                else [proc.pid] if setup == "proxyd" else [])
+        cpu_before = cpu_seconds(pids)
         overflows = listen_overflows()
         client = subprocess.run(
             [sys.executable, str(PROGRAMS / "flood_client.py"), HOST, str(port),
@@ -198,8 +224,8 @@ def flood(setup: str, round_: int, tmp: Path, run: int, backend: Path,
             preexec_fn=setup_child(CLIENT_CPU),
         )
         overflows = listen_overflows() - overflows
-        cpu = cpu_seconds(pids) - cpu
-        peak_rss = peak_rss_mb(pids)
+        cpu = cpu_seconds(pids) - cpu_before if pids else None
+        peak_rss = peak_rss_mb(pids) if pids else None
         data = json.loads(client.stdout)
         line = ""
         if setup.startswith("lazyd"):
@@ -207,6 +233,8 @@ def flood(setup: str, round_: int, tmp: Path, run: int, backend: Path,
             line = match[1] if match else "(no start line)"
     t0 = data["t0"]
     ready = float(ready_file.read_text()) - t0 if ready_file.exists() else None
+    # Direct: the service was ready before the flood, which is then the origin.
+    origin = None if ready is None else max(ready, 0.0)
     connect = [c - s for c, s in zip(data["connected"], data["started"], strict=True)
                if c is not None]
     answered = [d - t0 for d, o in zip(data["done"], data["outcome"], strict=True)
@@ -215,7 +243,7 @@ def flood(setup: str, round_: int, tmp: Path, run: int, backend: Path,
         setup=setup, round=round_, outcomes=Counter(data["outcome"]),
         syn_retried=sum(n > 0 for n in data["syn_retransmits"]),
         connect_max=max(connect, default=0.0), ready=ready,
-        after_ready=[a - ready for a in answered] if ready is not None else [],
+        after_ready=[a - origin for a in answered] if origin is not None else [],
         overflows=overflows, issued=data["issued"] - t0, cpu=cpu, peak_rss=peak_rss,
         activator_line=line,
     )
@@ -272,9 +300,10 @@ def report(runs: list[Flood], connections: int, rounds: int) -> None:
     for r in runs:
         p99 = (statistics.quantiles(r.after_ready, n=100, method="inclusive")[98]
                if len(r.after_ready) >= 2 else None)
-        print(f"| {label(r.setup, connections)} | {r.round} | {fmt(r.ready)} "
+        ready = "before" if r.ready is not None and r.ready < 0 else fmt(r.ready)
+        print(f"| {label(r.setup, connections)} | {r.round} | {ready} "
               f"| {r.connect_max:.3f} | {fmt(r.slowest)} | {fmt(p99)} | {r.late} "
-              f"| {r.overflows} | {r.cpu:.2f} | {r.peak_rss:.0f} |")
+              f"| {r.overflows} | {fmt(r.cpu, 2)} | {fmt(r.peak_rss, 0)} |")
     print()
     others = Counter(o for r in runs for o in r.outcomes.elements() if o.startswith("error:"))
     if others:
@@ -289,7 +318,8 @@ def report(runs: list[Flood], connections: int, rounds: int) -> None:
           "until the client saw it complete; `SYN retried`: connections whose SYN the client "
           "had to send again (TCP_INFO), each a second or more lost; `listen overflows`: the "
           "kernel's count of connections dropped at a full accept queue during the run "
-          "(system-wide, upstream queues included).  Target for lazyd (proxy): all answered, "
+          "(system-wide, upstream queues included).  Direct's answers count from the flood's "
+          "start.  Target for lazyd (proxy): all answered, "
           f"no SYN retried, slowest answer within {TARGET_AFTER_READY:g} s of ready.")
 
 
