@@ -18,8 +18,8 @@ lifecycle layer needs: it signals while handling an event.
 Losing the spawner (it exited, or stopped reading) is fatal: lazyd can then
 neither start nor stop anything, so the reader raises LaunchError, which ends
 `open_spawner`'s body; waiting spawns and `ServiceProcess.wait` raise it too,
-and `open_spawner` raises it once. Whatever the spawner had started is then
-left running: no process remains that may signal it.
+and `open_spawner` raises it once. The services' main processes die with the
+spawner (see `lazyd.spawnerd`).
 """
 
 from __future__ import annotations
@@ -369,8 +369,16 @@ async def open_spawner() -> AsyncIterator[Spawner]:
     try:
         # Its fd 0 is the socket. Its stdout and stderr are lazyd's, for a
         # traceback should it ever fail; it writes nothing otherwise.
+        # A session of its own: signals meant for lazyd's process group (a
+        # terminal's Ctrl-C, a killpg) must not take the spawner with them, or
+        # lazyd could no longer stop its services.  If lazyd dies, the spawner
+        # sees its end of the socket close and kills the services itself.
         process = await trio.lowlevel.open_process(
-            spawner_command(), stdin=theirs.fileno(), env={}, close_fds=True
+            spawner_command(),
+            stdin=theirs.fileno(),
+            env={},
+            close_fds=True,
+            start_new_session=True,
         )
     except BaseException:
         ours.close()

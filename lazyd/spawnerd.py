@@ -11,8 +11,9 @@ instead of failing.
 
 It is started by `lazyd.spawner.open_spawner` as ``python -I -S`` (no site,
 no environment, nothing from the current directory on sys.path: it imports only
-the standard library and `lazyd.handoff`, and not even `typing`, to stay small). Its fd 0 is one end of an AF_UNIX
-SOCK_SEQPACKET socketpair, the daemon holds the other. Every message is one
+the standard library and `lazyd.handoff`, and not even `typing`, to stay
+small). Its fd 0 is one end of an AF_UNIX SOCK_SEQPACKET socketpair, the
+daemon holds the other. Every message is one
 JSON object (at most MAX_MESSAGE bytes) and may carry fds (SCM_RIGHTS).
 
 Requests (daemon → spawner), each with an integer ``id`` echoed in its reply:
@@ -44,16 +45,20 @@ Lifetime: the spawner outlives nothing. When the daemon's end closes (lazyd
 exits, cleanly or not) it sends SIGKILL to the process group of every process
 it started and still has, reaps them and exits. lazyd stops its services
 properly (stop signal, then SIGKILL after stop_timeout) before closing it, so
-normally nothing is left to kill. SIGINT, SIGTERM and SIGHUP have no effect
-on it: a Ctrl-C or a signal sent to lazyd's whole process group must leave
-lazyd able to stop its services through the spawner. (SIGKILL does kill it;
-lazyd then stops with an error and what the spawner had started keeps running.)
+normally nothing is left to kill. It runs in a session of its own, and
+SIGINT, SIGTERM and SIGHUP have no effect on it: a Ctrl-C or a signal sent to
+lazyd's process group must leave lazyd able to stop its services through the
+spawner. Should it be killed all the same (SIGKILL), lazyd stops with an
+error, and each service's main process gets SIGKILL as well (its parent-death
+signal, PR_SET_PDEATHSIG), so that none outlives it unsupervised.
 """
 
 from __future__ import annotations
 
 import array
 import contextlib
+import ctypes
+import errno
 import fcntl
 import gc
 import json
@@ -213,6 +218,10 @@ def prepare_child_fds(
     os.closerange(keep + 1, max(fd_limit, keep + 1))
 
 
+_PR_SET_PDEATHSIG = 1
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+
 def _child(
     request: _SpawnRequest,
     creds: _Credentials,
@@ -222,6 +231,7 @@ def _child(
     err_w: int,
     fd_limit: int,
     nofile: tuple[int, int] | None,
+    parent: int,
 ) -> NoReturn:
     """Between fork and exec: turn this child into the service. Never returns.
 
@@ -248,6 +258,14 @@ def _child(
         if creds.uid is not None:
             stage = "setuid"
             os.setresuid(creds.uid, creds.uid, creds.uid)
+        stage = "prctl"
+        # Should the spawner itself be killed, the service dies with it
+        # instead of outliving it unsupervised, holding lazyd's sockets. Only
+        # after the credentials: changing them clears the parent-death signal.
+        if _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+        if os.getppid() != parent:  # killed already, before the prctl
+            raise OSError(errno.ESRCH, "the spawner is gone")
         if request.workdir is not None:
             stage = "chdir"
             os.chdir(request.workdir)
@@ -404,13 +422,14 @@ class Spawnerd:
             ours.append(err_w)
             # The child first fills 3..end-1; what it needs after that lives above.
             out_w, err_w, devnull = (_above(fd, end, ours) for fd in (out_w, err_w, self.devnull))
+            parent = os.getpid()
             try:
                 pid = os.fork()
             except OSError as exc:
                 self.fail(request_id, "fork", exc.errno or 0, os.strerror(exc.errno or 0))
                 pid = -1
             if pid == 0:
-                _child(request, creds, fds, devnull, out_w, err_w, self.fd_limit, nofile)
+                _child(request, creds, fds, devnull, out_w, err_w, self.fd_limit, nofile, parent)
         except BaseException:
             pid = -1
             raise

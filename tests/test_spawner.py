@@ -4,6 +4,7 @@ import array
 import errno
 import json
 import os
+import pwd
 import signal
 import socket
 import stat
@@ -19,7 +20,13 @@ import trio.testing
 from lazyd import spawnerd
 from lazyd.errors import LaunchError
 from lazyd.launch import relay_output
-from lazyd.spawner import ServiceProcess, Spawner, SpawnError, open_spawner, spawner_command
+from lazyd.spawner import (
+    ServiceProcess,
+    SpawnError,
+    current_spawner,
+    open_spawner,
+    spawner_command,
+)
 
 TIMEOUT = 5.0  # seconds; bounds every wait in these tests
 PATH = "/usr/bin:/bin"
@@ -340,10 +347,16 @@ async def test_cancelled_spawn_leaves_no_process(tmp_path: Path) -> None:
             await wait_gone(pid)
 
 
-async def test_losing_the_spawner_is_fatal() -> None:
-    """If the spawner dies, LaunchError ends the block and waiting on a process raises it."""
+@pytest.mark.parametrize("user", [None, "nobody"])
+async def test_losing_the_spawner_is_fatal(user: str | None) -> None:
+    """If the spawner dies, LaunchError ends the block, wait() raises it, the services die."""
     waited: list[BaseException] = []
     process: ServiceProcess | None = None
+    creds: dict[str, Any] = {}
+    if user is not None:  # the parent-death signal must survive the change of user
+        entry = pwd.getpwnam(user)
+        groups = os.getgrouplist(user, entry.pw_gid)
+        creds = {"uid": entry.pw_uid, "gid": entry.pw_gid, "groups": groups}
 
     async def wait_for(process: ServiceProcess) -> None:
         try:
@@ -354,31 +367,24 @@ async def test_losing_the_spawner_is_fatal() -> None:
     with trio.fail_after(TIMEOUT), pytest.raises(LaunchError, match="spawner exited"):
         async with open_spawner() as spawner, trio.open_nursery() as nursery:
             process = await spawner.spawn(
-                executable="/bin/sleep", argv=["sleep", "60"], env={"PATH": PATH}
+                executable="/bin/sleep", argv=["sleep", "60"], env={"PATH": PATH}, **creds
             )
             nursery.start_soon(wait_for, process)
+            await trio.testing.wait_all_tasks_blocked()  # it waits in process.wait()
             os.kill(spawner.pid, signal.SIGKILL)
     assert process is not None
-    # The spawner did not get to kill it: clean up ourselves.
-    os.killpg(process.pid, signal.SIGKILL)
     await process.stdout.aclose()
     with trio.fail_after(TIMEOUT):
         await wait_gone(process.pid)
     assert [str(exc) for exc in waited] == [f"pid {process.pid}: lost with lazyd's spawner"]
 
 
-def _spawner_is_current(spawner: Spawner) -> bool:
-    from lazyd.spawner import current_spawner
-
-    return current_spawner() is spawner
-
-
 async def test_current_spawner() -> None:
     """Inside open_spawner, current_spawner() is that spawner; outside there is none."""
     async with open_spawner() as spawner:
-        assert _spawner_is_current(spawner)
+        assert current_spawner() is spawner
     with pytest.raises(RuntimeError):
-        _spawner_is_current(spawner)
+        current_spawner()
 
 
 # -- the child's fd arrangement ------------------------------------------------
