@@ -30,6 +30,15 @@ def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def alive(pid: int) -> bool:
+    """Whether pid runs: a zombie waiting for init to reap it has been killed already."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
 def program(name: str, *args: object) -> str:
     """A YAML flow list running one of tests/programs with this Python."""
     parts = [PY, str(PROGRAMS / name), *map(str, args)]

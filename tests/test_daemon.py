@@ -13,6 +13,7 @@ from pathlib import Path
 import trio
 
 from tests.conftest import PROGRAMS, PY, free_port, program, run_lazyd
+from tests.conftest import alive as _alive
 
 PROXYD = "/lib/systemd/systemd-socket-proxyd"
 SYSTEM_PY = "/usr/bin/python3"
@@ -174,15 +175,6 @@ services:
         assert str(status["pid"]).encode() in pids
         line = await lz.wait_line(r"^lines: ready in")
         assert "waiting" in line
-
-
-def _alive(pid: int) -> bool:
-    """Whether pid runs: a zombie waiting for init to reap it has been killed already."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")
 
 
 def _cpu_ticks(pid: int) -> int:

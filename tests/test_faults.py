@@ -11,6 +11,7 @@ from pathlib import Path
 import trio
 
 from lazyd import control
+from tests.conftest import alive as _alive
 from tests.conftest import free_port, program, run_lazyd
 
 
@@ -56,14 +57,6 @@ async def test_sigkill_then_immediate_restart_binds_the_same_addresses(tmp_path:
             s.connect(str(unix))
             s.sendall(b"three\n")
             assert s.recv(100).endswith(b" three\n")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")
 
 
 def _raw_control(path: str, payload: bytes) -> dict[str, object]:
