@@ -195,7 +195,9 @@ class ServiceRunner:
                 self._watch_scope.cancel()
 
     def start(self, reason: str) -> None:
-        if not self.closing:
+        # Only an idle service can be started; in proxy mode this is called for
+        # every connection accepted while starting, so skip the dispatch then.
+        if not self.closing and self.machine.state is State.IDLE:
             self.dispatch(Start(reason))
 
     def stop(self, reason: str) -> None:
