@@ -33,7 +33,7 @@ from typing import Any
 import trio
 
 from lazyd.addresses import Address
-from lazyd.proxy import Activity, BurstLog, Clock, LogFn, close_socket, describe
+from lazyd.proxy import Activity, BurstLog, Clock, Forwarder, LogFn, close_socket, describe
 
 # Big enough for any UDP datagram (65507 bytes of payload over IPv4); a larger
 # unix-dgram message is dropped rather than cut short.
@@ -105,7 +105,7 @@ def _reply_source(ancdata: list[Cmsg]) -> Cmsg | None:
     return None
 
 
-class DatagramProxy:
+class DatagramProxy(Forwarder):
     """Queues datagrams from a held datagram socket (UDP or unix-dgram) until
     the service is ready, then relays them over one upstream socket per
     client, and the service's replies back to each client.
@@ -158,11 +158,7 @@ class DatagramProxy:
         self._nursery: trio.Nursery | None = None
         self._flow_log = BurstLog(log, f"{name}: opening a flow to {upstream}")
 
-    # -- what the runner sees ------------------------------------------------
-
-    @property
-    def ready(self) -> bool:
-        return self._ready
+    # -- what the runner sees (and Forwarder's; `active` counts flows) -------
 
     @property
     def queued(self) -> int:
@@ -170,22 +166,13 @@ class DatagramProxy:
         return len(self._queue)
 
     @property
+    def waiting(self) -> int:
+        return self.queued
+
+    @property
     def flows(self) -> int:
         """Clients with an open flow."""
         return len(self._flows)
-
-    @property
-    def active(self) -> int:
-        """Same as `flows`: what keeps the service from being idle."""
-        return self.activity.count
-
-    @property
-    def last_active_change(self) -> float:
-        return self.activity.last_change
-
-    @property
-    def activity_changed(self) -> trio.Event:
-        return self.activity.changed
 
     def release(self) -> None:
         """The upstream is ready: deliver what queued, in order, then relay at once."""

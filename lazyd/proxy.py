@@ -270,7 +270,37 @@ class _Connection:
             close_socket(self.upstream)
 
 
-class StreamProxy:
+class Forwarder:
+    """What the service runner sees of a proxy, stream or datagram: whether it
+    forwards yet, what waits, and the activity that keeps a service from idling."""
+
+    activity: Activity
+    _ready: bool
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def waiting(self) -> int:
+        """Connections or datagrams held for the service."""
+        raise NotImplementedError
+
+    @property
+    def active(self) -> int:
+        """Open forwarded connections, or active datagram flows."""
+        return self.activity.count
+
+    @property
+    def last_active_change(self) -> float:
+        return self.activity.last_change
+
+    @property
+    def activity_changed(self) -> trio.Event:
+        return self.activity.changed
+
+
+class StreamProxy(Forwarder):
     """Accepts on one listening socket (TCP or Unix; lazyd's own, non-blocking)
     and forwards each connection to `upstream` (TCP or Unix, any mix).
 
@@ -325,11 +355,7 @@ class StreamProxy:
         self._accept_log = BurstLog(log, f"{name}: accept")
         self._connect_log = BurstLog(log, f"{name}: connecting to {upstream}")
 
-    # -- what the runner sees ------------------------------------------------
-
-    @property
-    def ready(self) -> bool:
-        return self._ready
+    # -- what the runner sees (and Forwarder's) ------------------------------
 
     @property
     def held(self) -> int:
@@ -337,17 +363,8 @@ class StreamProxy:
         return len(self._pending)
 
     @property
-    def active(self) -> int:
-        """Connections being forwarded (connecting included)."""
-        return self.activity.count
-
-    @property
-    def last_active_change(self) -> float:
-        return self.activity.last_change
-
-    @property
-    def activity_changed(self) -> trio.Event:
-        return self.activity.changed
+    def waiting(self) -> int:
+        return self.held
 
     def release(self) -> None:
         """The upstream is ready: forward every held connection, in arrival

@@ -142,7 +142,7 @@ class ServiceRunner:
         """Connections (and datagrams) waiting: held by lazyd in proxy mode, in
         the kernel's accept queues in pass mode (TCP only)."""
         if self.proxies:
-            return sum(p.held if isinstance(p, StreamProxy) else p.queued for p in self.proxies)
+            return sum(p.waiting for p in self.proxies)
         counts = [accept_queue_length(s) for s in self.sockets]
         known = [c for c in counts if c is not None]
         return sum(known) if known else None
@@ -339,9 +339,7 @@ class ServiceRunner:
     def _restart_if_held(self) -> None:
         """Back to idle with traffic already held (it came while the service was
         stopping): start again, as queued traffic does in pass mode."""
-        if self._nursery is not None and any(
-            (p.held if isinstance(p, StreamProxy) else p.queued) for p in self.proxies
-        ):
+        if self._nursery is not None and any(p.waiting for p in self.proxies):
             self._nursery.start_soon(self._start_soon, "traffic held while stopping")
 
     async def _start_soon(self, reason: str) -> None:
