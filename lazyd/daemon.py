@@ -20,8 +20,6 @@ from lazyd.config import Activate, Config, Mode, ServiceConfig, SocketConfig
 from lazyd.errors import ConfigError, LazydError
 from lazyd.lifecycle import State
 from lazyd.logs import Level, log_at
-from lazyd.metrics import Metrics, bind_metrics, serve_metrics
-from lazyd.metrics import url as metrics_url
 from lazyd.service import Options, ServiceRunner, stderr_log
 from lazyd.sockets import bind_all, bind_socket, raise_fd_limit, release, release_socket
 from lazyd.spawner import open_spawner
@@ -274,7 +272,7 @@ async def serve(
         raise
     control_sock: socket.socket | None = None
     metrics_sock: socket.socket | None = None
-    metrics: Metrics | None = None
+    metrics: lazyd.metrics.Metrics | None = None
     daemon: Daemon | None = None
     try:
         try:
@@ -282,8 +280,12 @@ async def serve(
         except LazydError as exc:
             raise type(exc)(f"control socket: {exc}") from None
         if config.metrics is not None:
-            metrics_sock = bind_metrics(config.metrics)
-            metrics = Metrics(lambda: daemon.runners if daemon is not None else {})
+            # Imported only when asked for: prometheus-client is ~3 MB of an
+            # idle daemon's memory.
+            import lazyd.metrics
+
+            metrics_sock = lazyd.metrics.bind_metrics(config.metrics)
+            metrics = lazyd.metrics.Metrics(lambda: daemon.runners if daemon is not None else {})
             options = dataclasses.replace(
                 options, on_activation=_both(options.on_activation, metrics.observe)
             )
@@ -295,8 +297,8 @@ async def serve(
             nursery.start_soon(control.serve_control, control_sock, daemon.handle_control)
             nursery.start_soon(_stop_on_signals, daemon)
             if metrics_sock is not None and metrics is not None:
-                await nursery.start(serve_metrics, metrics_sock, metrics)
-                options.log(f"lazyd: metrics at {metrics_url(metrics_sock)}")
+                await nursery.start(lazyd.metrics.serve_metrics, metrics_sock, metrics)
+                options.log(f"lazyd: metrics at {lazyd.metrics.url(metrics_sock)}")
             held = sum(len(s) for s in sockets.values())
             options.log(
                 f"lazyd: holding {_plural(held, 'socket')} "
