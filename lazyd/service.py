@@ -154,9 +154,6 @@ class ServiceRunner:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the sockets and serve traffic until cancelled."""
         try:
-            # Every service gets a notify socket, so that a reload may switch
-            # it to `ready: notify` without a new one.
-            self._notify = open_notify_socket(self.name)
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._run_timer)
@@ -169,14 +166,24 @@ class ServiceRunner:
                         nursery.start_soon(self._run_idle_stop)
                 else:
                     nursery.start_soon(self._run_watcher)
-                if self._notify is not None:
-                    nursery.start_soon(self._run_notify, self._notify)
+                self._open_notify()
                 self._apply(self.machine.begin(trio.current_time()))
                 task_status.started()
         finally:
             if self._notify is not None:
                 self._notify.close()
             self.finished.set()
+
+    def _open_notify(self) -> None:
+        """A notify socket for a `ready: notify` service (only: one socket and
+        one task per service is what an idle daemon's memory is made of)."""
+        if (
+            self._notify is None
+            and self.config.ready.kind is ReadyKind.NOTIFY
+            and self._nursery is not None
+        ):
+            self._notify = open_notify_socket(self.name)
+            self._nursery.start_soon(self._run_notify, self._notify)
 
     def cancel(self) -> None:
         """End run(): for a service that was removed and has stopped."""
@@ -188,6 +195,7 @@ class ServiceRunner:
         watched from now on (the caller closes the ones no longer used)."""
         self.config = config
         self.machine.config = config
+        self._open_notify()  # in case it has just become `ready: notify`
         if list(sockets) != self.sockets:
             self.sockets = list(sockets)
             # Restart the wait on the new set; the watcher re-arms itself.
