@@ -1,4 +1,5 @@
-"""Cold start, connect → first byte: lazyd (pass mode) against systemd-socket-activate.
+"""Cold start, connect → first byte: lazyd (pass and proxy mode) against
+systemd-socket-activate (alone, and chained to systemd-socket-proxyd).
 
 A client connects to a socket nobody has accepted on yet and times how long it
 takes until the first byte arrives: the activator notices the connection and
@@ -22,6 +23,18 @@ first), after one unrecorded warm-up round of each:
   and exits, and lazyd holds the socket again, so every round is a cold start
   without restarting lazyd. The `spawn` figure of its log line (`bench: ready
   in X ms (spawn Y ms, readiness Z ms)`) is reported too.
+- lazyd (proxy): another `lazyd run`, in proxy mode. The service binds its
+  own port (`--bind`), lazyd's `ready: connect` probe finds it and the held
+  client is forwarded; `idle_timeout: 20ms` stops the service after each
+  round, so that every round is a cold start.
+- systemd-socket-activate + systemd-socket-proxyd: the activator execs a
+  shell that starts the service (`--bind --fork`: it forks once it listens
+  and the parent exits, as a Type=forking unit is ready) and then execs
+  systemd-socket-proxyd, which connects to it: the chain systemd needs for a
+  service that binds its own port. Started afresh every round, as above.
+
+Both proxy rows subtract the same service start-up as the others; binding
+its own port costs the service a few microseconds more than taking fd 3.
 
 The service is programs/first_byte.c, compiled here with `cc`, so that its own
 start-up is small and the activators' overhead is not lost in its noise
@@ -52,6 +65,7 @@ from typing import IO
 ROOT = Path(__file__).resolve().parent.parent
 PROGRAMS = Path(__file__).resolve().parent / "programs"
 ACTIVATE = "/usr/bin/systemd-socket-activate"
+PROXYD = "/lib/systemd/systemd-socket-proxyd"
 HOST = "127.0.0.1"
 TIMEOUT = 10.0  # seconds for any one step; a hang is a failure, not a figure
 # A quiet moment before each measurement, so that the previous round's exit
@@ -60,6 +74,14 @@ SETTLE = 0.01
 DAEMON_CPU, CLIENT_CPU = 0, 1
 PINNED = {DAEMON_CPU, CLIENT_CPU} <= os.sched_getaffinity(0)
 TARGET_MS = 2.0
+TARGET_PROXY_MS = 3.0  # lazyd (proxy) within this of lazyd (pass)
+LABELS = {
+    "direct": "direct service start-up (exec → first byte)",
+    "systemd": "systemd-socket-activate",
+    "lazyd": "lazyd (pass)",
+    "proxyd": "systemd-socket-activate + systemd-socket-proxyd",
+    "lazyd-proxy": "lazyd (proxy)",
+}
 
 
 def pin_daemon_side() -> None:
@@ -174,18 +196,52 @@ def run_systemd(service: Sequence[str]) -> float:
     return (arrived - connected) * 1000
 
 
-class Lazyd:
-    """One `lazyd run` holding one pass-mode service for the whole benchmark."""
+def run_proxyd(service: Sequence[str]) -> float:
+    """One cold start through a fresh systemd-socket-activate execing a shell
+    that starts the service and then systemd-socket-proxyd."""
+    port, upstream = free_port(), free_port()
+    address = f"{HOST}:{upstream}"
+    script = (f"{' '.join(service)} --bind {address} --fork && "
+              f"exec {PROXYD} {address}")
+    process = subprocess.Popen(
+        [ACTIVATE, "-l", f"{HOST}:{port}", "--", "/bin/sh", "-c", script],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env={"PATH": os.defpath}, preexec_fn=pin_daemon_side, start_new_session=True,
+    )
+    assert process.stderr is not None
+    try:
+        Lines(process.stderr).wait(r"^Listening on ")
+        time.sleep(SETTLE)
+        connected, arrived = first_byte(port)
+    finally:
+        # The proxy, and the service it left running in the background.
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        process.stderr.close()
+    return (arrived - connected) * 1000
 
-    def __init__(self, tmp: Path, service: Sequence[str]) -> None:
+
+class Lazyd:
+    """One `lazyd run` holding one service (pass or proxy mode) for the whole
+    benchmark."""
+
+    def __init__(self, tmp: Path, service: Sequence[str], mode: str = "pass") -> None:
         self.port = free_port()
+        self.mode = mode
         user = "    user: root\n" if os.geteuid() == 0 else ""
+        if mode == "proxy":
+            upstream = f"{HOST}:{free_port()}"
+            service = [*service, "--bind", upstream]
+            sockets = (f"    mode: proxy\n    idle_timeout: 20ms\n    sockets:\n"
+                       f"      bench: {{listen: 'tcp://{HOST}:{self.port}', "
+                       f"upstream: 'tcp://{upstream}'}}\n")
+        else:
+            sockets = f"    sockets:\n      bench: tcp://{HOST}:{self.port}\n"
         command = ", ".join(f'"{part}"' for part in service)
-        config = tmp / "lazyd.yaml"
+        config = tmp / f"lazyd-{mode}.yaml"
         config.write_text(
-            f"control: unix:{tmp / 'control.sock'}\n"
-            f"services:\n  bench:\n    command: [{command}]\n{user}"
-            f"    sockets:\n      bench: tcp://{HOST}:{self.port}\n"
+            f"control: unix:{tmp / f'control-{mode}.sock'}\n"
+            f"services:\n  bench:\n    command: [{command}]\n{user}{sockets}"
             # Every round is a start: lift the crash-loop guard far above the rounds.
             "    start_limit: 1000000\n"
         )
@@ -197,15 +253,21 @@ class Lazyd:
         assert self.process.stderr is not None
         self.lines = Lines(self.process.stderr)
         self.spawn_ms: list[float] = []
+        self.readiness_ms: list[float] = []
         self.lines.wait(r"^lazyd: holding ")
 
     def round(self) -> float:
         time.sleep(SETTLE)
         connected, arrived = first_byte(self.port)
-        spawn = self.lines.wait(r"^bench: ready in [\d.]+ ms \(spawn ([\d.]+) ms")
-        self.spawn_ms.append(float(spawn[1]))
-        # Only once the service is gone does lazyd hold the socket again.
-        self.lines.wait(r"^bench: exited with status 0$")
+        line = self.lines.wait(r"^bench: ready in [\d.]+ ms \(spawn ([\d.]+) ms, "
+                               r"readiness ([\d.]+) ms")
+        self.spawn_ms.append(float(line[1]))
+        self.readiness_ms.append(float(line[2]))
+        # Only once the service is gone does lazyd hold the socket again: in
+        # pass mode it exits after one connection, in proxy mode lazyd stops
+        # it after idle_timeout.
+        self.lines.wait(r"^bench: exited with status 0$" if self.mode == "pass"
+                        else r"^bench: stopped \(idle\)")
         return (arrived - connected) * 1000
 
     def close(self) -> None:
@@ -228,13 +290,15 @@ def build_service(kind: str, tmp: Path) -> tuple[list[str], str]:
     return [sys.executable, "-S", str(PROGRAMS / "first_byte.py")], "first_byte.py (python -S)"
 
 
-def report(results: dict[str, list[float]], spawn_ms: list[float], header: str) -> None:
+def report(results: dict[str, list[float]], spawn_ms: list[float], header: str,
+           proxy_readiness_ms: Sequence[float] = ()) -> None:
     base = statistics.median(results["direct"])
     print(header, end="\n\n")
     print("| cold start, connect → first byte | median ms | p90 ms | minus service start-up ms |")
     print("|---|---:|---:|---:|")
-    for key, label in (("direct", "direct service start-up (exec → first byte)"),
-                       ("systemd", "systemd-socket-activate"), ("lazyd", "lazyd (pass)")):
+    for key, label in LABELS.items():
+        if key not in results:
+            continue
         med = statistics.median(results[key])
         minus = "—" if key == "direct" else f"{med - base:.3f}"
         p90 = statistics.quantiles(results[key], n=10, method="inclusive")[8]
@@ -249,6 +313,20 @@ def report(results: dict[str, list[float]], spawn_ms: list[float], header: str) 
     print(f"target (lazyd within {TARGET_MS:g} ms of systemd-socket-activate): {verdict}")
     print(f"lazyd's own logged `spawn` (traffic seen → exec done), median: "
           f"{statistics.median(spawn_ms):.3f} ms")
+    if "lazyd-proxy" not in results:
+        return
+    proxy, proxyd = statistics.median(results["lazyd-proxy"]), statistics.median(results["proxyd"])
+    pairs = statistics.median(a - b for a, b in zip(results["lazyd-proxy"], results["lazyd"],
+                                                    strict=True))
+    verdict = "met" if proxy - lazyd <= TARGET_PROXY_MS else "NOT met"
+    print(f"lazyd (proxy) - lazyd (pass): {proxy - lazyd:+.3f} ms (median of per-round "
+          f"differences {pairs:+.3f} ms); target (proxy within {TARGET_PROXY_MS:g} ms of pass): "
+          f"{verdict}")
+    print(f"lazyd (proxy) - systemd-socket-activate + systemd-socket-proxyd: "
+          f"{proxy - proxyd:+.3f} ms; ratio {proxy / proxyd:.2f}x")
+    if proxy_readiness_ms:
+        print(f"lazyd (proxy)'s logged `readiness` (exec done → its connect probe answered), "
+              f"median: {statistics.median(proxy_readiness_ms):.3f} ms")
 
 
 def main(argv: Sequence[str] = ()) -> int:
@@ -257,32 +335,41 @@ def main(argv: Sequence[str] = ()) -> int:
     parser.add_argument("--rounds", type=int, default=30, help="rounds per row (%(default)s)")
     parser.add_argument("--service", choices=("c", "python"), default="c")
     args = parser.parse_args(argv)
-    if args.rounds < 2 or not os.access(ACTIVATE, os.X_OK):
-        parser.error(f"need --rounds >= 2 and an executable {ACTIVATE}")
+    if args.rounds < 2 or not all(os.access(tool, os.X_OK) for tool in (ACTIVATE, PROXYD)):
+        parser.error(f"need --rounds >= 2, an executable {ACTIVATE} and {PROXYD}")
     if PINNED:
         os.sched_setaffinity(0, {CLIENT_CPU})
-    results: dict[str, list[float]] = {"direct": [], "systemd": [], "lazyd": []}
+    activators = ("systemd", "lazyd", "proxyd", "lazyd-proxy")
+    results: dict[str, list[float]] = {key: [] for key in ("direct", *activators)}
     with tempfile.TemporaryDirectory(prefix="lazyd-bench-") as tmpdir:
         service, described = build_service(args.service, Path(tmpdir))
         lazyd = Lazyd(Path(tmpdir), service)
+        proxied = Lazyd(Path(tmpdir), service, mode="proxy")
         try:
+            runs: dict[str, Callable[[], float]] = {
+                "lazyd": lazyd.round, "lazyd-proxy": proxied.round,
+                "direct": partial(run_direct, service), "systemd": partial(run_systemd, service),
+                "proxyd": partial(run_proxyd, service)}
             # One unrecorded round of each warms caches and lazyd's code paths.
-            run_direct(service), run_systemd(service), lazyd.round()
-            lazyd.spawn_ms.clear()
-            runs: dict[str, Callable[[], float]] = {"lazyd": lazyd.round,
-                "direct": partial(run_direct, service), "systemd": partial(run_systemd, service)}
+            for run in runs.values():
+                run()
+            for each in (lazyd, proxied):
+                each.spawn_ms.clear()
+                each.readiness_ms.clear()
             for i in range(args.rounds):
-                # Alternate which activator goes first, so neither always follows the other.
-                order = ("systemd", "lazyd") if i % 2 == 0 else ("lazyd", "systemd")
-                for key in ("direct", *order):
+                # Rotate which activator goes first, so none always follows another.
+                k = i % len(activators)
+                for key in ("direct", *activators[k:], *activators[:k]):
                     results[key].append(runs[key]())
         finally:
             lazyd.close()
+            proxied.close()
     pinning = (f"daemon side on CPU {DAEMON_CPU}, client on CPU {CLIENT_CPU}" if PINNED
                else "not pinned (fewer than 2 CPUs)")
     report(results, lazyd.spawn_ms,
            f"{args.rounds} rounds each, interleaved; service {described}; {pinning}; "
-           f"Python {sys.version.split()[0]}")
+           f"Python {sys.version.split()[0]}; load average {os.getloadavg()[0]:.2f}",
+           proxied.readiness_ms)
     return 0
 
 

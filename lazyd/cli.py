@@ -89,7 +89,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # and under journald they are errors.
     try:
         config = config_mod.load(args.config)
-        trio.run(lambda: serve(config, options=options))
+        trio.run(lambda: serve(config, options=options, drop_privileges=True))
     except ConfigError as exc:
         for problem in exc.problems:
             logger(problem, Level.ERR)

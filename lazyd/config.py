@@ -28,6 +28,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.reader import ReaderError
 
+from lazyd.access import Network, parse_network
 from lazyd.addresses import Address, Kind, overlaps, parse_address
 from lazyd.errors import ConfigError
 
@@ -81,6 +82,8 @@ class SocketConfig:
     owner: str | None = None  # Unix socket file owner (user name)
     group: str | None = None  # Unix socket file group (group name)
     proxy_protocol: str | None = None  # "v1" | "v2"
+    allow: tuple[Network, ...] | None = None  # proxy, TCP/UDP: None admits every source
+    deny: tuple[Network, ...] = ()  # proxy, TCP/UDP: refused even if allowed
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,7 @@ class ServiceConfig:
     idle_timeout: float | None = None  # proxy mode only
     max_connections: int | None = None  # proxy: open forwarded connections at most
     flow_timeout: float = 60.0  # proxy, datagrams: a client's flow ends after this silence
+    max_connections_per_source: int | None = None  # proxy: open connections per client IP
 
 
 @dataclass(frozen=True)
@@ -135,10 +139,10 @@ _SERVICE_KEYS = (
     "command", "mode", "user", "group", "sockets", "ready", "environment", "workdir",
     "start_timeout", "stop_signal", "stop_timeout", "restart", "start_limit",
     "start_limit_interval", "requires", "activate", "queue_limit", "datagram_queue_limit",
-    "idle_timeout", "max_connections", "flow_timeout",
+    "idle_timeout", "max_connections", "flow_timeout", "max_connections_per_source",
 )
 _SOCKET_KEYS = ("listen", "upstream", "backlog", "reuse_port", "mode", "owner", "group",
-                "proxy_protocol")
+                "proxy_protocol", "allow", "deny")
 _SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _FD_NAME = re.compile(r"[!-9;-~]{1,255}")  # printable ASCII without ':' or space
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -209,6 +213,7 @@ class _Reader:
         self.filename = filename
         self.loader = loader
         self.problems: list[tuple[int, int, str]] = []
+        self.find_programs = True  # see loads()
 
     def problem(self, node: Node, path: str, message: str) -> None:
         line, col = node.start_mark.line + 1, node.start_mark.column + 1
@@ -431,9 +436,10 @@ _SERVICE_VALUES: _Converters = {
     "idle_timeout": (_positive_duration, "a duration"),
     "max_connections": (_whole, "a whole number"),
     "flow_timeout": (_positive_duration, "a duration"),
+    "max_connections_per_source": (_whole, "a whole number"),
 }
 # Beside idle_timeout, which has its own explanation.
-_PROXY_ONLY_SERVICE_KEYS = ("max_connections", "flow_timeout")
+_PROXY_ONLY_SERVICE_KEYS = ("max_connections", "flow_timeout", "max_connections_per_source")
 _SOCKET_VALUES: _Converters = {
     "upstream": (_address, "an address"),
     "backlog": (_whole, "a whole number"),
@@ -602,7 +608,7 @@ def _command(
         except ValueError as exc:  # an unclosed quote
             r.problem(node, path, f"cannot split the command line: {exc}")
             return None
-    if problem := _find_program(words, search, workdir):
+    if r.find_programs and (problem := _find_program(words, search, workdir)):
         r.problem(node, path, problem)
         return None
     return tuple(words)
@@ -685,9 +691,43 @@ def _socket(
         if "proxy_protocol" in keys and not listen.is_stream:
             r.problem(keys["proxy_protocol"].value, _join(path, "proxy_protocol"),
                       "proxy_protocol only applies to stream sockets")
+    for key in ("allow", "deny"):
+        if key in keys:
+            args[key] = _access_list(r, key, keys[key].value, _join(path, key), mode, listen)
     if listen is None or None in args.values():
         return None
     return SocketConfig(name, listen, **args)
+
+
+def _access_list(
+    r: _Reader, key: str, node: Node, path: str, mode: Mode | None, listen: Address | None
+) -> tuple[Network, ...] | None:
+    """A socket's `allow` or `deny`: a list of networks (or just one)."""
+    if mode is Mode.PASS:
+        r.problem(node, path, f"{key} only applies to mode: proxy (in pass mode the service "
+                  "accepts its connections itself, so lazyd never sees who connects)")
+    elif listen is not None and listen.is_unix:
+        r.problem(node, path, f"{key} only applies to TCP and UDP sockets (a Unix socket's "
+                  "clients have no IP address; use mode, owner and group)")
+    items = [node] if isinstance(node, ScalarNode) and node.tag != _NULL else r.items(
+        node, path, "a list of networks such as [10.0.0.0/8, ::1]")
+    if items is None:
+        return None
+    networks = []
+    for item in items:
+        # The text as written: YAML 1.1 would read some IPv6 addresses as numbers.
+        if (text := r.text(item, path, "an IP address or network")) is not None:
+            try:
+                networks.append(parse_network(text.strip()))
+            except ValueError as exc:
+                r.problem(item, path, str(exc))
+    if len(networks) < len(items):
+        return None
+    if key == "allow" and not networks:
+        r.problem(node, path, "an empty allow list would refuse every client; "
+                  "list who may connect, or leave allow out")
+        return None
+    return tuple(networks)
 
 
 def _claim(r: _Reader, address: Address, node: Node, path: str, claimed: _Claimed) -> None:
@@ -739,7 +779,7 @@ def _cycles(graph: Mapping[str, Sequence[str]]) -> list[list[str]]:
 # --- Entry points -------------------------------------------------------------------
 
 
-def load(path: str, *, as_root: bool | None = None) -> Config:
+def load(path: str, *, as_root: bool | None = None, find_programs: bool = True) -> Config:
     """Read and check the config file at `path`; raise ConfigError listing every problem."""
     try:
         with open(path, "rb") as file:
@@ -751,11 +791,18 @@ def load(path: str, *, as_root: bool | None = None) -> Config:
     except UnicodeDecodeError as exc:
         line, col = data.count(b"\n", 0, exc.start) + 1, exc.start - data.rfind(b"\n", 0, exc.start)
         raise ConfigError([f"{path}:{line}:{col}: not UTF-8 text"]) from None
-    return loads(text, path, as_root=as_root)
+    return loads(text, path, as_root=as_root, find_programs=find_programs)
 
 
-def loads(text: str, filename: str = "<config>", *, as_root: bool | None = None) -> Config:
+def loads(
+    text: str, filename: str = "<config>", *, as_root: bool | None = None,
+    find_programs: bool = True,
+) -> Config:
     """Check config text; `as_root=None` means whether lazyd runs as root right now.
+
+    `find_programs=False` skips checking that each command's program exists:
+    a daemon that dropped its privileges may not see it, and its spawner,
+    which still can, checks the config itself on a reload.
 
     Raise ConfigError whose every line reads ``FILE:LINE:COL: path.to.key: what is wrong``.
     """
@@ -772,6 +819,7 @@ def loads(text: str, filename: str = "<config>", *, as_root: bool | None = None)
     if root is None:
         raise ConfigError([f"{filename}:1:1: the config is empty; it needs at least services:"])
     reader = _Reader(filename, loader)
+    reader.find_programs = find_programs
     config = _config(reader, root, as_root)
     if reader.problems or config is None:
         # In file order; problems at one position keep the order they were found in.
@@ -817,6 +865,8 @@ def plan(config: Config) -> str:
                 for key in ("backlog", "reuse_port", "mode", "owner", "group", "proxy_protocol")
                 if (value := getattr(socket, key)) != _SOCKET_DEFAULTS[key]
             ]
+            notes += [f"{key} {', '.join(map(str, networks))}" for key in ("allow", "deny")
+                      if (networks := getattr(socket, key))]
             notes_text = f"  ({', '.join(notes)})" if notes else ""
             lines.append(f"  {label}{socket.name:<{width}}  {where}{notes_text}")
         lines.append(f"  command: {shlex.join(service.command)}")

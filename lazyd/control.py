@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -26,12 +27,14 @@ import trio
 from lazyd.addresses import Address, Kind
 from lazyd.config import Config, SocketConfig
 from lazyd.errors import ControlError
+from lazyd.logs import Level, log_at
 from lazyd.sockets import bind_socket
 
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 MAX_REQUEST = 64 * 1024
 CLIENT_TIMEOUT = 5.0
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -61,21 +64,51 @@ def bind_control(path: str) -> socket.socket:
     return bind_socket(SocketConfig(name="control", listen=listen, backlog=64, mode=0o600))
 
 
-async def serve_control(sock: socket.socket, handler: Handler) -> None:
-    """Answer requests on the bound control socket until cancelled."""
+def give_control(path: str, uid: int, gid: int) -> None:
+    """Make the control socket file the user's that lazyd is about to become."""
+    try:
+        os.chown(path, uid, gid)
+    except OSError as exc:
+        raise ControlError(f"{path}: cannot give it to uid {uid}: {exc.strerror}") from None
+
+
+async def serve_control(
+    sock: socket.socket, handler: Handler, *, log: Callable[[str], None] | None = None
+) -> None:
+    """Answer requests on the bound control socket until cancelled.
+
+    Only lazyd's own user and root are answered (whatever the file's mode
+    lets through): anyone else gets an error line, and `log` a line.
+    """
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
     async with trio.open_nursery() as nursery:
         while True:
             stream = await listener.accept()
-            nursery.start_soon(_serve_one, stream, handler)
+            nursery.start_soon(_serve_one, stream, handler, log)
 
 
-async def _serve_one(stream: trio.SocketStream, handler: Handler) -> None:
+def _peer_uid(stream: trio.SocketStream) -> int:
+    creds = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    _pid, uid, _gid = _UCRED.unpack(creds)
+    return int(uid)
+
+
+async def _serve_one(
+    stream: trio.SocketStream, handler: Handler, log: Callable[[str], None] | None
+) -> None:
     async with stream:
         try:
             with trio.fail_after(CLIENT_TIMEOUT):
                 line = await _read_line(stream)
-            reply = await _answer(line, handler)
+            uid = _peer_uid(stream)
+            if uid in (0, os.geteuid()):
+                reply = await _answer(line, handler)
+            else:
+                if log is not None:
+                    log_at(log, Level.WARNING, f"lazyd: control: refused a request from uid {uid}")
+                reply = {"version": PROTOCOL_VERSION, "ok": False,
+                         "error": f"uid {uid} may not control lazyd (only uid "
+                         f"{os.geteuid()} and root may)"}
             await stream.send_all(json.dumps(reply).encode() + b"\n")
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
             pass
@@ -91,6 +124,10 @@ async def _answer(line: bytes | None, handler: Handler) -> dict[str, Any]:
         request = json.loads(line)
     except (ValueError, UnicodeDecodeError) as exc:
         return error(f"request is not JSON: {exc}")
+    except RecursionError:
+        # json's decoder recurses per nesting level: "[[[[..." within the
+        # size limit would otherwise take the whole daemon down.
+        return error("request is not JSON: nested too deeply")
     if not isinstance(request, dict):
         return error("request must be a JSON object")
     version = request.get("version")
@@ -117,7 +154,9 @@ async def _read_line(stream: trio.SocketStream) -> bytes | None:
         if not chunk:
             return None
         data += chunk
-    return bytes(data.split(b"\n", 1)[0])
+    line = data.split(b"\n", 1)[0]
+    # The last chunk may have carried the line past the limit before its newline.
+    return bytes(line) if len(line) <= MAX_REQUEST else None
 
 
 def request(path: str, command: str, **arguments: Any) -> dict[str, Any]:

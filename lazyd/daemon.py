@@ -10,20 +10,32 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import trio
 
 from lazyd import config as config_mod
-from lazyd import control, systemd
+from lazyd import control, launch, privileges, systemd
 from lazyd.config import Activate, Config, Mode, ServiceConfig, SocketConfig
 from lazyd.errors import ConfigError, LazydError
 from lazyd.lifecycle import State
 from lazyd.logs import Level, log_at
 from lazyd.service import Options, ServiceRunner, stderr_log
-from lazyd.sockets import bind_all, bind_socket, raise_fd_limit, release, release_socket
-from lazyd.spawner import open_spawner
+from lazyd.sockets import (
+    bind_all,
+    bind_socket,
+    needs_privilege,
+    raise_fd_limit,
+    release,
+    release_socket,
+)
+from lazyd.spawner import Spawner, SpawnError, open_spawner
 from lazyd.starts import StartRecord
+
+# How long a reload waits for the spawner to read the config file (it starts
+# an interpreter that imports lazyd's config loader: well under a second).
+RELOAD_READ_TIMEOUT = 30.0
 
 
 class Daemon:
@@ -34,9 +46,15 @@ class Daemon:
         config: Config,
         sockets: dict[str, list[socket.socket]],
         options: Options,
+        *,
+        spawner: Spawner | None = None,
+        user: privileges.User | None = None,
     ) -> None:
         self.config = config
         self.options = options
+        # Reloads re-read the spawner's table through it (None: tests without one).
+        self.spawner = spawner
+        self.user = user  # who the daemon became after binding; None: it did not change
         self.started_at = trio.current_time()
         self.runners: dict[str, ServiceRunner] = {
             name: ServiceRunner(svc, sockets[name], options, on_spawn=self._started)
@@ -87,7 +105,9 @@ class Daemon:
         settings at their next start, and a running one is restarted at once
         only if what it was started with (command, user, group, environment,
         sockets) changed.  A config with errors, or a new socket that cannot be
-        bound, changes nothing.
+        bound, changes nothing.  The spawner reads the file too (as the user
+        lazyd was started as) and starts only what it read there; after the
+        drop of privileges, a new port below 1024 is refused.
         """
         if self.closing or self._reloading:
             return ["a reload or shutdown is already under way"]
@@ -102,44 +122,67 @@ class Daemon:
 
     async def _reload(self) -> list[str]:
         log = self.options.log
-        try:
-            new = config_mod.load(self.config.path)
-        except LazydError as exc:
-            problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
-            for problem in problems:
-                log_at(log, Level.ERR, f"lazyd: reload: {problem}")
-            log_at(log, Level.ERR, "lazyd: reload failed; the running config stays in force")
-            return problems
-        held = {
-            _socket_key(sc): sock
-            for runner in self.runners.values()
-            for sc, sock in zip(runner.config.sockets, runner.sockets, strict=True)
-        }
-        kept: set[int] = set()
         fresh: list[socket.socket] = []
-        plan: dict[str, list[socket.socket]] = {}
         try:
+            if self.user is not None:
+                _check_readable(self.config.path, self.user.name)
+            # The spawner reads the file first, as the user lazyd was started as:
+            # what it may start comes from the file, never from this daemon,
+            # and it can see every program, which this daemon may no longer.
+            names = await self._read_spawner_table()
+            new = config_mod.load(
+                self.config.path,
+                # Checked as what lazyd was started as: a service must still name its user.
+                as_root=self.user is not None or None,
+                find_programs=self.user is None,
+            )
+            if names is not None and set(names) != set(new.services):
+                raise LazydError(f"{new.path} changed while it was read; reload again")
+            held = {
+                _socket_key(sc): sock
+                for runner in self.runners.values()
+                for sc, sock in zip(runner.config.sockets, runner.sockets, strict=True)
+            }
+            kept: set[int] = set()
+            plan: dict[str, list[socket.socket]] = {}
             for name, svc in new.services.items():
                 plan[name] = []
                 for sc in svc.sockets:
                     sock = held.get(_socket_key(sc))
                     if sock is None or id(sock) in kept:
+                        if self.user is not None and needs_privilege(sc.listen):
+                            raise LazydError(
+                                f"services.{name}.sockets.{sc.name}: cannot bind {sc.listen} as "
+                                f"user {self.user.name} after dropping privileges; restart lazyd "
+                                "to add it"
+                            )
                         sock = bind_socket(sc, service=name)
                         fresh.append(sock)
                     kept.add(id(sock))
                     plan[name].append(sock)
+            if names is not None:
+                assert self.spawner is not None
+                try:
+                    await self.spawner.commit()
+                except SpawnError as exc:
+                    raise LazydError(f"lazyd's spawner: {exc}") from None
         except LazydError as exc:
             for sock in fresh:
                 release_socket(sock)
-            log_at(log, Level.ERR, f"lazyd: reload: {exc}")
+            problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
+            for problem in problems:
+                log_at(log, Level.ERR, f"lazyd: reload: {problem}")
             log_at(log, Level.ERR, "lazyd: reload failed; the running config stays in force")
-            return [str(exc)]
+            return problems
 
         old_runners = self.runners
         removed = [r for name, r in old_runners.items() if name not in new.services]
         if new.metrics != self.config.metrics:
             log_at(log, Level.WARNING, "lazyd: reload: a new metrics: address takes effect "
                    "when lazyd restarts; the endpoint stays where it is")
+        if new.user != self.config.user:
+            log_at(log, Level.WARNING, "lazyd: reload: a new top-level user: takes effect "
+                   "when lazyd restarts")
         self.config = new
         self.runners = {}
         for name, svc in new.services.items():
@@ -180,6 +223,23 @@ class Daemon:
         self._nursery_start(self._retire, removed, orphans)
         log(f"lazyd: reloaded {new.path}")
         return []
+
+    async def _read_spawner_table(self) -> list[str] | None:
+        """Have the spawner read its table from the config file; the services in it."""
+        if self.spawner is None:
+            return None
+        try:
+            with trio.fail_after(RELOAD_READ_TIMEOUT):
+                return await self.spawner.reload()
+        except trio.TooSlowError:
+            raise LazydError(
+                f"lazyd's spawner could not read {self.config.path} within "
+                f"{RELOAD_READ_TIMEOUT:.0f} s"
+            ) from None
+        except SpawnError as exc:
+            if exc.problems:
+                raise ConfigError(exc.problems) from None
+            raise LazydError(f"lazyd's spawner: {exc}") from None
 
     def _nursery_start(self, fn: Any, *args: Any) -> None:
         assert self._nursery is not None
@@ -227,6 +287,7 @@ class Daemon:
                 "activations": runner.machine.activations,
                 "queued": runner.queued(),
                 "active": runner.active(),  # pass mode: None, the service accepts itself
+                "refused": runner.refused(),  # allow/deny, max_connections_per_source
                 "last_start_ms": None if total is None else round(total * 1000, 3),
                 "last_start_at": None if last is None else round(last.wall, 3),
                 "last_outcome": None if last is None else last.outcome.value,
@@ -238,7 +299,8 @@ class Daemon:
             }
             if history:
                 services[name]["starts"] = [r.to_json() for r in runner.history]
-        return {"ok": True, "pid": os.getpid(), "services": services}
+        # `tasks`: trio tasks alive in the daemon; a count that only grows is a leak.
+        return {"ok": True, "pid": os.getpid(), "tasks": _task_count(), "services": services}
 
     async def handle_control(self, request: dict[str, Any]) -> dict[str, Any]:
         command = request["command"]
@@ -256,9 +318,15 @@ async def serve(
     config: Config,
     *,
     options: Options | None = None,
+    drop_privileges: bool = False,
     task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Bind every socket, then run the daemon until SIGTERM/SIGINT or `Daemon.shutdown()`."""
+    """Bind every socket, then run the daemon until SIGTERM/SIGINT or `Daemon.shutdown()`.
+
+    `drop_privileges`: started as root, become the config's top-level user
+    once everything is bound (see `lazyd.privileges`); that changes the whole
+    process for good, so only `lazyd run` asks for it.
+    """
     options = options or Options()
     soft, _hard = raise_fd_limit()
     options.nofile_soft = soft
@@ -289,13 +357,34 @@ async def serve(
             options = dataclasses.replace(
                 options, on_activation=_both(options.on_activation, metrics.observe)
             )
-        daemon = Daemon(config, sockets, options)
+        # Everything is bound: who the daemon becomes now (see lazyd.privileges).
+        user = privileges.daemon_user(config.user, options.log) if drop_privileges else None
+        if user is not None:
+            control.give_control(control.control_path(config), user.uid, user.gid)
+            privileges.preload(metrics=metrics is not None)
         # The spawner starts every service's process; it lives until the
-        # services are stopped (see lazyd.spawnerd).
-        async with open_spawner(), trio.open_nursery() as nursery:
+        # services are stopped (see lazyd.spawnerd). It is told once which
+        # services it may start, and how; afterwards only the config file can
+        # change that, which it reads itself on a reload.
+        async with open_spawner() as spawner, trio.open_nursery() as nursery:
+            await spawner.define(
+                launch.table(config, options.nofile_soft),
+                config=os.path.abspath(config.path),
+                path=os.environ.get("PATH", os.defpath),
+                nofile_soft=options.nofile_soft,
+                seal=True,
+            )
+            if user is not None:
+                privileges.drop(user)
+                options.log(f"lazyd: dropped privileges: running as user {user.name}")
+            daemon = Daemon(config, sockets, options, spawner=spawner, user=user)
             await nursery.start(daemon.run)
-            nursery.start_soon(control.serve_control, control_sock, daemon.handle_control)
-            nursery.start_soon(_stop_on_signals, daemon)
+            nursery.start_soon(
+                partial(control.serve_control, log=options.log),
+                control_sock,
+                daemon.handle_control,
+            )
+            await nursery.start(_stop_on_signals, daemon)
             if metrics_sock is not None and metrics is not None:
                 await nursery.start(lazyd.metrics.serve_metrics, metrics_sock, metrics)
                 options.log(f"lazyd: metrics at {lazyd.metrics.url(metrics_sock)}")
@@ -321,9 +410,14 @@ async def serve(
     options.log("lazyd: stopped")
 
 
-async def _stop_on_signals(daemon: Daemon) -> None:
+async def _stop_on_signals(
+    daemon: Daemon, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
     """SIGTERM/SIGINT stop everything; SIGHUP reloads the config."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        # Started: from now on a SIGTERM stops lazyd cleanly (exit 0), and only
+        # then does it say that it holds its sockets.
+        task_status.started()
         async for signum in signals:
             if signum == signal.SIGHUP:
                 daemon.options.log("lazyd: SIGHUP: reloading the config")
@@ -332,6 +426,19 @@ async def _stop_on_signals(daemon: Daemon) -> None:
             daemon.options.log(f"lazyd: {signal.Signals(signum).name}: stopping every service")
             await daemon.shutdown()
             return
+
+
+def _check_readable(path: str, user: str) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise LazydError(
+            f"{path}: cannot read it as user {user}, which lazyd runs as since it dropped its "
+            f"privileges: make the file (and its directories) readable by {user}"
+        ) from None
+    except OSError:
+        pass  # config_mod.load says what is wrong
 
 
 def _socket_key(sc: SocketConfig) -> tuple[str, str]:
@@ -365,7 +472,7 @@ def _needs_new_runner(
     if old.mode is not Mode.PROXY:
         return False
     served_with = ("sockets", "queue_limit", "datagram_queue_limit", "max_connections",
-                   "flow_timeout", "idle_timeout")
+                   "flow_timeout", "idle_timeout", "max_connections_per_source")
     return old_sockets != new_sockets or any(
         getattr(old, key) != getattr(new, key) for key in served_with
     )
@@ -383,6 +490,19 @@ def _both(
         second(name, record)
 
     return both
+
+
+def _task_count() -> int:
+    """How many trio tasks run in this trio.run(), the root task included."""
+    count, pending = 0, [trio.lowlevel.current_root_task()]
+    while pending:
+        task = pending.pop()
+        if task is None:
+            continue
+        count += 1
+        for nursery in task.child_nurseries:
+            pending.extend(nursery.child_tasks)
+    return count
 
 
 def _plural(count: int, noun: str) -> str:

@@ -32,6 +32,7 @@ from typing import Any
 
 import trio
 
+from lazyd.access import Gate
 from lazyd.addresses import Address
 from lazyd.proxy import Activity, BurstLog, Clock, Forwarder, LogFn, close_socket, describe
 
@@ -125,6 +126,7 @@ class DatagramProxy(Forwarder):
         queue_limit: int,
         flow_timeout: float = 60.0,
         max_flows: int = MAX_FLOWS,
+        gate: Gate | None = None,
         on_traffic: Callable[[], None],
         log: LogFn,
         clock: Clock = trio.current_time,
@@ -139,6 +141,7 @@ class DatagramProxy(Forwarder):
         self.queue_limit = queue_limit
         self.flow_timeout = flow_timeout
         self.max_flows = max_flows
+        self.gate = gate  # allow/deny, if any
         self.on_traffic = on_traffic
         self.log = log
         self.clock = clock
@@ -249,6 +252,8 @@ class DatagramProxy(Forwarder):
             await trio.lowlevel.checkpoint()
 
     def _arrive(self, client: Any, data: bytes, reply_from: Cmsg | None) -> None:
+        if self.gate is not None and not self.gate.admit_datagram(client):
+            return  # refused (and counted): it starts nothing and opens no flow
         # While anything is still queued, newer datagrams queue behind it:
         # release() must not let a late datagram overtake an early one.
         if not self._ready or self._queue:

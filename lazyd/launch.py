@@ -3,26 +3,31 @@
 `open_service_process` starts one service the way systemd would: its sockets
 at fds 3.. with the LISTEN_* variables (`lazyd.handoff`), a clean environment,
 setsid(2) so that it leads its own process group, its user and groups, its
-working directory, the original RLIMIT_NOFILE soft limit. The daemon prepares
-everything (environment, credentials, the file to exec); the spawner
-(`lazyd.spawner`) forks and execs. It returns once exec has succeeded; the
-caller owns the `ServiceProcess` (waits for it, closes its stdout) and relays
-its output with `relay_output`.
+working directory, the original RLIMIT_NOFILE soft limit. What each service
+is started with (environment, credentials, the file to exec) is worked out
+here, once per config (`table`), and handed to the spawner (`lazyd.spawner`),
+which forks and execs; a spawn then names the service and adds only its
+sockets. It returns once exec has succeeded; the caller owns the
+`ServiceProcess` (waits for it, closes its stdout) and relays its output with
+`relay_output`.
 """
 
 from __future__ import annotations
 
 import grp
+import json
 import os
 import pwd
 import shutil
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
-from lazyd.errors import LaunchError
+from lazyd.config import Config, ServiceConfig
+from lazyd.errors import ConfigError, LaunchError
 from lazyd.handoff import service_environment
 from lazyd.spawner import ServiceProcess, Spawner, SpawnError, current_spawner
 
@@ -105,23 +110,100 @@ def _resolve_command(command0: str, path: str, workdir: str | None) -> str | Non
 
 
 def _reason(exc: SpawnError, workdir: str | None) -> str:
-    if exc.stage == "exec":
+    if exc.stage in ("exec", "resolve"):
         return exc.reason
     if exc.stage == "chdir":
         return f"workdir {workdir}: {exc.reason}"
     return f"{exc.stage}: {exc.reason}"
 
 
+def entry(spec: LaunchSpec) -> dict[str, Any]:
+    """How the spawner is to start `spec`'s service: its entry in the spawner's table.
+
+    Everything but the sockets and NOTIFY_SOCKET, which come with each spawn.
+    A service that cannot be started (an unknown user, a program not found)
+    gets ``{"error": reason}``, which a spawn of it reports.
+    """
+    path = spec.path if spec.path is not None else os.environ.get("PATH", os.defpath)
+    try:
+        env = service_environment(
+            path=path, environment=spec.environment, fd_names=(), notify_socket=None
+        )
+        creds = _credentials(spec.user, spec.group)
+    except ValueError as exc:
+        return {"error": str(exc)}
+    if not spec.command:
+        return {"error": "the command is empty"}
+    executable = _resolve_command(spec.command[0], env["PATH"], spec.workdir)
+    if executable is None:
+        return {"error": f"not found in PATH={env['PATH']}"}
+    if creds is not None and _already(creds):
+        creds = None
+    return {
+        "executable": executable,
+        "argv": list(spec.command),  # argv[0] stays as configured, as with execvp
+        "env": env,
+        "uid": None if creds is None else creds.uid,
+        "gid": None if creds is None else creds.gid,
+        "groups": None if creds is None else list(creds.groups),
+        "workdir": spec.workdir,
+        "nofile_soft": spec.nofile_soft,
+    }
+
+
+def service_spec(service: ServiceConfig, nofile_soft: int | None = None) -> LaunchSpec:
+    """What starting `service` takes, but for its sockets and NOTIFY_SOCKET."""
+    return LaunchSpec(
+        name=service.name,
+        command=service.command,
+        environment=service.environment,
+        path=service.environment.get("PATH"),
+        user=service.user,
+        group=service.group,
+        workdir=service.workdir,
+        nofile_soft=nofile_soft,
+    )
+
+
+def table(config: Config, nofile_soft: int | None = None) -> dict[str, dict[str, Any]]:
+    """The spawner's table for `config`: service name -> `entry`."""
+    return {
+        name: entry(service_spec(service, nofile_soft)) for name, service in config.services.items()
+    }
+
+
+def print_table(config_path: str, nofile_soft: int) -> None:
+    """Print the spawner's table for the config file as JSON: the spawner's reload.
+
+    The spawner runs this in a fresh interpreter with its own credentials
+    (see `lazyd.spawnerd`): ``{"services": {...}}``, or ``{"problems": [...]}``
+    when the config has errors. `nofile_soft` -1 means none.
+    """
+    from lazyd import config as config_mod
+
+    try:
+        config = config_mod.load(config_path)
+    except ConfigError as exc:
+        answer: dict[str, Any] = {"problems": exc.problems}
+    else:
+        answer = {"services": table(config, None if nofile_soft < 0 else nofile_soft)}
+    sys.stdout.write(json.dumps(answer, separators=(",", ":")))
+    sys.stdout.flush()
+
+
 async def open_service_process(spec: LaunchSpec, spawner: Spawner | None = None) -> ServiceProcess:
     """Start the service described by `spec`; return once exec has succeeded.
 
-    `spawner` defaults to `current_spawner()`. The process has called
-    setsid(2), so it leads its own process group; it has /dev/null as stdin
-    and one pipe (`process.stdout`) for its stdout and stderr. The caller owns
-    it: it must wait for it and close `process.stdout`. Raises LaunchError
-    (``NAME: cannot start COMMAND: reason``) for anything that prevents the
-    start, ValueError when `fds` and `fd_names` differ in length (a bug in the
-    caller).
+    `spawner` defaults to `current_spawner()`. While the spawner's table is
+    not sealed, `spec` is first defined in it (`entry`); once sealed (as in
+    the daemon), the spawner starts the service as its table says, and only
+    the name, fds, fd_names and notify_socket of `spec` count. The process
+    has called setsid(2), so it leads its own process group; it has
+    /dev/null as stdin and one pipe (`process.stdout`) for its stdout and
+    stderr. The caller owns it: it must wait for it and close
+    `process.stdout`. Raises LaunchError (``NAME: cannot start COMMAND:
+    reason``) for anything that prevents the start, ValueError when `fds`
+    and `fd_names` differ in length (a bug in the caller).
     """
     if not spec.command:
         raise LaunchError(f"{spec.name}: cannot start: the command is empty")
@@ -132,37 +214,19 @@ async def open_service_process(spec: LaunchSpec, spawner: Spawner | None = None)
 
     if len(spec.fds) != len(spec.fd_names):
         raise ValueError(f"{spec.name}: {len(spec.fds)} fds but {len(spec.fd_names)} names")
-    path = spec.path if spec.path is not None else os.environ.get("PATH", os.defpath)
     try:
         env = service_environment(
-            path=path,
-            environment=spec.environment,
-            fd_names=spec.fd_names,
-            notify_socket=spec.notify_socket,
+            path="", environment={}, fd_names=spec.fd_names, notify_socket=spec.notify_socket
         )
-        creds = _credentials(spec.user, spec.group)
     except ValueError as exc:
         raise fail(str(exc)) from None
-    executable = _resolve_command(command0, env["PATH"], spec.workdir)
-    if executable is None:
-        raise fail(f"not found in PATH={env['PATH']}")
-    if creds is not None and _already(creds):
-        creds = None
+    del env["PATH"]  # the table entry has the service's
     if spawner is None:
         spawner = current_spawner()
     try:
-        return await spawner.spawn(
-            executable=executable,
-            # argv[0] stays as configured, as with execvp.
-            argv=spec.command,
-            env=env,
-            fds=spec.fds,
-            uid=None if creds is None else creds.uid,
-            gid=None if creds is None else creds.gid,
-            groups=None if creds is None else creds.groups,
-            workdir=spec.workdir,
-            nofile_soft=spec.nofile_soft,
-        )
+        if not spawner.sealed:
+            await spawner.define({spec.name: entry(spec)})
+        return await spawner.spawn(spec.name, env=env, fds=spec.fds)
     except SpawnError as exc:
         raise fail(_reason(exc, spec.workdir)) from None
 

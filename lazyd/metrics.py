@@ -165,6 +165,10 @@ class _RunnerCollector:
             "lazyd_bytes_forwarded",
             "Bytes forwarded (proxy mode): in (client to service) and out (service to client).",
             labels=["service", "direction"])
+        refused = CounterMetricFamily(
+            "lazyd_refused",
+            "Connections and datagrams refused by allow/deny or max_connections_per_source.",
+            labels=["service"])
         state = GaugeMetricFamily(
             "lazyd_service_state", "The service's state: 1 for the current one, 0 for the rest.",
             labels=["service", "state"])
@@ -184,13 +188,14 @@ class _RunnerCollector:
                 active.add_metric([name], sum(p.active for p in runner.proxies))
                 forwarded.add_metric([name, "in"], sum(p.bytes_in for p in runner.proxies))
                 forwarded.add_metric([name, "out"], sum(p.bytes_out for p in runner.proxies))
+                refused.add_metric([name], runner.access.refused)
             if datagrams:
                 dgram_queued.add_metric([name], sum(p.queued for p in datagrams))
                 dgram_dropped.add_metric([name], sum(p.dropped for p in datagrams))
                 dgram_forwarded.add_metric([name, "in"], sum(p.datagrams_in for p in datagrams))
                 dgram_forwarded.add_metric([name, "out"], sum(p.datagrams_out for p in datagrams))
         return [activations, state, held, active, dgram_queued, dgram_dropped,
-                dgram_forwarded, forwarded]
+                dgram_forwarded, forwarded, refused]
 
 
 # --- the HTTP endpoint ---------------------------------------------------------------

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import trio
 
 from lazyd import launch
+from lazyd.access import Access
 from lazyd.config import Mode, ReadyKind, ServiceConfig, SocketConfig
 from lazyd.datagram import DatagramProxy
 from lazyd.errors import LaunchError
@@ -125,6 +126,9 @@ class ServiceRunner:
         self.closing = False
         # Proxy mode: lazyd accepts and forwards itself (one proxy per socket).
         self.proxies: list[StreamProxy | DatagramProxy] = []
+        # allow/deny and max_connections_per_source: what the proxies refuse.
+        self.access = Access(self.name, max_per_source=config.max_connections_per_source,
+                             log=options.log)
         self._probe_scope: trio.CancelScope | None = None
         self._running_since = 0.0
 
@@ -150,6 +154,11 @@ class ServiceRunner:
     def active(self) -> int | None:
         """Open proxied connections and datagram flows (proxy mode only)."""
         return sum(p.active for p in self.proxies) if self.proxies else None
+
+    def refused(self) -> int | None:
+        """Connections and datagrams refused by allow/deny or
+        max_connections_per_source (proxy mode only)."""
+        return self.access.refused if self.proxied else None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the sockets and serve traffic until cancelled."""
@@ -299,18 +308,20 @@ class ServiceRunner:
     def _make_proxy(self, sc: SocketConfig, sock: socket.socket) -> StreamProxy | DatagramProxy:
         assert sc.upstream is not None  # the config requires it in proxy mode
         on_traffic = functools.partial(self.start, f"traffic on {sc.name}")
+        counted = sc.listen.is_stream and not sc.listen.is_unix  # per source: IP clients
+        gate = self.access.gate(sc.name, sc.allow, sc.deny, counted=counted)
         if sc.listen.is_stream:
             return StreamProxy(
                 self.name, sock, sc.upstream,
                 queue_limit=self.config.queue_limit,
                 max_connections=self.config.max_connections,
-                proxy_protocol=sc.proxy_protocol,
+                proxy_protocol=sc.proxy_protocol, gate=gate,
                 on_traffic=on_traffic, log=self.options.log,
             )
         return DatagramProxy(
             self.name, sock, sc.upstream,
             queue_limit=self.config.datagram_queue_limit,
-            flow_timeout=self.config.flow_timeout,
+            flow_timeout=self.config.flow_timeout, gate=gate,
             on_traffic=on_traffic, log=self.options.log,
         )
 

@@ -295,8 +295,24 @@ def _unlink_created(sock: socket.socket) -> None:
             os.unlink(path)
     except FileNotFoundError:
         pass
+    except PermissionError:
+        # lazyd dropped its privileges and the directory is root's: the file
+        # stays, and the next run replaces it as stale.
+        pass
     except OSError as exc:
         log.warning("cannot remove socket file %s: %s", path, exc.strerror)
+
+
+def needs_privilege(address: Address) -> bool:
+    """Whether binding `address` takes root: an IP port below ip_unprivileged_port_start."""
+    if address.is_unix or not address.port:
+        return False
+    try:
+        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+            start = int(f.read())
+    except (OSError, ValueError):
+        start = 1024  # the kernel's default, and the rule before Linux 4.11
+    return address.port < start
 
 
 def release_socket(sock: socket.socket) -> None:

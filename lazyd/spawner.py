@@ -2,9 +2,12 @@
 
 `lazyd.spawnerd` is the process that forks and execs services (its docstring
 has the protocol and explains why it exists). `open_spawner` starts it and
-makes it the current one for everything started inside (`current_spawner`);
-`Spawner.spawn` returns a `ServiceProcess`, which lazyd waits for, reads and
-signals much like a `trio.Process`.
+makes it the current one for everything started inside (`current_spawner`).
+`Spawner.define` tells it which services it may start and how (sealed before
+lazyd drops its privileges), `Spawner.reload` and `commit` make it re-read
+that from the config file; `Spawner.spawn` names a service and returns a
+`ServiceProcess`, which lazyd waits for, reads and signals much like a
+`trio.Process`.
 
 One reader task routes the spawner's messages: spawn replies to the caller
 waiting for them, exit notices to their `ServiceProcess`. Sending never
@@ -63,8 +66,8 @@ class SpawnError(Exception):
     """The spawner could not start a process.
 
     `stage` names the step that failed ("exec", "chdir", "setuid", "fork",
-    "request", ...); `errno` is its errno, 0 when there is none. The message is
-    the reason alone, e.g. "No such file or directory".
+    "resolve", "request", "reload", ...); `errno` is its errno, 0 when there is
+    none. The message is the reason alone, e.g. "No such file or directory".
     """
 
     def __init__(self, reason: str, stage: str, errno: int) -> None:
@@ -72,6 +75,7 @@ class SpawnError(Exception):
         self.reason = reason
         self.stage = stage
         self.errno = errno
+        self.problems: list[str] = []  # a reload's: the config's problems
 
 
 class ServiceProcess:
@@ -116,13 +120,17 @@ class ServiceProcess:
 class _Reply:
     """What a spawn request is waiting for."""
 
-    __slots__ = ("abandoned", "done", "error", "process")
+    __slots__ = ("abandoned", "done", "error", "message", "process")
 
     def __init__(self) -> None:
         self.done = trio.Event()
         self.process: ServiceProcess | None = None
         self.error: SpawnError | None = None
+        self.message: dict[str, Any] = {}
         self.abandoned = False  # the caller was cancelled: kill what comes
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.message.get(key, default)
 
 
 class Spawner:
@@ -138,41 +146,77 @@ class Spawner:
         self._outbox_ready = trio.Event()
         self._slots = trio.Semaphore(MAX_SPAWNS_WAITING)
         self._lost: str | None = None  # why it can no longer be used
+        self.sealed = False  # its table of services takes no more definitions
+
+    async def define(
+        self,
+        services: Mapping[str, Mapping[str, Any]],
+        *,
+        config: str | None = None,
+        path: str | None = None,
+        nofile_soft: int | None = None,
+        seal: bool = False,
+    ) -> None:
+        """Tell the spawner which services it may start, and how (see `lazyd.launch.entry`).
+
+        Entries are added to what it knows. `seal`: accept no definitions
+        after these; from then on only `reload` changes the table, by reading
+        `config` itself (with `path` as PATH and `nofile_soft` for each
+        service). A big table goes in several messages, sealed with the last.
+        Raises SpawnError when the spawner refuses it.
+        """
+        names = list(services)
+        first = 0
+        while True:
+            # As many entries as fit in one message.
+            last = len(names)
+            while True:
+                chunk = {name: services[name] for name in names[first:last]}
+                header = {"op": "define", "services": chunk, "config": config, "path": path,
+                          "nofile_soft": nofile_soft, "seal": seal and last == len(names)}
+                size = len(json.dumps(header, separators=(",", ":")))
+                if size + 64 <= spawnerd.MAX_MESSAGE or last - first <= 1:
+                    break
+                last = first + max(1, (last - first) // 2)
+            await self._request(header)
+            if last >= len(names):
+                self.sealed = self.sealed or seal
+                return
+            first = last
+
+    async def reload(self) -> list[str]:
+        """Make the spawner read its table anew from the config file; the services in it.
+
+        The table read takes effect with `commit`. Raises SpawnError (stage
+        "reload", with the config's `problems`) when the file has errors or
+        the reader failed.
+        """
+        reply = await self._request({"op": "reload"})
+        return [str(name) for name in reply.get("services", [])]
+
+    async def commit(self) -> None:
+        """Replace the spawner's table with the one its last `reload` read."""
+        await self._request({"op": "commit"})
 
     async def spawn(
-        self,
-        *,
-        executable: str,
-        argv: Sequence[str],
-        env: Mapping[str, str],
-        fds: Sequence[int] = (),
-        uid: int | None = None,
-        gid: int | None = None,
-        groups: Sequence[int] | None = None,
-        workdir: str | None = None,
-        nofile_soft: int | None = None,
+        self, service: str, *, env: Mapping[str, str] | None = None, fds: Sequence[int] = ()
     ) -> ServiceProcess:
-        """Start a process; return once it has exec'd `executable`.
+        """Start `service` as its table entry says; return once it has exec'd.
 
-        `executable` must be absolute; `argv[0]` is passed as given. `env` is
-        the whole environment but LISTEN_PID, which the child adds (with its
-        own pid) when `fds` is not empty; `fds` land at 3, 4, ... in order.
-        uid/gid/groups/workdir/nofile_soft None keep the spawner's own.
-        Raises SpawnError when the process could not be started.
+        `env` adds LISTEN_FDS and LISTEN_FDNAMES (which must describe `fds`)
+        and NOTIFY_SOCKET, nothing else; LISTEN_PID is set by the child. `fds`
+        land at 3, 4, ... in order. Raises SpawnError when the process could
+        not be started.
         """
-        header: dict[str, Any] = {
-            "op": "spawn",
-            "executable": executable,
-            "argv": list(argv),
-            "env": dict(env),
-            "uid": uid,
-            "gid": gid,
-            "groups": None if groups is None else list(groups),
-            "workdir": workdir,
-            "nofile_soft": nofile_soft,
-        }
+        header: dict[str, Any] = {"op": "spawn", "service": service, "env": dict(env or {})}
         if len(fds) > spawnerd.MAX_FDS:
             raise SpawnError(f"more than {spawnerd.MAX_FDS} sockets", "request", 0)
+        reply = await self._request(header, fds)
+        assert reply.process is not None
+        return reply.process
+
+    async def _request(self, header: dict[str, Any], fds: Sequence[int] = ()) -> _Reply:
+        """Send one request and wait for its reply; raise SpawnError for an error reply."""
         try:
             # Not `async with`: acquire() yields to the scheduler even when a
             # slot is free, and a start should not wait for other tasks to run.
@@ -202,8 +246,7 @@ class Spawner:
             self._slots.release()
         if reply.error is not None:
             raise reply.error
-        assert reply.process is not None
-        return reply.process
+        return reply
 
     # -- sending -------------------------------------------------------------
 
@@ -306,7 +349,11 @@ class Spawner:
                 os.close(fd)
             return
         pid = message.get("pid")
-        if isinstance(pid, int) and len(fds) == 1:
+        reply.message = message
+        if message.get("ok") is True:
+            for fd in fds:
+                os.close(fd)
+        elif isinstance(pid, int) and len(fds) == 1:
             if reply.abandoned:
                 os.close(fds[0])
                 self._signal(pid, signal.SIGKILL, group=True)
@@ -319,6 +366,9 @@ class Spawner:
             reason = str(message.get("error", "no reply"))
             errno = message.get("errno") or 0
             reply.error = SpawnError(reason.removeprefix(f"{stage}: "), stage, errno)
+            problems = message.get("problems")
+            if isinstance(problems, list):
+                reply.error.problems = [str(p) for p in problems]
         reply.done.set()
 
     # -- the end ---------------------------------------------------------------

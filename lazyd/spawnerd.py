@@ -5,9 +5,11 @@ so some code has to run between fork and exec, and in the daemon that forces
 CPython to fork() the whole daemon (its page tables included) instead of
 vfork()ing. This process is single-threaded and small, so its fork is cheap.
 When lazyd runs as root and drops its privileges after binding, this process
-is also what stays privileged; that is why it understands exactly two
-requests, checks every field of them, and answers anything else with an error
-instead of failing.
+is also what stays privileged; so it starts only the services it was told
+about before the daemon dropped them, exactly as it was told then, checks
+every field of every request, and answers anything else with an error instead
+of failing. A daemon taken over after the drop can start and signal the
+configured services, and nothing else.
 
 It is started by `lazyd.spawner.open_spawner` as ``python -I -S`` (no site,
 no environment, nothing from the current directory on sys.path: it imports only
@@ -18,11 +20,32 @@ JSON object (at most MAX_MESSAGE bytes) and may carry fds (SCM_RIGHTS).
 
 Requests (daemon → spawner), each with an integer ``id`` echoed in its reply:
 
-``{"op": "spawn", "id", "executable", "argv", "env", "uid", "gid", "groups",
-"workdir", "nofile_soft"}`` + the service's sockets as fds, in LISTEN_FDS order.
-``executable`` is an absolute path; ``env`` is complete except LISTEN_PID;
-``uid``/``gid``/``groups`` (all three or none), ``workdir`` and
-``nofile_soft`` may be null ("as is").
+``{"op": "define", "id", "services": {NAME: ENTRY}, "config", "path",
+"nofile_soft", "seal"}``: add entries to the table of services, which says
+how each may be started. ENTRY is ``{"executable", "argv", "env", "uid",
+"gid", "groups", "workdir", "nofile_soft"}`` (``executable`` absolute;
+``env`` complete but for LISTEN_* and NOTIFY_SOCKET; ``uid``/``gid``/
+``groups`` all three or none, they, ``workdir`` and ``nofile_soft`` may be
+null: "as is"), or ``{"error"}`` for a service that cannot be started (its
+program is missing), whose spawn is answered with that error. ``config`` (an
+absolute path), ``path`` (lazyd's PATH) and ``nofile_soft`` are kept for
+reloads. With ``"seal": true`` no further define is accepted: the daemon
+defines everything and seals before it drops its privileges. Reply
+``{"id", "ok": true}``.
+
+``{"op": "reload", "id"}``: read the table anew from the ``config`` file, as
+this process's user, with lazyd's own config loader in a fresh interpreter
+(`lazyd.launch.print_table`, with site packages: it needs PyYAML), so that
+the daemon never says what is to be run. Reply, once read, ``{"id", "ok":
+true, "services": [NAMES]}``, or an error with stage "reload" (and the
+config's ``problems`` when it has errors). ``{"op": "commit", "id"}`` then
+makes the table read the one in force: the daemon commits only once the rest
+of its reload has succeeded, so a failed reload changes nothing.
+
+``{"op": "spawn", "id", "service", "env"}`` + the service's sockets as fds,
+in LISTEN_FDS order: start a service of the table. ``env`` may add only
+LISTEN_FDS and LISTEN_FDNAMES (which must describe the fds sent) and
+NOTIFY_SOCKET (a path or @name).
 The child calls setsid(2), gets /dev/null as stdin and one pipe as stdout and
 stderr, its sockets at 3.., default signal dispositions, its credentials, its
 workdir, its RLIMIT_NOFILE soft limit and LISTEN_PID (when it has sockets),
@@ -69,7 +92,7 @@ import signal
 import socket
 import sys
 
-from lazyd.handoff import LISTEN_FDS_START, arrange_fds
+from lazyd.handoff import LISTEN_FDS_START, PROTOCOL_VARIABLES, arrange_fds
 
 # Not `from typing import TYPE_CHECKING`: importing typing would cost this small
 # process time and memory, and every fork copies its page tables.
@@ -83,6 +106,8 @@ MAX_MESSAGE = 64 * 1024  # bytes of JSON in one message, either way
 MAX_FDS = 253  # fds in one message: Linux's SCM_MAX_FD
 MAX_IN_FLIGHT = 64  # spawns whose exec is not confirmed yet
 MAX_CHILDREN = 4096  # processes started and not yet reaped
+MAX_SERVICES = 65536  # entries in the table of services
+MAX_TABLE = 64 * 1024 * 1024  # bytes of JSON the table reader may print
 MAX_ID = 2**53  # request ids stay exact in every JSON implementation
 MAX_ERROR = 512  # bytes a failed child writes to its error pipe, at most
 _ID_BITS = 0xFFFFFFFE  # uid_t/gid_t: (uid_t)-1 means "unchanged" to the kernel, so refused
@@ -93,6 +118,12 @@ _FD_BYTES = array.array("i").itemsize
 # signals to the default but keeps ignored ones ignored: so a child has no
 # signal to reset before exec, which saves it time (see `_child`).
 _HANDLED = (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# The table reader: lazyd's config loader in a full interpreter (with its site
+# packages: it needs PyYAML), run by the spawner with the spawner's credentials.
+_READ_TABLE = (
+    "import sys; sys.path.insert(0, sys.argv[1]); from lazyd.launch import print_table; "
+    "print_table(sys.argv[2], int(sys.argv[3]))"
+)
 # How long the spawner waits for an exec before it turns back to its other
 # work by default; a child that takes longer (a workdir on a hung network
 # mount) is then followed from the poll loop.
@@ -125,39 +156,48 @@ def _text(value: object, what: str) -> str:
     return value
 
 
-class _SpawnRequest:
-    """A checked spawn request."""
+class _Launch:
+    """One checked entry of the table: how one service is started."""
 
-    __slots__ = ("argv", "env", "executable", "gid", "groups", "nofile_soft", "uid", "workdir")
+    __slots__ = ("argv", "env", "error", "executable", "gid", "groups", "nofile_soft", "uid",
+                 "workdir")
 
-    def __init__(self, header: dict[str, Any]) -> None:
-        unknown = set(header) - {"op", "id", *self.__slots__}
+    def __init__(self, entry: object) -> None:
+        if not isinstance(entry, dict):
+            raise BadRequest("each service must be an object")
+        if "error" in entry:
+            # A service that cannot be started (its program was not found): a
+            # spawn of it is answered with this error.
+            if set(entry) != {"error"}:
+                raise BadRequest("an entry with an error has nothing else")
+            self.error: str | None = _text(entry["error"], "error")
+            return
+        self.error = None
+        unknown = set(entry) - set(self.__slots__)
         if unknown:
             raise BadRequest(f"unknown field {sorted(unknown)[0]!r}")
-        self.executable = _text(header.get("executable"), "executable")
+        self.executable = _text(entry.get("executable"), "executable")
         if not self.executable.startswith("/"):
             raise BadRequest("executable must be an absolute path")
-        argv = header.get("argv")
+        argv = entry.get("argv")
         if not isinstance(argv, list) or not argv:
             raise BadRequest("argv must be a non-empty list")
         for arg in argv:
             if not isinstance(arg, str) or "\0" in arg:
                 raise BadRequest("each argument must be a string without NUL")
         self.argv: list[str] = argv
-        env = header.get("env")
+        env = entry.get("env")
         if not isinstance(env, dict):
             raise BadRequest("env must be an object")
         for key, value in env.items():
             if "=" in _text(key, "each variable name") or not isinstance(value, str):
                 raise BadRequest(f"environment variable {key!r} cannot be set")
-            if "\0" in value:
+            if "\0" in value or key in PROTOCOL_VARIABLES:
                 raise BadRequest(f"environment variable {key!r} cannot be set")
-        if "LISTEN_PID" in env:
-            raise BadRequest("LISTEN_PID is set by the spawner")
         self.env: dict[str, str] = env
-        self.uid = _optional_int(header, "uid", 0, _ID_BITS)
-        self.gid = _optional_int(header, "gid", 0, _ID_BITS)
-        groups = header.get("groups")
+        self.uid = _optional_int(entry, "uid", 0, _ID_BITS)
+        self.gid = _optional_int(entry, "gid", 0, _ID_BITS)
+        groups = entry.get("groups")
         if groups is not None:
             if not isinstance(groups, list) or len(groups) > 65536:  # NGROUPS_MAX
                 raise BadRequest("groups must be a list of at most 65536 group ids")
@@ -165,13 +205,49 @@ class _SpawnRequest:
                 if type(group) is not int or not 0 <= group <= _ID_BITS:
                     raise BadRequest(f"groups must be integers in 0..{_ID_BITS}")
         self.groups: list[int] | None = groups
-        workdir = header.get("workdir")
+        workdir = entry.get("workdir")
         self.workdir = None if workdir is None else _text(workdir, "workdir")
-        self.nofile_soft = _optional_int(header, "nofile_soft", 0, 2**63 - 1)
+        self.nofile_soft = _optional_int(entry, "nofile_soft", 0, 2**63 - 1)
         # All or nothing: a uid without its gid and groups would leave the
         # service with the spawner's own, which may be root's.
         if (self.uid is None) != (self.gid is None) or (self.uid is None) != (groups is None):
             raise BadRequest("uid, gid and groups are given together or not at all")
+
+
+def _table(services: object) -> dict[str, _Launch]:
+    """A checked table of services: name -> _Launch."""
+    if not isinstance(services, dict) or len(services) > MAX_SERVICES:
+        raise BadRequest(f"services must be an object of at most {MAX_SERVICES} entries")
+    table = {}
+    for name, entry in services.items():
+        try:
+            table[_text(name, "service name")] = _Launch(entry)
+        except BadRequest as exc:
+            raise BadRequest(f"service {name!r}: {exc}") from None
+    return table
+
+
+def _spawn_env(env: object, fds: list[int]) -> dict[str, str]:
+    """The variables a spawn request may add: the LISTEN_* of its fds and NOTIFY_SOCKET."""
+    if not isinstance(env, dict):
+        raise BadRequest("env must be an object")
+    unknown = set(env) - {"LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET"}
+    if unknown:
+        raise BadRequest(f"environment variable {sorted(unknown)[0]!r} cannot be set")
+    for key, value in env.items():
+        _text(value, key)
+    if fds:
+        if env.get("LISTEN_FDS") != str(len(fds)):
+            raise BadRequest(f"LISTEN_FDS must be {len(fds)}, the number of fds sent")
+        names = env.get("LISTEN_FDNAMES", "").split(":")
+        if len(names) != len(fds) or not all(n and n.isprintable() for n in names):
+            raise BadRequest("LISTEN_FDNAMES must name each fd sent")
+    elif "LISTEN_FDS" in env or "LISTEN_FDNAMES" in env:
+        raise BadRequest("LISTEN_FDS and LISTEN_FDNAMES go with fds")
+    notify = env.get("NOTIFY_SOCKET")
+    if notify is not None and (notify[0] not in "/@" or len(notify) > 107):
+        raise BadRequest("NOTIFY_SOCKET must be a socket path or @name")
+    return env
 
 
 class _Credentials:
@@ -183,6 +259,18 @@ class _Credentials:
         self.uid = uid
         self.gid = gid
         self.groups = groups
+
+
+class _Reader:
+    """A table reader started by a reload, and what it printed so far."""
+
+    __slots__ = ("data", "fd", "pid", "request_id")
+
+    def __init__(self, request_id: int, pid: int, fd: int) -> None:
+        self.request_id = request_id
+        self.pid = pid
+        self.fd = fd
+        self.data = b""
 
 
 class _InFlight:
@@ -223,7 +311,8 @@ _prctl = ctypes.CDLL(None, use_errno=True).prctl
 
 
 def _child(
-    request: _SpawnRequest,
+    launch: _Launch,
+    env: dict[str, str],
     creds: _Credentials,
     fds: Sequence[int],
     devnull: int,
@@ -266,19 +355,18 @@ def _child(
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
         if os.getppid() != parent:  # killed already, before the prctl
             raise OSError(errno.ESRCH, "the spawner is gone")
-        if request.workdir is not None:
+        if launch.workdir is not None:
             stage = "chdir"
-            os.chdir(request.workdir)
+            os.chdir(launch.workdir)
         if nofile is not None:
             stage = "rlimit"
             resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
-        env = request.env
         if fds:
             # As systemd's activate.c does: set in the process that execs, so it
             # equals the pid the service sees as its own.
             env["LISTEN_PID"] = str(os.getpid())
         stage = "exec"
-        os.execve(request.executable, request.argv, env)
+        os.execve(launch.executable, launch.argv, env)
     except BaseException as exc:
         code = exc.errno if isinstance(exc, OSError) and exc.errno else 0
         os.write(err_w, f"{code} {stage} {type(exc).__name__}".encode()[:MAX_ERROR])
@@ -319,6 +407,15 @@ class Spawnerd:
         self.own_groups = sorted(set(os.getgroups()))
         self.own_uids = os.getresuid()
         self.own_gids = os.getresgid()
+        # What may be started: service name -> how. Once sealed, only a reload
+        # (which reads `config` itself, as this process's user) changes it.
+        self.table: dict[str, _Launch] = {}
+        self.sealed = False
+        self.config: str | None = None  # the config file a reload reads
+        self.path = os.defpath  # PATH for the table reader, as lazyd's own
+        self.nofile_soft: int | None = None
+        self.reading: _Reader | None = None  # the table reader of a reload under way
+        self.pending: dict[str, _Launch] | None = None  # read by a reload, not committed
 
     def run(self) -> None:
         """Serve requests until the daemon's end closes; then kill what is left."""
@@ -337,6 +434,8 @@ class Spawnerd:
                             return
                     elif fd in self.in_flight:
                         self.confirm(self.in_flight[fd])
+                    elif self.reading is not None and fd == self.reading.fd:
+                        self.read_table(self.reading)
         except _Gone:
             return
         finally:
@@ -376,6 +475,23 @@ class Spawnerd:
                 self.signal(header)
                 self.send({"id": request_id, "ok": True})
                 return True
+            if fds and op in ("define", "reload", "commit"):
+                raise BadRequest(f"{op} takes no fds")
+            if op == "define":
+                self.define(header)
+                self.send({"id": request_id, "ok": True})
+                return True
+            if op == "reload":
+                self.reload(request_id, header)
+                return True  # answered once the table is read
+            if op == "commit":
+                if set(header) - {"op", "id"}:
+                    raise BadRequest("commit takes no fields")
+                if self.pending is None:
+                    raise BadRequest("no table read by a reload to commit")
+                self.table, self.pending = self.pending, None
+                self.send({"id": request_id, "ok": True})
+                return True
             raise BadRequest(f"unknown op {op!r}")
         except _Gone:
             raise
@@ -388,8 +504,111 @@ class Spawnerd:
                 os.close(fd)
         return True
 
+    def define(self, header: dict[str, Any]) -> None:
+        """Add services to the table; with ``seal``, accept no more definitions."""
+        if self.sealed:
+            raise BadRequest("the table of services is sealed; only a reload changes it")
+        unknown = set(header) - {"op", "id", "services", "config", "path", "nofile_soft", "seal"}
+        if unknown:
+            raise BadRequest(f"unknown field {sorted(unknown)[0]!r}")
+        table = _table(header.get("services"))
+        config = header.get("config")
+        path = header.get("path")
+        seal = header.get("seal", False)
+        if not isinstance(seal, bool):
+            raise BadRequest("seal must be true or false")
+        if len(self.table.keys() | table.keys()) > MAX_SERVICES:
+            raise BadRequest(f"more than {MAX_SERVICES} services")
+        self.table.update(table)
+        if config is not None:
+            self.config = _text(config, "config")
+        if path is not None:
+            self.path = _text(path, "path")
+        self.nofile_soft = _optional_int(header, "nofile_soft", 0, 2**63 - 1)
+        self.sealed = seal
+
+    def reload(self, request_id: int, header: dict[str, Any]) -> None:
+        """Start reading the table anew from the config file, in a fresh interpreter.
+
+        Not from the daemon: after it dropped its privileges, what it says
+        about commands and users is not to be trusted. The reader prints the
+        table as JSON (see `lazyd.launch.print_table`); `read_table` takes it.
+        """
+        if set(header) - {"op", "id"}:
+            raise BadRequest("reload takes no fields")
+        if self.config is None:
+            raise BadRequest("no config file to reload from")
+        if self.reading is not None:
+            # The daemon gave up waiting for it (a config on a hung mount):
+            # this request replaces it.
+            stale, self.reading = self.reading, None
+            self.poller.unregister(stale.fd)
+            os.close(stale.fd)
+            _quietly(os.kill, stale.pid, signal.SIGKILL)
+            self.fail(stale.request_id, "reload", 0, "replaced by a newer reload")
+        package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        nofile = -1 if self.nofile_soft is None else self.nofile_soft
+        argv = [sys.executable, "-I", "-c", _READ_TABLE, package, self.config, str(nofile)]
+        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+        try:
+            actions = [(os.POSIX_SPAWN_DUP2, self.devnull, 0), (os.POSIX_SPAWN_DUP2, write_fd, 1)]
+            pid = os.posix_spawn(sys.executable, argv, {"PATH": self.path}, file_actions=actions)
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        self.pending = None
+        self.reading = _Reader(request_id, pid, read_fd)
+        self.poller.register(read_fd, select.POLLIN)
+
+    def read_table(self, reading: _Reader) -> None:
+        """The reader's output is readable: at its end, replace the table and reply."""
+        chunk = _read_some(reading.fd)
+        reading.data += chunk
+        if chunk and len(reading.data) <= MAX_TABLE:
+            return
+        self.poller.unregister(reading.fd)
+        os.close(reading.fd)
+        self.reading = None  # the reader itself is reaped like any child
+        try:
+            if len(reading.data) > MAX_TABLE:
+                raise BadRequest(f"the table exceeds {MAX_TABLE} bytes")
+            try:
+                answer = json.loads(reading.data)
+            except (ValueError, RecursionError):
+                raise BadRequest("the table reader failed (see lazyd's log)") from None
+            if not isinstance(answer, dict):
+                raise BadRequest("the table reader printed no object")
+            if "problems" in answer:
+                problems = answer["problems"]
+                if not isinstance(problems, list) or not all(isinstance(p, str) for p in problems):
+                    raise BadRequest("the table reader printed bad problems")
+                self.send({"id": reading.request_id, "error": "reload: the config has errors",
+                           "stage": "reload", "errno": 0, "problems": problems})
+                return
+            table = _table(answer.get("services"))
+        except BadRequest as exc:
+            self.fail(reading.request_id, "reload", 0, str(exc))
+            return
+        self.pending = table
+        self.send({"id": reading.request_id, "ok": True, "services": sorted(table)})
+
     def spawn(self, request_id: int, header: dict[str, Any], fds: list[int]) -> None:
-        request = _SpawnRequest(header)
+        unknown = set(header) - {"op", "id", "service", "env"}
+        if unknown:
+            raise BadRequest(f"unknown field {sorted(unknown)[0]!r}")
+        name = header.get("service")
+        request = self.table.get(name) if isinstance(name, str) else None
+        if request is None:
+            raise BadRequest(f"unknown service {name!r}")
+        if len(fds) > MAX_FDS:
+            raise BadRequest(f"more than {MAX_FDS} fds")
+        extra = _spawn_env(header.get("env"), fds)
+        if request.error is not None:
+            self.fail(request_id, "resolve", errno.ENOENT, request.error)
+            return
+        env = {**request.env, **extra}
         if len(self.in_flight_pids) >= MAX_IN_FLIGHT:
             raise BadRequest(f"more than {MAX_IN_FLIGHT} spawns in flight")
         if len(self.children) >= MAX_CHILDREN:
@@ -429,7 +648,9 @@ class Spawnerd:
                 self.fail(request_id, "fork", exc.errno or 0, os.strerror(exc.errno or 0))
                 pid = -1
             if pid == 0:
-                _child(request, creds, fds, devnull, out_w, err_w, self.fd_limit, nofile, parent)
+                _child(
+                    request, env, creds, fds, devnull, out_w, err_w, self.fd_limit, nofile, parent
+                )
         except BaseException:
             pid = -1
             raise

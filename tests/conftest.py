@@ -6,9 +6,11 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+import tempfile
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -112,16 +114,33 @@ class LazydProcess:
         return self.returncode
 
 
+def _let_others_in(path: Path) -> None:
+    """Let other users through the (root-only) pytest directories down to `path`.
+
+    lazyd, started as root, runs as nobody once it has bound its sockets, and
+    still reads its config on a reload and reaches Unix sockets in there.
+    """
+    for directory in [path, *path.parents]:
+        if directory == Path(tempfile.gettempdir()) or directory == directory.parent:
+            break
+        mode = directory.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            directory.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+
+
 @asynccontextmanager
 async def run_lazyd(
-    tmp_path: Path, config_text: str, *, expect_exit: int | None = 0
+    tmp_path: Path, config_text: str, *, expect_exit: int | None = 0,
+    prefix: Sequence[str] = (),
 ) -> AsyncIterator[LazydProcess]:
-    """Start `lazyd run` on this config and wait until it holds its sockets."""
+    """Start `lazyd run` on this config and wait until it holds its sockets.
+    `prefix` runs it through a wrapper command (such as prlimit)."""
     control_path = str(tmp_path / "control.sock")
     config = tmp_path / "lazyd.yaml"
     config.write_text(f"control: unix:{control_path}\n{config_text}")
+    _let_others_in(tmp_path)
     process = await trio.lowlevel.open_process(
-        [PY, "-m", "lazyd", "run", "-c", str(config)],
+        [*prefix, PY, "-m", "lazyd", "run", "-c", str(config)],
         stdin=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,

@@ -618,10 +618,10 @@ SERVICE_KEYS = [
     "command", "mode", "user", "group", "sockets", "ready", "environment", "workdir",
     "start_timeout", "stop_signal", "stop_timeout", "restart", "start_limit",
     "start_limit_interval", "requires", "activate", "queue_limit", "datagram_queue_limit",
-    "idle_timeout", "max_connections", "flow_timeout",
+    "idle_timeout", "max_connections", "flow_timeout", "max_connections_per_source",
 ]  # fmt: skip
 SOCKET_KEYS = ["listen", "upstream", "backlog", "reuse_port", "mode", "owner", "group",
-               "proxy_protocol"]  # fmt: skip
+               "proxy_protocol", "allow", "deny"]  # fmt: skip
 TOP_KEYS = ["control", "metrics", "user", "services"]
 
 plausible = st.sampled_from([
@@ -630,6 +630,7 @@ plausible = st.sampled_from([
         "0660", "v1", "v2", "/", "/tmp", TRUE, "true --flag", "web", "db", "tcp://0.0.0.0:8080",
         "8080", "udp://[::1]:53", "unix:/run/lazyd-x.sock", "unix:@x", "unix-dgram:/run/y",
         "LISTEN_FDS", "PATH", "'unclosed", "a\0b", 0o660, 660, 1, 3.5,
+        "10.0.0.0/8", "10.0.0.1/8", "::1", "::ffff:10.0.0.0/104", ["127.0.0.1", "::1/128"],
 ])  # fmt: skip
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=12), plausible

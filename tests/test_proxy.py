@@ -614,15 +614,16 @@ async def test_activity_tracks_open_connections(sockets: list[socket.socket]) ->
 
 
 class FlakyListener(socket.socket):
-    """A listener whose accept() fails with EMFILE a few times, as when out of fds."""
+    """A listener whose accept() fails with EMFILE a few times, as when out of fds
+    (StreamProxy accepts with the plain-fd `_accept`)."""
 
     failures = 3
 
-    def accept(self) -> tuple[socket.socket, Any]:
+    def _accept(self) -> tuple[int, Any]:
         if self.failures:
             self.failures -= 1
             raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
-        return super().accept()
+        return super()._accept()
 
 
 async def test_emfile_on_accept_backs_off_and_recovers(sockets: list[socket.socket]) -> None:

@@ -171,7 +171,9 @@ async def test_unix_listen_to_tcp_upstream_and_tcp_listen_to_unix_upstream(
     """A Unix socket proxied to a TCP backend, and a TCP socket proxied to a Unix one."""
     tcp_up, tcp_listen = free_port(), free_port()
     unix_listen, unix_up = tmp_path / "front.sock", tmp_path / "back.sock"
-    config = "services:\n" + _service(
+    # The backend runs as root and makes its socket file root's alone (umask
+    # 022), which only root may connect to: lazyd keeps root for this test.
+    config = "user: root\nservices:\n" + _service(
         "u2t", program("backend.py", f"tcp:127.0.0.1:{tcp_up}"),
         f"unix:{unix_listen}", f"tcp://127.0.0.1:{tcp_up}",
     ) + _service(

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import array
 import errno
+import itertools
 import json
 import os
 import pwd
@@ -22,6 +23,7 @@ from lazyd.errors import LaunchError
 from lazyd.launch import relay_output
 from lazyd.spawner import (
     ServiceProcess,
+    Spawner,
     SpawnError,
     current_spawner,
     open_spawner,
@@ -74,6 +76,16 @@ class Raw:
         await self.send(header, fds)
         return await self.reply(header["id"])
 
+    async def start(
+        self, argv: list[str], fds: Sequence[int] = (), **fields: Any
+    ) -> tuple[dict[str, Any], list[int]]:
+        """Define argv as a service of its own, then spawn it: the spawn's reply."""
+        name = f"svc{self._next_id}"
+        reply, _ = await self.request({"op": "define", "services": {name: entry(argv, **fields)}})
+        assert reply.get("ok"), reply
+        env = {"LISTEN_FDS": str(len(fds)), "LISTEN_FDNAMES": ":".join("s" * len(fds))}
+        return await self.request({"op": "spawn", "service": name, "env": env if fds else {}}, fds)
+
     async def exit_of(self, pid: int) -> int:
         while pid not in self.exits:
             message, fds = await self.receive()
@@ -83,8 +95,21 @@ class Raw:
         return self.exits[pid]
 
 
-def spawn(argv: list[str], **fields: Any) -> dict[str, Any]:
-    return {"op": "spawn", "executable": argv[0], "argv": argv, "env": {"PATH": PATH}, **fields}
+def entry(argv: list[str], **fields: Any) -> dict[str, Any]:
+    """A table entry starting argv as is."""
+    return {"executable": argv[0], "argv": argv, "env": {"PATH": PATH}, **fields}
+
+
+_names = itertools.count()
+
+
+async def start(
+    spawner: Spawner, *, executable: str, argv: list[str], env: dict[str, str], **fields: Any
+) -> ServiceProcess:
+    """Define a service of its own in the spawner's (unsealed) table, and start it."""
+    name = f"svc{next(_names)}"
+    await spawner.define({name: {"executable": executable, "argv": argv, "env": env, **fields}})
+    return await spawner.spawn(name)
 
 
 @asynccontextmanager
@@ -131,10 +156,12 @@ async def test_spawn_exit_codes_and_signals() -> None:
     """A spawned process's exit status arrives; a signal gives the negative signal number."""
     with trio.fail_after(TIMEOUT):
         async with open_spawner() as spawner:
-            exits = await spawner.spawn(
+            exits = await start(
+                spawner,
                 executable="/bin/sh", argv=["sh", "-c", "exit 3"], env={"PATH": PATH}
             )
-            sleeper = await spawner.spawn(
+            sleeper = await start(
+                spawner,
                 executable="/bin/sleep", argv=["sleep", "60"], env={"PATH": PATH}
             )
             sleeper.send_signal(signal.SIGTERM)
@@ -150,7 +177,8 @@ async def test_output_pipe_delivers_lines() -> None:
     """The output pipe carries stdout and stderr, in order, and ends when the process does."""
     with trio.fail_after(TIMEOUT):
         async with open_spawner() as spawner:
-            process = await spawner.spawn(
+            process = await start(
+                spawner,
                 executable="/bin/sh",
                 argv=["sh", "-c", "echo one; echo two >&2; echo three"],
                 env={"PATH": PATH},
@@ -181,11 +209,11 @@ async def test_exec_failure_reports_errno_and_stage(
         async with open_spawner() as spawner:
             args: dict[str, Any] = {"executable": "/bin/true", "argv": ["x"], "env": {}}
             with pytest.raises(SpawnError) as caught:
-                await spawner.spawn(**(args | fields))
+                await start(spawner, **(args | fields))
             assert (caught.value.stage, caught.value.errno) == (stage, code)
             assert str(caught.value) == os.strerror(code)
             # The spawner carries on.
-            process = await spawner.spawn(**args)
+            process = await start(spawner, **args)
             assert await process.wait() == 0
             await process.stdout.aclose()
 
@@ -202,14 +230,14 @@ async def test_signal_only_processes_it_spawned(exec_wait_ms: int) -> None:
                     reply, _ = await raw.request(header)
                     assert "is not a running process of this spawner" in reply["error"]
                 # Its own, once reaped, is foreign too.
-                reply, [out] = await raw.request(spawn(["/bin/true"]))
+                reply, [out] = await raw.start(["/bin/true"])
                 os.close(out)
                 assert await raw.exit_of(reply["pid"]) == 0
                 header = {"op": "signal", "pid": reply["pid"], "signal": 15, "group": False}
                 reply, _ = await raw.request(header)
                 assert "error" in reply
                 # And one of its own that runs is signalled.
-                reply, [out] = await raw.request(spawn(["/bin/sleep", "60"]))
+                reply, [out] = await raw.start(["/bin/sleep", "60"])
                 os.close(out)
                 header = {"op": "signal", "pid": reply["pid"], "signal": 15, "group": False}
                 assert (await raw.request(header))[0] == {"id": raw._next_id, "ok": True}
@@ -220,22 +248,37 @@ async def test_signal_only_processes_it_spawned(exec_wait_ms: int) -> None:
         await foreign.wait()
 
 
+def _define(service: dict[str, Any]) -> dict[str, Any]:
+    return {"id": 1, "op": "define", "services": {"s": service}}
+
+
 MALFORMED: list[bytes | dict[str, Any]] = [
+    {"id": 1, "op": "spawn", "service": "nonexistent", "env": {}},
+    {"id": 1, "op": "spawn", "service": "t", "env": {}, "executable": "/bin/sh"},
+    {"id": 1, "op": "spawn", "service": "t", "env": {"PATH": "/tmp"}},
+    {"id": 1, "op": "spawn", "service": "t", "env": {"LD_PRELOAD": "/tmp/x.so"}},
+    {"id": 1, "op": "spawn", "service": "t", "env": {"LISTEN_FDS": "1"}},
+    {"id": 1, "op": "spawn", "service": "t", "env": {"NOTIFY_SOCKET": "x"}},
+    _define({"executable": "/bin/true", "argv": ["t"], "env": {"NOTIFY_SOCKET": "@x"}}),
+    {"id": 1, "op": "define", "services": {"s": {"error": "x", "argv": ["t"]}}},
+    {"id": 1, "op": "define", "services": {}, "seal": "yes"},
+    {"id": 1, "op": "reload"},  # no config file was given
+
     b"not json",
     b"[1, 2]",
     b'{"op": "spawn"}',  # no id
     {"id": True, "op": "signal", "pid": 1, "signal": 9, "group": False},
     {"id": 1, "op": "exec"},
-    {"id": 1, "op": "spawn", "executable": "true", "argv": ["true"], "env": {}},
-    {"id": 1, "op": "spawn", "executable": "/bin/true", "argv": [], "env": {}},
-    {"id": 1, "op": "spawn", "executable": "/bin/true", "argv": ["a\0b"], "env": {}},
-    {"id": 1, "op": "spawn", "executable": "/bin/true", "argv": ["t"], "env": {"A=B": "x"}},
-    {"id": 1, "op": "spawn", "executable": "/bin/true", "argv": ["t"], "env": {}, "uid": True},
-    {"id": 1, "op": "spawn", "executable": "/bin/true", "argv": ["t"], "env": {}, "uid": -1},
-    {"id": 1, "op": "spawn", "executable": "/bin/true", "argv": ["t"], "env": {}, "groups": 0},
-    {"id": 1, "op": "spawn", "executable": "/bin/true", "argv": ["t"], "env": {}, "shell": 1},
-    {"id": 1, "op": "spawn", "executable": "/bin/true", "argv": ["t"], "env": {}, "uid": 0},
-    {"id": 1, "op": "spawn", "executable": "/bin/true", "argv": ["t"], "env": {"LISTEN_PID": "1"}},
+    _define({"executable": "true", "argv": ["true"], "env": {}}),
+    _define({"executable": "/bin/true", "argv": [], "env": {}}),
+    _define({"executable": "/bin/true", "argv": ["a\0b"], "env": {}}),
+    _define({"executable": "/bin/true", "argv": ["t"], "env": {"A=B": "x"}}),
+    _define({"executable": "/bin/true", "argv": ["t"], "env": {}, "uid": True}),
+    _define({"executable": "/bin/true", "argv": ["t"], "env": {}, "uid": -1}),
+    _define({"executable": "/bin/true", "argv": ["t"], "env": {}, "groups": 0}),
+    _define({"executable": "/bin/true", "argv": ["t"], "env": {}, "shell": 1}),
+    _define({"executable": "/bin/true", "argv": ["t"], "env": {}, "uid": 0}),
+    _define({"executable": "/bin/true", "argv": ["t"], "env": {"LISTEN_PID": "1"}}),
     {"id": 1, "op": "signal", "pid": 1, "signal": 0, "group": False},
     {"id": 1, "op": "signal", "pid": 1, "signal": 9, "group": "yes"},
     b"[" * 50000 + b"]" * 10000,
@@ -248,6 +291,8 @@ async def test_malformed_requests_get_error_replies() -> None:
     ours, theirs = socket.socketpair()
     with trio.fail_after(TIMEOUT), ours, theirs:
         async with raw_spawner() as raw:
+            reply, _ = await raw.request({"op": "define", "services": {"t": entry(["/bin/true"])}})
+            assert reply == {"id": raw._next_id, "ok": True}
             for message in MALFORMED:
                 await raw.send(message)
                 reply, fds = await raw.receive()
@@ -263,7 +308,7 @@ async def test_malformed_requests_get_error_replies() -> None:
             theirs.close()
             ours.settimeout(TIMEOUT)
             assert ours.recv(1) == b""  # no copy of `theirs` is left open anywhere
-            reply, [out] = await raw.request(spawn(["/bin/sh", "-c", "echo still here"]))
+            reply, [out] = await raw.start(["/bin/sh", "-c", "echo still here"])
             assert await read_all(out) == b"still here\n"
             assert await raw.exit_of(reply["pid"]) == 0
 
@@ -273,9 +318,9 @@ async def test_failed_exec_gets_no_exit_notice(exec_wait_ms: int) -> None:
     """A spawn that fails is answered once, with its error; its child's exit is not reported."""
     with trio.fail_after(TIMEOUT):
         async with raw_spawner(exec_wait_ms) as raw:
-            reply, fds = await raw.request(spawn(["/nonexistent/server"]))
+            reply, fds = await raw.start(["/nonexistent/server"])
             assert (reply["stage"], reply["errno"], fds) == ("exec", errno.ENOENT, [])
-            reply, [out] = await raw.request(spawn(["/bin/true"]))
+            reply, [out] = await raw.start(["/bin/true"])
             os.close(out)
             assert await raw.exit_of(reply["pid"]) == 0
             assert list(raw.exits) == [reply["pid"]]
@@ -287,8 +332,8 @@ async def test_closing_the_socket_kills_everything_and_the_spawner_exits(exec_wa
     with trio.fail_after(TIMEOUT):
         async with raw_spawner(exec_wait_ms) as raw:
             # The background sleep holds the output pipe too: EOF means both died.
-            reply, [out] = await raw.request(
-                spawn(["/bin/sh", "-c", "sleep 60 & echo started; wait"])
+            reply, [out] = await raw.start(
+                ["/bin/sh", "-c", "sleep 60 & echo started; wait"]
             )
             stream = trio.lowlevel.FdStream(out)
             async with stream:
@@ -304,7 +349,8 @@ async def test_leader_exit_kills_the_rest_of_its_group() -> None:
     """When a service's main process exits, what it left in its process group is killed."""
     with trio.fail_after(TIMEOUT):
         async with open_spawner() as spawner:
-            process = await spawner.spawn(
+            process = await start(
+                spawner,
                 executable="/bin/sh",
                 argv=["sh", "-c", "sleep 60 & echo started"],
                 env={"PATH": PATH},
@@ -317,34 +363,31 @@ async def test_leader_exit_kills_the_rest_of_its_group() -> None:
     assert lines == ["svc: started"]
 
 
-async def test_cancelled_spawn_leaves_no_process(tmp_path: Path) -> None:
+async def test_cancelled_spawn_leaves_no_process() -> None:
     """A spawn whose caller is cancelled while it waits for the reply kills what it started."""
-    pid_file = tmp_path / "pid"
     with trio.fail_after(TIMEOUT):
         async with open_spawner() as spawner:
+            sleeper = entry(["/bin/sleep", "60"])
+            await spawner.define({"sleeper": sleeper})
             with trio.CancelScope() as scope:
                 async with trio.open_nursery() as nursery:
 
-                    async def start() -> None:
-                        await spawner.spawn(
-                            executable="/bin/sh",
-                            argv=["sh", "-c", f"echo $$ > {pid_file}; exec sleep 60"],
-                            env={"PATH": PATH},
-                        )
+                    async def start_it() -> None:
+                        await spawner.spawn("sleeper")
                         raise AssertionError("the spawn was not cancelled")
 
-                    nursery.start_soon(start)
+                    nursery.start_soon(start_it)
                     await trio.testing.wait_all_tasks_blocked()
                     scope.cancel()
             assert scope.cancelled_caught
-            # The spawner went on to exec it; then it was killed.
-            process = await spawner.spawn(
-                executable="/bin/sh", argv=["sh", "-c", f"cat {pid_file}"], env={"PATH": PATH}
-            )
-            async with process.stdout:
-                pid = int((await process.stdout.receive_some()).strip())
+            # Requests are answered in order: once this one is, the cancelled
+            # spawn's reply has been seen and its process sent SIGKILL.
+            process = await start(spawner, executable="/bin/true", argv=["true"], env={})
+            children = Path(f"/proc/{spawner.pid}/task/{spawner.pid}/children").read_text()
+            for pid in {int(p) for p in children.split()} - {process.pid}:
+                await wait_gone(pid)
             await process.wait()
-            await wait_gone(pid)
+            await process.stdout.aclose()
 
 
 @pytest.mark.parametrize("user", [None, "nobody"])
@@ -366,7 +409,8 @@ async def test_losing_the_spawner_is_fatal(user: str | None) -> None:
 
     with trio.fail_after(TIMEOUT), pytest.raises(LaunchError, match="spawner exited"):
         async with open_spawner() as spawner, trio.open_nursery() as nursery:
-            process = await spawner.spawn(
+            process = await start(
+                spawner,
                 executable="/bin/sleep", argv=["sleep", "60"], env={"PATH": PATH}, **creds
             )
             nursery.start_soon(wait_for, process)
@@ -377,6 +421,103 @@ async def test_losing_the_spawner_is_fatal(user: str | None) -> None:
     with trio.fail_after(TIMEOUT):
         await wait_gone(process.pid)
     assert [str(exc) for exc in waited] == [f"pid {process.pid}: lost with lazyd's spawner"]
+
+
+async def test_a_sealed_table_takes_no_definitions() -> None:
+    """Once sealed, the spawner starts only the services in its table, as the table says."""
+    with trio.fail_after(TIMEOUT):
+        async with raw_spawner() as raw:
+            table = {"echo": entry(["/bin/echo", "from the table"])}
+            reply, _ = await raw.request({"op": "define", "services": table, "seal": True})
+            assert reply.get("ok"), reply
+            forged = {"echo": entry(["/bin/sh", "-c", "echo forged"])}
+            reply, _ = await raw.request({"op": "define", "services": forged})
+            assert reply["error"] == (
+                "request: the table of services is sealed; only a reload changes it"
+            )
+            reply, _ = await raw.request({"op": "spawn", "service": "sh", "env": {}})
+            assert reply["error"] == "request: unknown service 'sh'"
+            reply, [out] = await raw.request({"op": "spawn", "service": "echo", "env": {}})
+            assert await read_all(out) == b"from the table\n"
+            assert await raw.exit_of(reply["pid"]) == 0
+
+
+async def test_a_table_larger_than_one_message_is_sent_in_parts() -> None:
+    """A table too big for one message is defined in several, and sealed with the last."""
+    padding = {"PATH": PATH, "PADDING": "x" * 1000}
+    table = {f"svc{i}": entry(["/bin/echo", str(i)], env=padding) for i in range(300)}
+    with trio.fail_after(TIMEOUT):
+        async with open_spawner() as spawner:
+            await spawner.define(table, seal=True)
+            assert spawner.sealed
+            process = await spawner.spawn("svc299")
+            async with process.stdout:
+                assert await process.stdout.receive_some() == b"299\n"
+            assert await process.wait() == 0
+            with pytest.raises(SpawnError, match="sealed"):
+                await spawner.define({"svc0": entry(["/bin/sh"])})
+
+
+async def test_reload_reads_the_table_from_the_config_file(tmp_path: Path) -> None:
+    """A reload makes the spawner read the config file itself, taking effect on commit;
+    a bad file changes nothing."""
+    config = tmp_path / "lazyd.yaml"
+
+    def write(command: str) -> None:
+        config.write_text(
+            f"services:\n  svc:\n    command: {command}\n    user: nobody\n"
+            "    sockets: {s: unix:/nonexistent/s.sock}\n"
+        )
+
+    write("/bin/echo first")
+    with trio.fail_after(TIMEOUT):
+        async with open_spawner() as spawner:
+            await spawner.define({}, config=str(config), path=PATH, seal=True)
+            with pytest.raises(SpawnError, match="unknown service 'svc'"):
+                await spawner.spawn("svc")
+            assert await spawner.reload() == ["svc"]
+            with pytest.raises(SpawnError, match="unknown service 'svc'"):
+                await spawner.spawn("svc")  # read, not yet committed
+            await spawner.commit()
+            process = await spawner.spawn("svc")
+            async with process.stdout:
+                assert await process.stdout.receive_some() == b"first\n"
+            assert await process.wait() == 0
+            config.write_text("services: [")
+            with pytest.raises(SpawnError) as caught:
+                await spawner.reload()
+            assert caught.value.stage == "reload"
+            assert caught.value.problems[0].startswith(f"{config}:1:")
+            with pytest.raises(SpawnError, match="no table read by a reload to commit"):
+                await spawner.commit()
+            write("/bin/echo second")
+            assert await spawner.reload() == ["svc"]
+            await spawner.commit()
+            process = await spawner.spawn("svc")
+            async with process.stdout:
+                assert await process.stdout.receive_some() == b"second\n"
+            assert await process.wait() == 0
+
+
+async def test_a_reload_replaces_one_that_hangs(tmp_path: Path) -> None:
+    """A reload whose reader hangs (a config nobody writes) is replaced by the next one."""
+    config = tmp_path / "lazyd.yaml"
+    os.mkfifo(config)  # opening it for reading blocks: a config on a hung mount
+    with trio.fail_after(TIMEOUT):
+        async with raw_spawner() as raw:
+            header = {"op": "define", "services": {}, "config": str(config), "seal": True}
+            assert (await raw.request(header))[0].get("ok")
+            await raw.send({"id": 1, "op": "reload"})
+            config.unlink()
+            config.write_text(
+                "services:\n  svc:\n    command: /bin/true\n    user: nobody\n"
+                "    sockets: {s: unix:/nonexistent/s.sock}\n"
+            )
+            await raw.send({"id": 2, "op": "reload"})
+            reply, _ = await raw.reply(1)
+            assert reply["error"] == "reload: replaced by a newer reload"
+            reply, _ = await raw.reply(2)
+            assert reply == {"id": 2, "ok": True, "services": ["svc"]}
 
 
 async def test_current_spawner() -> None:
