@@ -4,6 +4,7 @@ requests, and stop cleanly on SIGTERM/SIGINT."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import os
 import signal
@@ -118,6 +119,7 @@ class Daemon:
             return await self._reload()
         finally:
             self._reloading = False
+            _trim_memory()
             systemd.notify("READY=1")
 
     async def _reload(self) -> list[str]:
@@ -394,6 +396,7 @@ async def serve(
                 f"for {_plural(len(config.services), 'service')}"
             )
             systemd.notify(f"READY=1\nSTATUS=holding {_plural(held, 'socket')}")
+            _trim_memory()
             task_status.started(daemon)
             await daemon.stopped.wait()
             nursery.cancel_scope.cancel()
@@ -515,3 +518,15 @@ def _unlink_quietly(path: str) -> None:
 
 
 __all__ = ["Daemon", "serve", "stderr_log"]
+
+
+def _trim_memory() -> None:
+    """Give the heap that parsing the config and binding left free back to the
+    system: an idle daemon is mostly what it holds on to after start-up
+    (about 1 MB of its 30 here).  glibc only; elsewhere this does nothing."""
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)

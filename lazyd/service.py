@@ -416,9 +416,17 @@ class ServiceRunner:
             readable: list[str] = []
             with trio.CancelScope() as scope:
                 self._watch_scope = scope
-                async with trio.open_nursery() as nursery:
-                    for sc, sock in zip(self.config.sockets, self.sockets, strict=True):
-                        nursery.start_soon(_wait_readable, sock, sc.name, readable, nursery)
+                if len(self.sockets) == 1:
+                    # Most services have one socket: wait here, without a
+                    # nursery and a task (per idle service, they would be a
+                    # fair part of an idle daemon's memory).
+                    await _wait_readable(self.sockets[0], self.config.sockets[0].name, readable)
+                else:
+                    async with trio.open_nursery() as nursery:
+                        for sc, sock in zip(self.config.sockets, self.sockets, strict=True):
+                            nursery.start_soon(
+                                _wait_readable, sock, sc.name, readable, nursery.cancel_scope
+                            )
             self._watch_scope = None
             if self.closing:
                 self._armed = trio.Event()  # shutting down: traffic stays queued
@@ -515,11 +523,12 @@ async def _first_of(events: Sequence[trio.Event]) -> None:
 
 
 async def _wait_readable(
-    sock: socket.socket, name: str, readable: list[str], nursery: trio.Nursery
+    sock: socket.socket, name: str, readable: list[str], done: trio.CancelScope | None = None
 ) -> None:
     try:
         await trio.lowlevel.wait_readable(sock)
     except trio.ClosedResourceError:
         return  # a reload closed it; the watcher starts over with the new set
     readable.append(name)
-    nursery.cancel_scope.cancel()
+    if done is not None:
+        done.cancel()
