@@ -8,7 +8,8 @@ exact times, and lets hypothesis look for sequences that break the promises:
 
 - at most one process per service, and no spawn before the last one is reaped;
 - lazyd watches the sockets exactly while the service is idle;
-- no more than `start_limit` starts within `start_limit_interval`;
+- no more than `start_limit` starts within `start_limit_interval` (a start
+  that became ready and that lazyd stopped on purpose does not count);
 - a service never waits forever: every non-idle state has a way out.
 
     idle ──Start──▶ starting ──Ready──▶ running
@@ -21,6 +22,7 @@ exact times, and lets hypothesis look for sequences that break the promises:
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import signal
 from collections import deque
@@ -196,6 +198,8 @@ class Lifecycle:
         self.last: Activation | None = None
         self.deadline: float | None = None
         self._starts: deque[float] = deque()
+        self._started_at = now  # when the current process's start was counted
+        self._was_ready = False  # the current process became ready
         self._reason = ""
         self._trigger = now
         self._spawned: float | None = None
@@ -265,6 +269,8 @@ class Lifecycle:
             actions.append(DropHeld(text))
             return
         self._starts.append(now)
+        self._started_at = now
+        self._was_ready = False
         self.state = State.STARTING
         self.process = True
         self.pid = None
@@ -315,6 +321,7 @@ class Lifecycle:
 
     def _become_ready(self, now: float, actions: list[Action]) -> None:
         self.state = State.RUNNING
+        self._was_ready = True
         self._ready_at = None
         self._timeout_at = None
         self._restarts_in_a_row = 0
@@ -333,7 +340,14 @@ class Lifecycle:
                 actions.append(Log(f"stopped ({self._stop_reason}): {how}"))
             failed = self._start_failed
             if self._stop_reason is not None and not failed:
-                # Stopped on purpose: idle until the next traffic.
+                # Stopped on purpose: idle until the next traffic.  A start
+                # that became ready and that lazyd itself ended (idle, reload)
+                # is no part of a crash loop: it stops counting towards the
+                # start limit, or a service used just more often than its
+                # idle_timeout would end up `failed`.
+                if self._was_ready:
+                    with contextlib.suppress(ValueError):
+                        self._starts.remove(self._started_at)
                 self._go_idle(actions)
                 return
             self._after_exit(failed=failed, now=now, actions=actions)

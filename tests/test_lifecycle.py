@@ -300,6 +300,24 @@ def test_start_limit_five_starts_then_failed_for_the_interval() -> None:
     assert machine.handle(Start(), 15.0) == [Spawn(), Unwatch()]
 
 
+def test_idle_stops_do_not_count_towards_the_start_limit() -> None:
+    """A start that became ready and was stopped on purpose (idle) is forgiven; an exit is not."""
+    machine = begun(config(start_limit=2, start_limit_interval=10.0))
+    for i in range(5):  # used every second, stopped idle in between: never failed
+        assert machine.handle(Start(), float(i)) == [Spawn(), Unwatch()]
+        machine.handle(Spawned(i), float(i))  # ready: started
+        machine.handle(Stop("idle"), i + 0.5)
+        machine.handle(Exited(-15), i + 0.6)
+        assert machine.state is State.IDLE
+    # Exits of their own still count: two of them fill the window.
+    for i in range(5, 7):
+        assert machine.handle(Start(), float(i)) == [Spawn(), Unwatch()]
+        machine.handle(Spawned(i), float(i))
+        machine.handle(Exited(0), i + 0.5)
+    assert machine.handle(Start(), 7.0)[0] == Log(
+        "failed: 2 starts within 10 s; not starting again for 10 s")
+
+
 def test_start_limit_window_is_half_open() -> None:
     """A start exactly start_limit_interval after the oldest one no longer counts that one."""
     machine = begun(config(start_limit=2, start_limit_interval=10.0))
@@ -505,6 +523,7 @@ class LifecycleWorld(RuleBasedStateMachine):
         self.attempt_open = False  # a Spawn was made; held traffic not yet released or dropped
         self.records = 0  # Activation records of the current attempt
         self.stopped = False  # Stop came, and no Start was taken since
+        self.stopped_when_ready: float | None = None  # spawn time of a process stopped ready
 
     @initialize()
     def begin(self) -> None:
@@ -616,7 +635,13 @@ class LifecycleWorld(RuleBasedStateMachine):
     def exited(self, returncode: int) -> None:
         self.outside = None
         self.pid = None
+        was = self.machine.state
         self.send(Exited(returncode))
+        if (was is State.STOPPING and self.machine.state is State.IDLE
+                and self.stopped_when_ready == self.spawn_at):
+            # Ready, then stopped on purpose: that start no longer counts.
+            self.spawn_times.remove(self.spawn_at)
+        self.stopped_when_ready = None
 
     @rule(event=st.sampled_from([Spawned(7), SpawnFailed("late"), Ready(), Exited(0)]))
     def stale(self, event: Event) -> None:
@@ -634,6 +659,8 @@ class LifecycleWorld(RuleBasedStateMachine):
     def stop(self, reason: str) -> None:
         was = self.machine.state
         self.stopped = True
+        if was is State.RUNNING:
+            self.stopped_when_ready = self.spawn_at
         self.send(Stop(reason))
         if was in (State.STARTING, State.RUNNING):
             assert self.machine.state is State.STOPPING
