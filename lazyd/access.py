@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from lazyd.logs import ThrottledLog
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 LogFn = Callable[[str], None]
@@ -127,10 +129,7 @@ class Access:
         self.max_per_source = max_per_source
         self.refused = 0  # connections and datagrams refused, since the runner began
         self.open: dict[IPAddress, int] = {}  # held + forwarded connections per address
-        self._log = log
-        self._clock = clock
-        self._quiet_until = -float("inf")
-        self._unreported = 0
+        self._log = ThrottledLog(log, REPORT_INTERVAL, clock)
 
     def gate(
         self, socket_name: str, allow: Sequence[Network] | None = None,
@@ -146,15 +145,8 @@ class Access:
     def refuse(self, what: str, address: IPAddress, socket_name: str, why: str) -> None:
         """Count a refusal; log it if the log has been quiet for REPORT_INTERVAL."""
         self.refused += 1
-        now = self._clock()
-        if now < self._quiet_until:
-            self._unreported += 1
-            return
-        more = self._unreported
-        since = f"; {more} more refused since the last report" if more else ""
-        self._log(f"{self.name}: refused {what} from {address} on {socket_name} ({why}){since}")
-        self._quiet_until = now + REPORT_INTERVAL
-        self._unreported = 0
+        self._log.say(f"{self.name}: refused {what} from {address} on {socket_name} ({why})",
+                      "more refused")
 
 
 class Gate:

@@ -26,10 +26,12 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Callable
-from typing import Any, Literal, TextIO
+from typing import TYPE_CHECKING, Any, Literal, TextIO
 
-from lazyd.starts import StartRecord
+if TYPE_CHECKING:  # lazyd.config imports this module through lazyd.access
+    from lazyd.starts import StartRecord
 
 LogFormat = Literal["text", "json"]
 FORMATS: tuple[LogFormat, ...] = ("text", "json")
@@ -202,3 +204,33 @@ def activation_fields(record: StartRecord) -> dict[str, Any]:
 def activation_level(record: StartRecord) -> Level:
     """A start that failed or timed out is an error; a ready one is information."""
     return Level.INFO if record.ready is not None else Level.ERR
+
+
+class ThrottledLog:
+    """Lines about something anyone may cause over and over (a scan refused,
+    junk sent to a notify socket): the first is logged, then at most one every
+    `interval` seconds, saying how many were not.  Counting is cheap and the
+    log stays readable whatever the rate."""
+
+    def __init__(
+        self, log: Callable[[str], None], interval: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._log = log
+        self._interval = interval
+        self._clock = clock
+        self._quiet_until = -float("inf")
+        self._unreported = 0
+
+    def say(self, line: str, what: str = "more") -> None:
+        """Log `line`, or count it if a line went out less than `interval` ago;
+        a logged line ends with how many were counted since (`N more ...`)."""
+        now = self._clock()
+        if now < self._quiet_until:
+            self._unreported += 1
+            return
+        if self._unreported:
+            line += f"; {self._unreported} {what} since the last report"
+        self._log(line)
+        self._quiet_until = now + self._interval
+        self._unreported = 0

@@ -47,7 +47,13 @@ from lazyd.lifecycle import (
     Unwatch,
     Watch,
 )
-from lazyd.logs import activation_fields, activation_level, lifecycle_level, log_at
+from lazyd.logs import (
+    ThrottledLog,
+    activation_fields,
+    activation_level,
+    lifecycle_level,
+    log_at,
+)
 from lazyd.notify import NotifySocket, belongs_to, open_notify_socket
 from lazyd.proxy import StreamProxy, wait_connectable
 from lazyd.sockets import accept_queue_length
@@ -484,22 +490,27 @@ class ServiceRunner:
             await stream.aclose()
 
     async def _run_notify(self, notify: NotifySocket) -> None:
+        # Any local process can write to the socket (an abstract name has no
+        # file mode): what it sends is logged once per sender, and no sender,
+        # however many pids it uses, can flood the log.
         warned: set[int] = set()
+        junk, foreign = ThrottledLog(self.options.log), ThrottledLog(self.options.log)
         while True:
             try:
                 message = await notify.receive()
             except ValueError as exc:
-                self.options.log(f"{self.name}: ignoring malformed notify message: {exc}")
+                junk.say(f"{self.name}: ignoring malformed notify message: {exc}", "more ignored")
                 continue
             main = self.main_pid
             if main is None or not belongs_to(message.pid, main):
                 if message.pid not in warned:
-                    if len(warned) < 64:  # warn once per sender, within bounds
+                    line = (f"{self.name}: ignoring notify message from pid {message.pid}, "
+                            "which is not one of the service's processes")
+                    if len(warned) < 64:  # once per sender, for the first 64 senders
                         warned.add(message.pid)
-                    self.options.log(
-                        f"{self.name}: ignoring notify message from pid {message.pid}, "
-                        "which is not one of the service's processes"
-                    )
+                        self.options.log(line)
+                    else:
+                        foreign.say(line, "more ignored")
                 continue
             if message.status is not None:
                 self.status_text = message.status

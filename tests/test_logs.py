@@ -35,6 +35,7 @@ from lazyd.lifecycle import (
 from lazyd.logs import (
     Level,
     Logger,
+    ThrottledLog,
     activation_fields,
     activation_level,
     journal_stream,
@@ -356,3 +357,20 @@ async def test_under_journald_every_line_has_a_priority(tmp_path: Path) -> None:
     assert any(line.startswith("<6>lines: ready in") for line in lines)
     assert "<3>broken: exited with status 3 before it was ready" in lines
     assert any(line.startswith("<3>broken: start failed") for line in lines)
+
+
+def test_throttled_log_says_the_first_then_one_per_interval_with_the_count() -> None:
+    """ThrottledLog: the first line goes out, the rest of a burst is counted and reported
+    with the next line once the interval has passed."""
+    lines: list[str] = []
+    now = [0.0]
+    log = ThrottledLog(lines.append, 10.0, clock=lambda: now[0])
+    for i in range(5):
+        now[0] = i
+        log.say(f"junk {i}", "more ignored")
+    assert lines == ["junk 0"]
+    now[0] = 10.0
+    log.say("junk 10", "more ignored")
+    now[0] = 20.0
+    log.say("junk 20")
+    assert lines == ["junk 0", "junk 10; 4 more ignored since the last report", "junk 20"]
