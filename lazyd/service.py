@@ -74,8 +74,24 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms"
 
 
-def format_activation(name: str, record: Activation, waiting: int | None) -> str:
-    """The one log line written for each start attempt."""
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def describe_waiting(connections: int | None, datagrams: int | None) -> str | None:
+    """`17 connections waiting`, `3 datagrams waiting`, or both; None when
+    neither could be counted (a pass-mode datagram socket)."""
+    parts = []
+    if connections is not None and (connections or not datagrams):
+        parts.append(_count(connections, "connection"))
+    if datagrams is not None and (datagrams or connections is None):
+        parts.append(_count(datagrams, "datagram"))
+    return f"{' and '.join(parts)} waiting" if parts else None
+
+
+def format_activation(name: str, record: Activation, waiting: str | None) -> str:
+    """The one log line written for each start attempt; `waiting` as from
+    `describe_waiting`."""
     if record.outcome is Outcome.READY:
         assert record.ready is not None and record.spawned is not None
         text = (
@@ -84,7 +100,7 @@ def format_activation(name: str, record: Activation, waiting: int | None) -> str
             f"readiness {_ms(record.ready - record.spawned)})"
         )
         if waiting is not None:
-            text += f", {waiting} connection{'s' if waiting != 1 else ''} waiting"
+            text += f", {waiting}"
         return text
     return f"{name}: start {record.outcome.value} ({record.reason})"
 
@@ -156,6 +172,14 @@ class ServiceRunner:
         counts = [accept_queue_length(s) for s in self.sockets]
         known = [c for c in counts if c is not None]
         return sum(known) if known else None
+
+    def _waiting_text(self) -> str | None:
+        if not self.proxies:
+            return describe_waiting(self.queued(), None)
+        streams = [p.waiting for p in self.proxies if not isinstance(p, DatagramProxy)]
+        datagrams = [p.waiting for p in self.proxies if isinstance(p, DatagramProxy)]
+        return describe_waiting(sum(streams) if streams else None,
+                                sum(datagrams) if datagrams else None)
 
     def active(self) -> int | None:
         """Open proxied connections and datagram flows (proxy mode only)."""
@@ -278,7 +302,7 @@ class ServiceRunner:
                             self._nursery_soon(self._watch_first_accept, record)
                     self.history.append(record)
                     log_at(self.options.log, activation_level(record),
-                           format_activation(self.name, action, record.held),
+                           format_activation(self.name, action, self._waiting_text()),
                            **activation_fields(record))
                     if self.options.on_activation is not None:
                         self.options.on_activation(self.name, record)

@@ -101,7 +101,7 @@ class LazydProcess:
         """Poll status until the service reaches a state (status is the only view in)."""
         with trio.fail_after(timeout):
             while True:
-                svc = (await self.status())[service]
+                svc: dict[str, Any] = (await self.status())[service]
                 if svc["state"] == state:
                     return svc
                 await trio.sleep(0.02)

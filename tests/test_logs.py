@@ -43,6 +43,7 @@ from lazyd.logs import (
     log_at,
     split_service,
 )
+from lazyd.service import describe_waiting
 from lazyd.starts import StartRecord
 from tests.conftest import PY, free_port, program
 
@@ -374,3 +375,19 @@ def test_throttled_log_says_the_first_then_one_per_interval_with_the_count() -> 
     now[0] = 20.0
     log.say("junk 20")
     assert lines == ["junk 0", "junk 10; 4 more ignored since the last report", "junk 20"]
+
+
+@pytest.mark.parametrize(("connections", "datagrams", "text"), [
+    (17, None, "17 connections waiting"),
+    (1, None, "1 connection waiting"),
+    (0, None, "0 connections waiting"),
+    (None, 3, "3 datagrams waiting"),
+    (2, 5, "2 connections and 5 datagrams waiting"),
+    (0, 1, "1 datagram waiting"),
+    (None, None, None),
+])
+def test_the_ready_line_names_what_waited(
+    connections: int | None, datagrams: int | None, text: str | None
+) -> None:
+    """The ready line counts connections and datagrams each by its own name."""
+    assert describe_waiting(connections, datagrams) == text

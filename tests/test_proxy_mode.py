@@ -160,6 +160,8 @@ async def test_udp_datagrams_before_the_service_exists_reach_it_per_client(
                 assert len({data.split(b" ")[1] for data, _ in replies}) == 1
             status = (await lz.status())["quic"]
             assert status["activations"] == 1 and status["active"] == 2
+            line = await lz.wait_line(r"^quic: ready in")
+            assert line.endswith(", 10 datagrams waiting"), line
         finally:
             for c in clients:
                 c.close()
