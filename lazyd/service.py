@@ -485,7 +485,8 @@ class ServiceRunner:
         try:
             process = await launch.open_service_process(spec)
         except LaunchError as exc:
-            self.dispatch(SpawnFailed(str(exc)))
+            # The log line gets the service's name in front anyway.
+            self.dispatch(SpawnFailed(str(exc).removeprefix(f"{self.name}: ")))
             return
         self.process = process
         self.main_pid = process.pid
