@@ -15,8 +15,9 @@ every run, interleaved, the order rotating every round:
 - lazyd (proxy): lazyd accepts and holds the connections; the service binds
   its own port after 1 s; lazyd's `ready: connect` probe finds it and every
   held connection is forwarded.  Once `queue_limit` connections are held
-  (1024 by default) lazyd stops accepting and the kernel's accept queue holds
-  the rest; a second row sets queue_limit to the flood's size.
+  (16384 by default) lazyd stops accepting and the kernel's accept queue holds
+  the rest; a second row sets queue_limit to 4096 (somaxconn here), so that
+  the kernel's queue has to take over part of the flood.
 - lazyd (pass): real socket activation; the service takes the listening socket
   at fd 3 and serves from it after 1 s.  Until then only the kernel's accept
   queue (min(backlog, net.core.somaxconn)) holds connections; SYNs past it
@@ -88,6 +89,7 @@ SYSCTLS = ("net.core.somaxconn", "net.ipv4.tcp_max_syn_backlog", "net.ipv4.tcp_s
            "net.ipv4.ip_local_port_range")
 # What the flood must look like behind lazyd's proxy mode.
 TARGET_AFTER_READY = 0.5
+SMALL_QUEUE = 4096  # the second lazyd (proxy) row's queue_limit
 SETUPS = ("direct", "lazyd-proxy", "lazyd-proxy-queue", "lazyd-pass", "proxyd")
 
 
@@ -95,7 +97,7 @@ def label(setup: str, connections: int) -> str:
     return {
         "direct": "direct (the service already running; no activator)",
         "lazyd-proxy": "lazyd (proxy)",
-        "lazyd-proxy-queue": f"lazyd (proxy), queue_limit {connections}",
+        "lazyd-proxy-queue": f"lazyd (proxy), queue_limit {SMALL_QUEUE}",
         "lazyd-pass": "lazyd (pass)",
         "proxyd": "systemd-socket-activate + systemd-socket-proxyd",
     }[setup]
@@ -158,7 +160,7 @@ def start(setup: str, tmp: Path, run: int, backend: Path,
             service = lazyd_service("flood", [str(backend), "--fd", *delay],
                                     f"main: 'tcp://{HOST}:{port}'", mode="pass")
         else:
-            extra = [f"queue_limit: {connections}"] if setup == "lazyd-proxy-queue" else []
+            extra = [f"queue_limit: {SMALL_QUEUE}"] if setup == "lazyd-proxy-queue" else []
             service = lazyd_service("flood", bind, proxy_socket(port, upstream), *extra)
         config = tmp / f"lazyd-{run}.yaml"
         config.write_text(f"control: unix:{tmp / f'control-{run}.sock'}\nservices:\n{service}")

@@ -105,7 +105,10 @@ class ServiceConfig:
     start_limit_interval: float = 10.0
     requires: tuple[str, ...] = ()
     activate: Activate = Activate.LAZY
-    queue_limit: int = 4096  # as net.core.somaxconn: a flood this size is not refused
+    # A held connection costs one fd and no task; past this many the kernel's
+    # backlog (somaxconn, often 4096) holds the rest, and past that SYNs are
+    # dropped and retried a second later.
+    queue_limit: int = 16384
     datagram_queue_limit: int = 1024
     idle_timeout: float | None = None  # proxy mode only
     max_connections: int | None = None  # proxy: open forwarded connections at most

@@ -4,9 +4,10 @@ both ways.
 
 The point is the first connections.  systemd-socket-proxyd connects to the
 backend as soon as a client arrives and resets the client when nothing listens
-yet.  StreamProxy accepts, keeps the connection (and up to HOLD_LIMIT bytes
-the client already sent) until the runner calls `release()`, and only then
-connects.  Nobody is refused and nobody has to retry.
+yet.  StreamProxy accepts, keeps the connection (what the client already
+sent stays in the kernel's receive buffer) until the runner calls
+`release()`, and only then connects.  Nobody is refused and nobody has to
+retry.
 
     accept ──> held (bounded: queue_limit) ──release()──> forwarded (max_connections)
                  │                                          │
@@ -91,6 +92,12 @@ POLL_EVENTS = 256
 FLOW_TURNS = 16
 # How often, at most, the fds in use are counted near the limit.
 FD_RECOUNT = 0.05
+# Once the service has closed its side, the client gets this long without
+# sending anything before lazyd closes the connection (HAProxy's "timeout
+# client-fin"): a client that never closes would otherwise hold two fds and
+# keep an idle service running for ever.  Sending resets it, so an upload
+# that goes on after the reply is not cut.
+HALF_CLOSED_TIMEOUT = 60.0
 _WATCH_HELD = select.EPOLLRDHUP | select.EPOLLET  # the client hanging up only
 _WATCH_OPEN = select.EPOLLIN | select.EPOLLOUT | select.EPOLLET
 SPLICE_AFTER = 2 * CHUNK
@@ -312,8 +319,8 @@ HELD, CONNECTING, OPEN, CLOSED = range(4)
 class _Connection:
     """One accepted client, from held to closed."""
 
-    __slots__ = ("_client", "attempt", "backoff", "client_fd", "family", "inbound", "outbound",
-                 "peer", "started", "state", "syn_wait", "upstream", "upstream_fd")
+    __slots__ = ("_client", "attempt", "backoff", "client_fd", "family", "inbound", "last_in",
+                 "outbound", "peer", "started", "state", "syn_wait", "upstream", "upstream_fd")
 
     def __init__(self, family: int, client_fd: int, peer: Any,
                  client: socket.socket | None = None) -> None:
@@ -332,6 +339,7 @@ class _Connection:
         self.started = 0.0  # when the first connect began
         self.syn_wait = FIRST_SYN_WAIT
         self.backoff = 0.001  # between connects a full Unix backlog refused
+        self.last_in = 0.0  # half-closed by the service: when the client last sent
 
     @property
     def client(self) -> socket.socket:
@@ -464,8 +472,8 @@ class StreamProxy(Forwarder):
     it).  run() makes it non-blocking and gives it back in the mode it found
     it in, since O_NONBLOCK lives on the open file description a service
     would share in pass mode.  `on_traffic()` is called for each connection
-    accepted while not ready.  `clock` stamps `first_byte_at` and `last_active_change`.  Build it
-    inside trio.run().
+    accepted while not ready.  `clock` stamps `first_byte_at` and
+    `last_active_change`.  Build it inside trio.run().
     """
 
     def __init__(
@@ -481,6 +489,7 @@ class StreamProxy(Forwarder):
         on_traffic: Callable[[], None],
         log: LogFn,
         clock: Clock = trio.current_time,
+        half_closed_timeout: float = HALF_CLOSED_TIMEOUT,
     ) -> None:
         if queue_limit < 1:
             raise ValueError("queue_limit must be at least 1")
@@ -497,6 +506,7 @@ class StreamProxy(Forwarder):
         self.max_connections = max_connections
         self.proxy_protocol = proxy_protocol
         self.gate = gate  # allow/deny and max_connections_per_source, if any
+        self.half_closed_timeout = half_closed_timeout
         self.on_traffic = on_traffic
         self.log = log
         self.clock = clock
@@ -887,6 +897,20 @@ class StreamProxy(Forwarder):
                 self._pump()
             elif conn.state == CONNECTING and conn.attempt == attempt:
                 self._connect_timer(conn)
+            elif conn.state == OPEN:
+                self._half_closed_timer(conn, now)
+
+    def _half_closed_timer(self, conn: _Connection, now: float) -> None:
+        """Close a connection the service has finished with and whose client
+        has sent nothing for half_closed_timeout (else look again later)."""
+        inbound, outbound = conn.inbound, conn.outbound
+        if inbound is None or outbound is None or not outbound.done or inbound.done:
+            return  # a stale timer, or nothing half-closed about it
+        quiet_until = conn.last_in + self.half_closed_timeout
+        if now < quiet_until:
+            self._at(quiet_until, conn)
+        else:
+            self._close(conn)
 
     def _flow(self, conn: _Connection, flow: _Flow) -> None:
         """Move what can be moved now, src -> dst, until either would block;
@@ -894,6 +918,8 @@ class StreamProxy(Forwarder):
         the flow is taken up again without a new event)."""
         if flow.done:
             return
+        if flow.inbound and conn.outbound is not None and conn.outbound.done:
+            conn.last_in = trio.current_time()  # the client still has something to say
         try:
             for _ in range(FLOW_TURNS):
                 if not self._flow_turn(flow):
@@ -914,6 +940,9 @@ class StreamProxy(Forwarder):
             # EOF from src: pass the half-close on and let the other
             # direction finish (the reply to a request that ended with SHUT_WR).
             _shutdown_write(flow.dst)
+            if not flow.inbound:
+                conn.last_in = trio.current_time()
+                self._at(conn.last_in + self.half_closed_timeout, conn)
 
     def _flow_turn(self, flow: _Flow) -> bool:
         """One round of a flow: False once it would block, or is done."""

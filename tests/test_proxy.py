@@ -517,7 +517,8 @@ async def test_unready_reports_connections_still_waiting_for_a_slot(
 
 
 async def test_more_than_the_hold_limit_arrives_intact(sockets: list[socket.socket]) -> None:
-    """A client sending 1 MB while held (past the 64 KiB read limit) has all of it delivered."""
+    """A client sending 1 MB while held (more than its receive buffer holds) has all of it
+    delivered once released."""
     listener = tcp_listener(sockets)
     upstream = tcp_upstream()
     payload = os.urandom(1 << 20)
@@ -568,6 +569,48 @@ async def test_client_reset_closes_the_upstream_side(sockets: list[socket.socket
             await ended.wait()
             while proxy.active:
                 await proxy.activity_changed.wait()
+
+
+async def test_a_client_that_never_closes_after_the_service_did_is_closed_in_time(
+    sockets: list[socket.socket],
+) -> None:
+    """Once the service has closed, a client that sends nothing more is closed after
+    half_closed_timeout, and the connection no longer counts as active; one that keeps
+    sending keeps it open."""
+    listener = tcp_listener(sockets)
+    upstream = tcp_upstream()
+    received: list[bytes] = []
+    both_ended = trio.Event()
+
+    async def reply_half_close_and_read(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"bye\n")
+        await stream.send_eof()
+        received.append(await read_all(stream))
+        if len(received) == 2:
+            both_ended.set()
+
+    with trio.fail_after(TIMEOUT):
+        async with running(listener, upstream, half_closed_timeout=0.3) as (proxy, _rec), \
+                backend(upstream, reply_half_close_and_read):
+            proxy.release()
+            async with await connect(listener) as quiet:
+                assert await read_all(quiet) == b"bye\n"  # EOF from the service
+                start = trio.current_time()
+                # Never closed by this client: lazyd ends it.
+                while proxy.active:
+                    await proxy.activity_changed.wait()
+                assert 0.25 <= trio.current_time() - start < 2
+            async with await connect(listener) as talker:
+                assert await read_all(talker) == b"bye\n"
+                for _ in range(8):  # 0.8 s of sending, never 0.3 s quiet
+                    await talker.send_all(b"more ")
+                    await trio.sleep(0.1)
+                assert proxy.active == 1
+                await talker.send_eof()
+                while proxy.active:
+                    await proxy.activity_changed.wait()
+            await both_ended.wait()
+            assert received == [b"", b"more " * 8]
 
 
 async def test_unready_holds_new_connections_again(sockets: list[socket.socket]) -> None:
