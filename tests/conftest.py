@@ -161,6 +161,18 @@ async def run_lazyd(
             nursery.cancel_scope.cancel()
 
 
+async def exchange(port: int, payload: bytes, host: str = "127.0.0.1") -> bytes:
+    """Connect over TCP, send, half-close, and read the whole answer."""
+    stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        await stream.send_all(payload)
+        await stream.send_eof()
+        chunks = []
+        while data := await stream.receive_some(65536):
+            chunks.append(data)
+    return b"".join(chunks)
+
+
 def yaml_quote(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 

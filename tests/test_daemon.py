@@ -12,23 +12,12 @@ from pathlib import Path
 
 import trio
 
-from tests.conftest import PROGRAMS, PY, free_port, program, run_lazyd
+from tests.conftest import PROGRAMS, PY, exchange, free_port, program, run_lazyd
 from tests.conftest import alive as _alive
 
 PROXYD = "/lib/systemd/systemd-socket-proxyd"
 SYSTEM_PY = "/usr/bin/python3"
 
-
-async def _exchange(port: int, payload: bytes, host: str = "127.0.0.1") -> bytes:
-    """Connect, send, half-close, and read the whole answer."""
-    stream = await trio.open_tcp_stream(host, port)
-    async with stream:
-        await stream.send_all(payload)
-        await stream.send_eof()
-        chunks = []
-        while data := await stream.receive_some(65536):
-            chunks.append(data)
-    return b"".join(chunks)
 
 
 async def _echo_server(
@@ -122,7 +111,7 @@ services:
     try:
         async with run_lazyd(tmp_path, config) as lz:
             with trio.fail_after(10):
-                assert await _exchange(http, b"") == b"reported\n"
+                assert await exchange(http, b"") == b"reported\n"
             await lz.wait_line(r"^blog: exited with status 0")
         data = json.loads(report.read_text())
     finally:
@@ -158,7 +147,7 @@ services:
         answers: list[bytes] = []
 
         async def client(i: int) -> None:
-            answers.append(await _exchange(port, b"hello %d\n" % i))
+            answers.append(await exchange(port, b"hello %d\n" % i))
 
         with trio.fail_after(15):
             async with trio.open_nursery() as nursery:
@@ -309,7 +298,7 @@ services:
         assert idle == {**idle, "state": "idle", "pid": None, "activations": 0,
                         "queued": 0, "last_start_ms": None}
         assert "active" in idle
-        assert await _exchange(port, b"x\n")
+        assert await exchange(port, b"x\n")
         await lz.wait_line(r"^lines: ready in")
         result = await trio.run_process(
             [PY, "-m", "lazyd", "status", "--control", lz.control_path], capture_stdout=True

@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from lazyd import control
-from tests.conftest import LazydProcess, free_port, program, run_lazyd, yaml_quote
+from tests.conftest import LazydProcess, exchange, free_port, program, run_lazyd, yaml_quote
 from tests.conftest import alive as _alive
 from tests.test_metrics import scrape, value
 
@@ -145,16 +145,6 @@ def _proxy(name: str, command: str, port: int, upstream: int, *extra: str) -> st
     return "services:\n" + "\n".join(lines) + "\n"
 
 
-async def _exchange(port: int, line: bytes) -> bytes:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        await stream.send_all(line)
-        await stream.send_eof()
-        answer = b""
-        while chunk := await stream.receive_some(65536):
-            answer += chunk
-    return answer
-
 
 async def _read_to_end(stream: trio.SocketStream) -> bytes:
     """Everything until EOF; a reset counts as the end too (the client was told)."""
@@ -202,7 +192,7 @@ async def test_silent_client_is_closed_when_the_backend_times_it_out(tmp_path: P
     port, upstream = free_port(), free_port()
     command = program("stall_backend.py", f"127.0.0.1:{upstream}", "--read-timeout", "0.3")
     async with run_lazyd(tmp_path, _proxy("strict", command, port, upstream)) as lz:
-        assert (await _exchange(port, b"warm\n")).endswith(b" warm\n")
+        assert (await exchange(port, b"warm\n")).endswith(b" warm\n")
         await _wait_idle_connections(lz, "strict")
         before = await _settled_fds(lz.process.pid)
         streams = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(5)]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.conftest import free_port, program, run_lazyd
+from tests.conftest import exchange, free_port, program, run_lazyd
 
 LIMIT = 64
 CLIENTS = 150  # each held client costs lazyd one fd, each forwarded one two
@@ -30,16 +30,6 @@ def _config(port: int, upstream: int, delay: float) -> str:
     )
 
 
-async def _exchange(port: int, line: bytes) -> bytes:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        await stream.send_all(line)
-        await stream.send_eof()
-        answer = b""
-        while chunk := await stream.receive_some(65536):
-            answer += chunk
-    return answer
-
 
 async def _burst(port: int, count: int) -> tuple[dict[int, bytes], list[BaseException]]:
     answers: dict[int, bytes] = {}
@@ -47,7 +37,7 @@ async def _burst(port: int, count: int) -> tuple[dict[int, bytes], list[BaseExce
 
     async def client(i: int) -> None:
         try:
-            answers[i] = await _exchange(port, b"request %d\n" % i)
+            answers[i] = await exchange(port, b"request %d\n" % i)
         except OSError as exc:
             failures.append(exc)
 

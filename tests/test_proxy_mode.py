@@ -10,7 +10,7 @@ from pathlib import Path
 
 import trio
 
-from tests.conftest import free_port, program, run_lazyd
+from tests.conftest import exchange, free_port, program, run_lazyd
 
 
 def _service(name: str, command: str, listen: str, upstream: str, *extra: str) -> str:
@@ -25,16 +25,6 @@ def _service(name: str, command: str, listen: str, upstream: str, *extra: str) -
     ]
     return "\n".join(lines) + "\n"
 
-
-async def _line_exchange(port: int, line: bytes) -> bytes:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        await stream.send_all(line)
-        await stream.send_eof()
-        answer = b""
-        while chunk := await stream.receive_some(65536):
-            answer += chunk
-    return answer
 
 
 async def test_two_hundred_clients_during_a_slow_start_are_all_answered(tmp_path: Path) -> None:
@@ -51,7 +41,7 @@ async def test_two_hundred_clients_during_a_slow_start_are_all_answered(tmp_path
 
         async def client(i: int) -> None:
             try:
-                answers[i] = await _line_exchange(port, b"request %d\n" % i)
+                answers[i] = await exchange(port, b"request %d\n" % i)
             except OSError as exc:
                 failures.append(exc)
 
@@ -128,7 +118,7 @@ async def test_a_backend_killed_mid_transfer_closes_the_client_and_restarts(
                     pass  # a reset is as good as an EOF here: the client is told
         await lz.wait_line(r"^lines: killed by SIGKILL")
         with trio.fail_after(10):
-            again = await _line_exchange(port, b"second\n")
+            again = await exchange(port, b"second\n")
         assert again.endswith(b" second\n") and int(again.split()[0]) != pid
         assert (await lz.status())["lines"]["activations"] == 2
 
@@ -192,7 +182,7 @@ async def test_unix_listen_to_tcp_upstream_and_tcp_listen_to_unix_upstream(
                 while chunk := await stream.receive_some(100):
                     answer += chunk
             assert answer.endswith(b" over unix\n")
-            assert (await _line_exchange(tcp_listen, b"over tcp\n")).endswith(b" over tcp\n")
+            assert (await exchange(tcp_listen, b"over tcp\n")).endswith(b" over tcp\n")
 
 
 async def test_start_timeout_closes_held_connections_and_says_why(tmp_path: Path) -> None:
@@ -229,7 +219,7 @@ async def test_queue_limit_stops_accepting_without_refusing_anyone(tmp_path: Pat
         results: list[bytes] = []
 
         async def client(i: int) -> None:
-            results.append(await _line_exchange(port, b"q%d\n" % i))
+            results.append(await exchange(port, b"q%d\n" % i))
 
         async with trio.open_nursery() as nursery:
             for i in range(20):
@@ -253,9 +243,9 @@ async def test_idle_stop_and_reactivation_and_a_long_connection_keeps_it_up(
         f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{upstream}", "idle_timeout: 300ms",
     )
     async with run_lazyd(tmp_path, config) as lz:
-        first = await _line_exchange(port, b"one\n")
+        first = await exchange(port, b"one\n")
         await lz.wait_line(r"^wiki: stopped \(idle\)")
-        second = await _line_exchange(port, b"two\n")
+        second = await exchange(port, b"two\n")
         assert first.split()[0] != second.split()[0]
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         async with stream:
