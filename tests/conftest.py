@@ -173,6 +173,20 @@ async def exchange(port: int, payload: bytes, host: str = "127.0.0.1") -> bytes:
     return b"".join(chunks)
 
 
+def proxy_service(name: str, command: str, listen: str, upstream: str, *extra: str) -> str:
+    """The config lines of one proxy-mode service (run as root) with one socket."""
+    lines = [
+        f"  {name}:",
+        "    mode: proxy",
+        f"    command: {command}",
+        "    user: root",
+        *(f"    {e}" for e in extra),
+        "    sockets:",
+        f"      main: {{listen: '{listen}', upstream: '{upstream}'}}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def yaml_quote(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 

@@ -16,7 +16,15 @@ from typing import Any
 import trio
 
 from lazyd import control
-from tests.conftest import LazydProcess, exchange, free_port, program, run_lazyd, yaml_quote
+from tests.conftest import (
+    LazydProcess,
+    exchange,
+    free_port,
+    program,
+    proxy_service,
+    run_lazyd,
+    yaml_quote,
+)
 from tests.conftest import alive as _alive
 from tests.test_metrics import scrape, value
 
@@ -133,16 +141,8 @@ def _rss_kb(pid: int) -> int:
 
 
 def _proxy(name: str, command: str, port: int, upstream: int, *extra: str) -> str:
-    lines = [
-        f"  {name}:",
-        "    mode: proxy",
-        f"    command: {command}",
-        "    user: root",
-        *(f"    {e}" for e in extra),
-        "    sockets:",
-        f"      main: {{listen: 'tcp://127.0.0.1:{port}', upstream: 'tcp://127.0.0.1:{upstream}'}}",
-    ]
-    return "services:\n" + "\n".join(lines) + "\n"
+    return "services:\n" + proxy_service(
+        name, command, f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{upstream}", *extra)
 
 
 

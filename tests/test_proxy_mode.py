@@ -10,28 +10,14 @@ from pathlib import Path
 
 import trio
 
-from tests.conftest import exchange, free_port, program, run_lazyd
-
-
-def _service(name: str, command: str, listen: str, upstream: str, *extra: str) -> str:
-    lines = [
-        f"  {name}:",
-        "    mode: proxy",
-        f"    command: {command}",
-        "    user: root",
-        *(f"    {e}" for e in extra),
-        "    sockets:",
-        f"      main: {{listen: '{listen}', upstream: '{upstream}'}}",
-    ]
-    return "\n".join(lines) + "\n"
-
+from tests.conftest import exchange, free_port, program, proxy_service, run_lazyd
 
 
 async def test_two_hundred_clients_during_a_slow_start_are_all_answered(tmp_path: Path) -> None:
     """A backend that needs 0.5 s to bind its port: 200 clients that connect and send at
     once during the start are all answered correctly, none reset or refused."""
     port, upstream = free_port(), free_port()
-    config = "services:\n" + _service(
+    config = "services:\n" + proxy_service(
         "slow", program("backend.py", f"tcp:127.0.0.1:{upstream}", "--delay", "0.5"),
         f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{upstream}",
     )
@@ -81,7 +67,7 @@ async def test_twenty_megabytes_each_way_with_half_close(tmp_path: Path) -> None
     """20 MB through the proxy both ways arrive intact (SHA-256), and the client's
     half-close reaches the backend while the reply still flows back."""
     port, upstream = free_port(), free_port()
-    config = "services:\n" + _service(
+    config = "services:\n" + proxy_service(
         "echo", program("backend.py", f"tcp:127.0.0.1:{upstream}", "--echo"),
         f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{upstream}",
     )
@@ -98,7 +84,7 @@ async def test_a_backend_killed_mid_transfer_closes_the_client_and_restarts(
     """Killing the backend mid-connection gives the client EOF; the next client starts a new
     backend."""
     port, upstream = free_port(), free_port()
-    config = "services:\n" + _service(
+    config = "services:\n" + proxy_service(
         "lines", program("backend.py", f"tcp:127.0.0.1:{upstream}"),
         f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{upstream}",
     )
@@ -129,7 +115,7 @@ async def test_udp_datagrams_before_the_service_exists_reach_it_per_client(
     """Two clients send datagrams before the service exists; all are delivered once it is
     ready, in order, and each client gets only its own replies."""
     port, upstream = free_port(socket.SOCK_DGRAM), free_port(socket.SOCK_DGRAM)
-    config = "services:\n" + _service(
+    config = "services:\n" + proxy_service(
         "quic", program("backend.py", f"udp:127.0.0.1:{upstream}", "--delay", "0.3"),
         f"udp://127.0.0.1:{port}", f"udp://127.0.0.1:{upstream}", "ready: {delay: 400ms}",
     )
@@ -165,10 +151,10 @@ async def test_unix_listen_to_tcp_upstream_and_tcp_listen_to_unix_upstream(
     unix_listen, unix_up = tmp_path / "front.sock", tmp_path / "back.sock"
     # The backend runs as root and makes its socket file root's alone (umask
     # 022), which only root may connect to: lazyd keeps root for this test.
-    config = "user: root\nservices:\n" + _service(
+    config = "user: root\nservices:\n" + proxy_service(
         "u2t", program("backend.py", f"tcp:127.0.0.1:{tcp_up}"),
         f"unix:{unix_listen}", f"tcp://127.0.0.1:{tcp_up}",
-    ) + _service(
+    ) + proxy_service(
         "t2u", program("backend.py", f"unix:{unix_up}"),
         f"tcp://127.0.0.1:{tcp_listen}", f"unix:{unix_up}",
     )
@@ -189,7 +175,7 @@ async def test_start_timeout_closes_held_connections_and_says_why(tmp_path: Path
     """A backend that never listens: after start_timeout the held clients are closed, and
     the log says how many and why."""
     port, upstream = free_port(), free_port()
-    config = "services:\n" + _service(
+    config = "services:\n" + proxy_service(
         "never", "[sleep, '30']",
         f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{upstream}", "start_timeout: 400ms",
     )
@@ -211,7 +197,7 @@ async def test_queue_limit_stops_accepting_without_refusing_anyone(tmp_path: Pat
     """With queue_limit 5, twenty clients during a slow start: lazyd holds five, the kernel
     the rest; nobody is refused and all are answered."""
     port, upstream = free_port(), free_port()
-    config = "services:\n" + _service(
+    config = "services:\n" + proxy_service(
         "small", program("backend.py", f"tcp:127.0.0.1:{upstream}", "--delay", "0.5"),
         f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{upstream}", "queue_limit: 5",
     )
@@ -238,7 +224,7 @@ async def test_idle_stop_and_reactivation_and_a_long_connection_keeps_it_up(
     """After idle_timeout without connections the service is stopped and the next client
     starts a new one; an open connection keeps it running past the timeout."""
     port, upstream = free_port(), free_port()
-    config = "services:\n" + _service(
+    config = "services:\n" + proxy_service(
         "wiki", program("backend.py", f"tcp:127.0.0.1:{upstream}"),
         f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{upstream}", "idle_timeout: 300ms",
     )
