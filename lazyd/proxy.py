@@ -206,37 +206,50 @@ def _begin_connect(upstream: Address) -> tuple[socket.socket, int]:
 
 
 async def wait_connectable(
-    upstream: Address, *, interval: float = 0.0005, max_interval: float = 0.05
-) -> None:
+    upstream: Address, *, interval: float = 0.0005, max_interval: float = 0.05,
+    keep: bool = False,
+) -> socket.socket | None:
     """Return once a connection to `upstream` succeeds (readiness `connect`).
 
-    Probes back off from `interval` to `max_interval`; each probe is closed at
-    once.  It never gives up: the caller puts a deadline around it.
+    Probes back off from `interval` to `max_interval`; each failed one is
+    closed at once.  With `keep`, the successful probe's connection is
+    returned, connected and non-blocking, for a client to use (see
+    `StreamProxy.adopt`); else it is closed and None returned (as it is when
+    a Unix listener's full backlog tells that it listens without a
+    connection).  It never gives up: the caller puts a deadline around it.
     """
     # Fine-grained at first: a service that binds within a millisecond of
     # its exec should not wait 10 ms for the second probe (every held client
     # waits with it).  A probe costs ~50 us; a 1 s start costs ~30 of them.
     delay = interval
     while True:
-        if await _probe(upstream):
-            return
+        listening, connection = await _probe(upstream, keep)
+        if listening:
+            return connection
         await trio.sleep(delay)
         delay = min(delay * 1.5, max_interval)
 
 
-async def _probe(upstream: Address) -> bool:
+async def _probe(upstream: Address, keep: bool) -> tuple[bool, socket.socket | None]:
+    """(whether the upstream listens, the connection if kept)."""
     try:
         sock, code = _begin_connect(upstream)
     except OSError:
-        return False
+        return False, None
+    kept: socket.socket | None = None
     try:
         if code == errno.EINPROGRESS:
             await trio.lowlevel.wait_writable(sock)
-            return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0:
+                return False, None
+            code = 0
         # 0, or EAGAIN: a Unix listener whose backlog is full is listening.
-        return True
+        if code == 0 and keep:
+            kept = sock
+        return True, kept
     finally:
-        close_socket(sock)
+        if kept is None:
+            close_socket(sock)
 
 
 class _PipeCount:
@@ -530,6 +543,7 @@ class StreamProxy(Forwarder):
         self._timers: list[tuple[float, int, _Connection | None, int]] = []
         self._timer_seq = 0
         self._wait_scope: trio.CancelScope | None = None
+        self._spare: socket.socket | None = None  # see adopt()
         # One buffer for every connection: data goes from recv_into straight
         # to send, and only what the far end would not take is kept aside.
         self._buffer = bytearray(CHUNK)
@@ -548,18 +562,36 @@ class StreamProxy(Forwarder):
     def waiting(self) -> int:
         return self._held
 
+    def adopt(self, upstream: socket.socket) -> None:
+        """A connection to the upstream already made (the readiness probe's):
+        the first held client is forwarded over it at release() instead of
+        connecting again.  Some services serve one client at a time, and a
+        probe that connects and leaves is then the first client they serve,
+        or fail on."""
+        self._close_spare()
+        self._spare = upstream
+        _FDS.opened()
+
+    def _close_spare(self) -> None:
+        if self._spare is not None:
+            close_socket(self._spare)
+            _FDS.closed()
+            self._spare = None
+
     def release(self) -> None:
         """The upstream is ready: forward every held connection, in arrival
         order, and from now on forward new ones at once."""
         self._ready = True
         self.first_byte_at = None
         self._pump()
+        self._close_spare()  # nobody was held: the probe has done its part
 
     def drop(self, reason: str) -> int:
         """The start failed: close every held connection and return how many.
         Stays not ready, so the next connection is held (and calls on_traffic)."""
         held = [conn for conn in self._pending if conn.state == HELD]
         self._pending.clear()
+        self._close_spare()
         for conn in held:
             self._close(conn)
         if held:
@@ -574,6 +606,7 @@ class StreamProxy(Forwarder):
         waiting for a free slot stay held, and count as traffic: on_traffic()
         is called for them (soon, not from inside this call)."""
         self._ready = False
+        self._close_spare()
         if self._held and self._nursery is not None:
             self._nursery.start_soon(self._report_held)
 
@@ -599,6 +632,7 @@ class StreamProxy(Forwarder):
             for conn in list(self._by_fd.values()):
                 self._close(conn)
             self._pending.clear()
+            self._close_spare()
             trio.lowlevel.notify_closing(self._epoll)
             self._epoll.close()
             if self.listener.fileno() != -1:
@@ -748,15 +782,18 @@ class StreamProxy(Forwarder):
     def _connect(self, conn: _Connection) -> None:
         """One connect attempt; its answer arrives as an event (or at once)."""
         conn.attempt += 1
-        try:
-            sock, code = _begin_connect(self.upstream)
-        except OSError as exc:
-            if exc.errno in _OUT_OF_RESOURCES:
-                self._at(trio.current_time() + ACCEPT_BACKOFF, conn)
+        if self._spare is not None:
+            sock, code, self._spare = self._spare, 0, None  # counted in the budget already
+        else:
+            try:
+                sock, code = _begin_connect(self.upstream)
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    self._at(trio.current_time() + ACCEPT_BACKOFF, conn)
+                    return
+                self._connect_failed(conn, exc)
                 return
-            self._connect_failed(conn, exc)
-            return
-        _FDS.opened()
+            _FDS.opened()
         if code == errno.EAGAIN:
             # A Unix listener with a full backlog.  TCP would retransmit its
             # SYN by itself; a Unix connect just fails, so try again, backing off.

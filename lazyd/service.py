@@ -395,12 +395,19 @@ class ServiceRunner:
         self.start(reason)
 
     async def _probe_upstreams(self, pid: int) -> None:
-        """Readiness `connect`: ready once every stream upstream accepts."""
+        """Readiness `connect`: ready once every stream upstream accepts.  A
+        probe's connection carries the first client held on that socket."""
         with trio.CancelScope() as scope:
             self._probe_scope = scope
-            for sc in self.config.sockets:
-                if sc.upstream is not None and sc.upstream.is_stream:
-                    await wait_connectable(sc.upstream)
+            for proxy in self.proxies:
+                if not isinstance(proxy, StreamProxy):
+                    continue
+                connection = await wait_connectable(proxy.upstream, keep=proxy.held > 0)
+                if connection is not None:
+                    if self.machine.pid == pid and self.machine.state is State.STARTING:
+                        proxy.adopt(connection)
+                    else:
+                        connection.close()
             if self.machine.pid == pid and self.machine.state is State.STARTING:
                 self.dispatch(Ready())
         if self._probe_scope is scope:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -243,3 +244,26 @@ async def test_idle_stop_and_reactivation_and_a_long_connection_keeps_it_up(
             assert (await stream.receive_some(100)).endswith(b" still\n")
         await lz.wait_line(r"^wiki: stopped \(idle\)", count=2)
         assert (await lz.status())["wiki"]["activations"] == 2
+
+
+async def test_a_one_test_at_a_time_server_serves_the_client_that_started_it(
+    tmp_path: Path,
+) -> None:
+    """iperf3 -s serves one test at a time and takes any connection for a test's control
+    connection: started cold by an iperf3 client, that client's test runs at once, because
+    the readiness probe's connection carries it instead of coming first and leaving."""
+    port, upstream = free_port(), free_port()
+    config = "services:\n" + proxy_service(
+        "iperf", f"/usr/bin/iperf3 -s -p {upstream} -B 127.0.0.1",
+        f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{upstream}",
+    )
+    async with run_lazyd(tmp_path, config) as lz:
+        with trio.fail_after(20):
+            result = await trio.run_process(
+                ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-n", "4M", "-J"],
+                capture_stdout=True, check=False,
+            )
+        report = json.loads(result.stdout)
+        assert result.returncode == 0, report.get("error")
+        assert report["end"]["sum_sent"]["bytes"] >= 4 << 20
+        assert (await lz.status())["iperf"]["activations"] == 1
