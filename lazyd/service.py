@@ -140,6 +140,7 @@ class ServiceRunner:
         self.finished = trio.Event()  # run() has returned
         self._nursery: trio.Nursery | None = None
         self._timer_scope = trio.CancelScope()
+        self._timer_running = False
         self._armed = trio.Event()
         self._watch_scope: trio.CancelScope | None = None
         self._notify: NotifySocket | None = None
@@ -195,7 +196,6 @@ class ServiceRunner:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._run_timer)
                 if self.proxied:
                     for sc, sock in zip(self.config.sockets, self.sockets, strict=True):
                         proxy = self._make_proxy(sc, sock)
@@ -321,7 +321,13 @@ class ServiceRunner:
         if self.machine.state is not State.STARTING and self._probe_scope is not None:
             self._probe_scope.cancel()
         deadline = self.machine.deadline
-        self._timer_scope.deadline = math.inf if deadline is None else deadline
+        if deadline is None:
+            self._timer_scope.cancel()  # the timer task, if any, ends
+        elif self._timer_running:
+            self._timer_scope.deadline = deadline
+        elif self._nursery is not None:
+            self._timer_running = True
+            self._nursery.start_soon(self._run_timer)
         self.changed.set()
         self.changed = trio.Event()
 
@@ -431,15 +437,17 @@ class ServiceRunner:
     # -- tasks ---------------------------------------------------------------
 
     async def _run_timer(self) -> None:
-        """Send Tick whenever the machine's deadline passes."""
-        while True:
-            with trio.CancelScope() as scope:
-                self._timer_scope = scope
-                deadline = self.machine.deadline
-                scope.deadline = math.inf if deadline is None else deadline
-                await trio.sleep_forever()
-            if scope.cancelled_caught:
-                self.dispatch(Tick())
+        """Send Tick whenever the machine's deadline passes; runs only while
+        there is a deadline (an idle service has none, and no task for it)."""
+        try:
+            while (deadline := self.machine.deadline) is not None:
+                with trio.CancelScope(deadline=deadline) as scope:
+                    self._timer_scope = scope
+                    await trio.sleep_forever()
+                if trio.current_time() >= scope.deadline:
+                    self.dispatch(Tick())
+        finally:
+            self._timer_running = False
 
     async def _run_watcher(self) -> None:
         """While armed, wait until one of the sockets is readable.
