@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import enum
 import signal
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -197,7 +196,10 @@ class Lifecycle:
         self.activations = 0
         self.last: Activation | None = None
         self.deadline: float | None = None
-        self._starts: deque[float] = deque()
+        # Start times within the interval, oldest first: at most start_limit
+        # of them, so a list (a deque's first block alone is 600 bytes, and
+        # an idle daemon keeps one of these per service).
+        self._starts: list[float] = []
         self._started_at = now  # when the current process's start was counted
         self._was_ready = False  # the current process became ready
         self._reason = ""
@@ -257,7 +259,7 @@ class Lifecycle:
         # waits for, so a start always counts for exactly its interval and
         # rounding cannot keep it one Tick too long (0.001 + 10 - 10 < 0.001).
         while self._starts and self._starts[0] + interval <= now:
-            self._starts.popleft()
+            del self._starts[0]
         if len(self._starts) >= self.config.start_limit:
             self.state = State.FAILED
             self._failed_until = now + interval

@@ -12,7 +12,7 @@ import trio
 from lazyd.analyze import blame, format_blame, recent, render_svg
 from lazyd.cli import format_status, format_uptime
 from lazyd.lifecycle import Activation, Outcome
-from lazyd.starts import StartHistory, StartRecord
+from lazyd.starts import HISTORY, StartHistory, StartRecord
 from tests.conftest import PY, free_port, program, run_lazyd
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -74,6 +74,16 @@ def test_blame_percentiles_match_what_status_computes() -> None:
     row = blame({"web": {"starts": [r.to_json() for r in history]}})[0]
     assert (row.p50, row.p90, row.max) == (summary["p50_ms"], summary["p90_ms"],
                                             summary["max_ms"])
+
+
+def test_start_history_keeps_the_last_hundred() -> None:
+    """A service's start history is bounded: the newest HISTORY records, oldest first."""
+    history = StartHistory()
+    for i in range(HISTORY + 5):
+        history.append(StartRecord.from_activation(
+            Activation(Outcome.READY, "traffic", float(i), i + 0.001, i + 0.002), i + 0.002))
+    assert len(history) == HISTORY
+    assert [r.trigger for r in history] == [float(i) for i in range(5, HISTORY + 5)]
 
 
 def _parse(svg: str) -> ET.Element:
