@@ -203,11 +203,13 @@ class ServiceRunner:
                         await nursery.start(proxy.run)
                     if self.config.idle_timeout is not None:
                         nursery.start_soon(self._run_idle_stop)
-                else:
-                    nursery.start_soon(self._run_watcher)
                 self._open_notify()
                 self._apply(self.machine.begin(trio.current_time()))
                 task_status.started()
+                if not self.proxied:
+                    # This task watches the sockets itself: a task fewer per
+                    # idle service.
+                    await self._run_watcher()
         finally:
             if self._notify is not None:
                 self._notify.close()
