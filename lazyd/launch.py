@@ -19,6 +19,7 @@ import json
 import os
 import pwd
 import shutil
+import stat
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -182,6 +183,12 @@ def print_table(config_path: str, nofile_soft: int) -> None:
     from lazyd import config as config_mod
 
     try:
+        if os.geteuid() == 0:
+            # Whoever can change the file (or a directory above it) decides what
+            # root runs on the next reload: as root, read only a file that no
+            # one else can change, by the resolved path that was checked.
+            config_path = os.path.realpath(config_path)
+            _check_root_only(config_path)
         config = config_mod.load(config_path)
     except ConfigError as exc:
         answer: dict[str, Any] = {"problems": exc.problems}
@@ -189,6 +196,35 @@ def print_table(config_path: str, nofile_soft: int) -> None:
         answer = {"services": table(config, None if nofile_soft < 0 else nofile_soft)}
     sys.stdout.write(json.dumps(answer, separators=(",", ":")))
     sys.stdout.flush()
+
+
+def _check_root_only(path: str) -> None:
+    """Raise ConfigError unless only root can change `path` and every directory above it.
+
+    Group write is allowed for group root; a directory with the sticky bit
+    (/tmp) may be writable by all, as others cannot replace what root owns there.
+    """
+    current = path
+    while True:
+        try:
+            st = os.lstat(current)
+        except OSError as exc:
+            raise ConfigError([f"{current}: {exc.strerror}"]) from None
+        directory = current != path
+        shared = directory and st.st_mode & stat.S_ISVTX
+        if st.st_uid != 0 or (not shared and (
+            st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and st.st_gid != 0)
+        )):
+            raise ConfigError([
+                f"{path}: not reloaded: {current} can be changed by a user other than root "
+                f"(owner uid {st.st_uid}, group gid {st.st_gid}, "
+                f"mode {stat.S_IMODE(st.st_mode):o}); "
+                "lazyd, as root, reloads only a config that only root can change"
+            ])
+        parent = os.path.dirname(current)
+        if parent == current:
+            return
+        current = parent
 
 
 async def open_service_process(spec: LaunchSpec, spawner: Spawner | None = None) -> ServiceProcess:

@@ -36,14 +36,16 @@ defines everything and seals before it drops its privileges. Reply
 ``{"op": "reload", "id"}``: read the table anew from the ``config`` file, as
 this process's user, with lazyd's own config loader in a fresh interpreter
 (`lazyd.launch.print_table`, with site packages: it needs PyYAML), so that
-the daemon never says what is to be run. Reply, once read, ``{"id", "ok":
+the daemon never says what is to be run; as root, only a file that only root
+can change (directories above it included) is read. Reply, once read, ``{"id", "ok":
 true, "services": [NAMES]}``, or an error with stage "reload" (and the
 config's ``problems`` when it has errors). ``{"op": "commit", "id"}`` then
 makes the table read the one in force: the daemon commits only once the rest
 of its reload has succeeded, so a failed reload changes nothing.
 
 ``{"op": "spawn", "id", "service", "env"}`` + the service's sockets as fds,
-in LISTEN_FDS order: start a service of the table. ``env`` may add only
+in LISTEN_FDS order (anything but a socket is refused): start a service of
+the table. ``env`` may add only
 LISTEN_FDS and LISTEN_FDNAMES (which must describe the fds sent) and
 NOTIFY_SOCKET (a path or @name).
 The child calls setsid(2), gets /dev/null as stdin and one pipe as stdout and
@@ -90,6 +92,7 @@ import resource
 import select
 import signal
 import socket
+import stat
 import sys
 
 from lazyd.handoff import LISTEN_FDS_START, PROTOCOL_VARIABLES, arrange_fds
@@ -544,7 +547,8 @@ class Spawnerd:
             stale, self.reading = self.reading, None
             self.poller.unregister(stale.fd)
             os.close(stale.fd)
-            _quietly(os.kill, stale.pid, signal.SIGKILL)
+            if stale.pid:  # not reaped yet: the pid is still that reader's
+                _quietly(os.kill, stale.pid, signal.SIGKILL)
             self.fail(stale.request_id, "reload", 0, "replaced by a newer reload")
         package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         nofile = -1 if self.nofile_soft is None else self.nofile_soft
@@ -604,6 +608,11 @@ class Spawnerd:
             raise BadRequest(f"unknown service {name!r}")
         if len(fds) > MAX_FDS:
             raise BadRequest(f"more than {MAX_FDS} fds")
+        for number, fd in enumerate(fds, start=LISTEN_FDS_START):
+            # A service is owed sockets only: not a file, pipe or directory
+            # the daemon happens to hold, handed to a process that may be root.
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                raise BadRequest(f"fd {number} is not a socket")
         extra = _spawn_env(header.get("env"), fds)
         if request.error is not None:
             self.fail(request_id, "resolve", errno.ENOENT, request.error)
@@ -738,6 +747,9 @@ class Spawnerd:
             if pid in self.children:
                 _quietly(os.killpg, pid, signal.SIGKILL)  # what the service left behind
             _, status = os.waitpid(pid, 0)
+            if self.reading is not None and self.reading.pid == pid:
+                # Its output may still be unread; its pid is free for anyone now.
+                self.reading.pid = 0
             spawned = self.in_flight_pids.get(pid)
             if spawned is not None:
                 # The child is gone, so its error pipe is at EOF or holds its error:

@@ -234,3 +234,65 @@ async def test_a_changed_command_is_read_by_the_spawner(tmp_path: Path) -> None:
         lz.process.send_signal(signal.SIGHUP)
         await lz.wait_line(r"^web: after$")
         assert not alive(old)
+
+
+_PTRACE_ATTACH = (
+    "import ctypes, os, sys; libc = ctypes.CDLL(None, use_errno=True); "
+    "os.setgroups([]); os.setresgid({gid}, {gid}, {gid}); os.setresuid({uid}, {uid}, {uid}); "
+    "print(libc.ptrace(16, int(sys.argv[1]), 0, 0), ctypes.get_errno())"
+)
+
+
+async def test_the_daemons_user_cannot_ptrace_the_daemon_or_the_spawner(tmp_path: Path) -> None:
+    """A process running as lazyd's user can attach to neither the dropped daemon nor the
+    root spawner (the kernel leaves the daemon non-dumpable after the drop)."""
+    port, upstream = free_privileged_port(), free_port()
+    async with run_lazyd(tmp_path, "services:\n" + _proxy_service("web", port, upstream)) as lz:
+        await lz.wait_line(r"^lazyd: dropped privileges: running as user nobody$")
+        await trio.to_thread.run_sync(_ask, port)
+        backend = (await lz.status())["web"]["pid"]
+        spawner = int(proc_status(backend)["PPid"])
+        code = _PTRACE_ATTACH.format(uid=NOBODY.pw_uid, gid=NOBODY.pw_gid)
+        for pid in (lz.process.pid, spawner):
+            result = subprocess.run([PY, "-c", code, str(pid)], capture_output=True, text=True,
+                                    timeout=10, check=True)
+            assert result.stdout.split() == ["-1", "1"]  # EPERM
+
+
+async def test_a_config_lazyds_user_can_rewrite_is_not_reloaded(tmp_path: Path) -> None:
+    """A config file owned by lazyd's user cannot make the root spawner run a new command:
+    the reload fails, naming the file, and nothing changes."""
+    marker = tmp_path / "ran-as-root"
+    async with run_lazyd(tmp_path, "services:\n" + _proxy_service("web", free_port(), 1)) as lz:
+        await lz.wait_line(r"^lazyd: dropped privileges: running as user nobody$")
+        config = tmp_path / "lazyd.yaml"
+        os.chown(config, NOBODY.pw_uid, NOBODY.pw_gid)
+        header = config.read_text().splitlines()[0]
+        # What a daemon taken over as nobody could write there.
+        config.write_text(
+            f"{header}\nservices:\n  evil:\n    command: [/bin/sh, -c, 'id -u > {marker}']\n"
+            "    user: root\n"
+            f"    activate: eager\n    sockets: {{s: 'tcp://127.0.0.1:{free_port()}'}}\n"
+        )
+        result = await trio.to_thread.run_sync(_reload, lz.control_path)
+        assert result.returncode == 1
+        assert f"{config} can be changed by a user other than root" in result.stderr
+        assert set(await lz.status()) == {"web"}
+    assert not marker.exists()
+
+
+async def test_an_inheritable_capability_left_after_the_drop_stops_lazyd(
+    tmp_path: Path,
+) -> None:
+    """Started with an inheritable capability that the drop cannot clear in every thread,
+    lazyd stops with an error naming it rather than run keeping it (an exec of a program
+    with file capabilities would regain it)."""
+    config = tmp_path / "lazyd.yaml"
+    config.write_text(f"control: unix:{tmp_path / 'control.sock'}\nservices:\n"
+                      + _proxy_service("web", free_privileged_port(), free_port()))
+    command = ["setpriv", "--inh-caps", "+net_raw", PY, "-m", "lazyd", "run", "-c", str(config)]
+    result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                            timeout=10)
+    assert result.returncode != 0
+    assert "after becoming user nobody: thread" in result.stderr
+    assert "still has capabilities (CapInh 0000000000002000)" in result.stderr

@@ -599,3 +599,49 @@ def test_child_fds_with_sources_in_the_range_and_at_stdio(
     assert report["ino"]["1"] == report["ino"]["2"] == pipe_ino
     for i, number in enumerate(sources):
         assert report["ino"][str(3 + i)] == files[number][1]
+
+
+async def test_a_spawn_passes_sockets_only() -> None:
+    """An fd that is not a socket (a pipe the daemon holds) is refused, and nothing starts."""
+    read_end, write_end = os.pipe()
+    try:
+        with trio.fail_after(TIMEOUT):
+            async with raw_spawner() as raw:
+                reply, fds = await raw.start(["/bin/true"], [read_end])
+                assert (reply["error"], fds) == ("request: fd 3 is not a socket", [])
+                with socket.socket() as sock:
+                    reply, [out] = await raw.start(["/bin/true"], [sock.fileno()])
+                os.close(out)
+                assert await raw.exit_of(reply["pid"]) == 0
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+@pytest.mark.parametrize("owned", ["file", "directory"])
+async def test_root_reloads_only_a_config_only_root_can_change(tmp_path: Path, owned: str) -> None:
+    """As root, a reload refuses a config that lazyd's user (or anyone else) could rewrite."""
+    nobody = pwd.getpwnam("nobody")
+    directory = tmp_path / "etc"
+    directory.mkdir()
+    config = directory / "lazyd.yaml"
+    config.write_text(
+        "services:\n  svc:\n    command: /bin/true\n    user: nobody\n"
+        "    sockets: {s: unix:/nonexistent/s.sock}\n"
+    )
+    with trio.fail_after(TIMEOUT):
+        async with open_spawner() as spawner:
+            await spawner.define({}, config=str(config), path=PATH, seal=True)
+            assert await spawner.reload() == ["svc"]
+            os.chown(config if owned == "file" else directory, nobody.pw_uid, nobody.pw_gid)
+            with pytest.raises(SpawnError) as caught:
+                await spawner.reload()
+            assert caught.value.stage == "reload"
+            changeable = config if owned == "file" else directory
+            assert f"{changeable} can be changed by a user other than root" in (
+                caught.value.problems[0]
+            )
+            os.chown(changeable, 0, 0)
+            changeable.chmod(0o666)
+            with pytest.raises(SpawnError, match="config has errors"):
+                await spawner.reload()
