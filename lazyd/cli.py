@@ -89,6 +89,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # and under journald they are errors.
     try:
         config = config_mod.load(args.config)
+        if os.geteuid() == 0:
+            from lazyd.privileges import clear_inheritable_capabilities
+
+            clear_inheritable_capabilities()
         trio.run(lambda: serve(config, options=options, drop_privileges=True))
     except ConfigError as exc:
         for problem in exc.problems:
@@ -97,7 +101,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except LazydError as exc:
         logger(f"lazyd: {exc}", Level.ERR)
         return 1
+    except BaseExceptionGroup as group:
+        # A start-up error raised inside a nursery (the drop of privileges,
+        # say) arrives wrapped: it is still one clean line, not a traceback.
+        errors, rest = group.split(LazydError)
+        if errors is None or rest is not None:
+            raise
+        for error in _leaves(errors):
+            logger(f"lazyd: {error}", Level.ERR)
+        return 1
     return 0
+
+
+def _leaves(group: BaseExceptionGroup[LazydError]) -> list[LazydError]:
+    found: list[LazydError] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
 
 
 def _cmd_check(args: argparse.Namespace) -> int:

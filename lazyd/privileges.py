@@ -133,6 +133,15 @@ class _CapData(ctypes.Structure):
                 ("inheritable", ctypes.c_uint32)]
 
 
+def clear_inheritable_capabilities() -> None:
+    """Empty the inheritable capability set while the process has one thread
+    (call it before trio starts any): then no thread keeps one past the drop."""
+    try:
+        _clear_inheritable()
+    except OSError as exc:
+        raise LazydError(f"cannot clear inheritable capabilities: {exc.strerror}") from None
+
+
 def _clear_inheritable() -> None:
     """Empty the calling thread's inheritable capability set.
 

@@ -542,6 +542,7 @@ class StreamProxy(Forwarder):
         self._hot: list[tuple[_Connection, _Flow]] = []  # flows to go on with unasked
         self._timers: list[tuple[float, int, _Connection | None, int]] = []
         self._timer_seq = 0
+        self._timers_compact_at = 64
         self._wait_scope: trio.CancelScope | None = None
         self._spare: socket.socket | None = None  # see adopt()
         # One buffer for every connection: data goes from recv_into straight
@@ -878,10 +879,18 @@ class StreamProxy(Forwarder):
                                       ) as self._wait_scope:
                     await trio.lowlevel.wait_readable(epoll)
                 self._wait_scope = None
-            for fd, events in epoll.poll(0, POLL_EVENTS):
-                conn = self._by_fd.get(fd)
-                if conn is not None:
-                    self._event(conn, fd, events)
+            # No connects until the whole batch is handled: a socket made now
+            # could take the number of one just closed, and that one's events
+            # later in this batch would be taken for the new socket's.
+            self._pumping = True
+            try:
+                for fd, events in epoll.poll(0, POLL_EVENTS):
+                    conn = self._by_fd.get(fd)
+                    if conn is not None:
+                        self._event(conn, fd, events)
+            finally:
+                self._pumping = False
+            self._pump()
             hot, self._hot = self._hot, []
             for conn, flow in hot:
                 if conn.state == OPEN:
@@ -911,6 +920,11 @@ class StreamProxy(Forwarder):
                     self._flow(conn, source)
                 if conn.state == OPEN and (trouble or (events & select.EPOLLOUT and _stuck(sink))):
                     self._flow(conn, sink)
+                if conn.state == OPEN and trouble and source.done:
+                    # Reset or gone after its EOF: nothing sent its way can
+                    # arrive any more, and no later event would say so (the
+                    # far end may stay silent for ever).
+                    self._close(conn)
         except Exception as exc:
             # Expected failures (resets, refusals) are handled where they
             # happen; anything else is a bug, but it ends this connection only.
@@ -922,6 +936,12 @@ class StreamProxy(Forwarder):
         attempt = conn.attempt if conn is not None else 0
         self._timer_seq += 1
         heapq.heappush(self._timers, (deadline, self._timer_seq, conn, attempt))
+        if len(self._timers) > self._timers_compact_at:
+            # Closed connections' timers (a half-closed one's lasts a minute)
+            # would otherwise keep them in memory until they expire.
+            self._timers = [t for t in self._timers if t[2] is None or t[2].state != CLOSED]
+            heapq.heapify(self._timers)
+            self._timers_compact_at = 2 * len(self._timers) + 64
         if self._wait_scope is not None and deadline < self._wait_scope.deadline:
             self._wait_scope.deadline = deadline
 

@@ -556,8 +556,15 @@ class ServiceRunner:
                 continue
             if message.status is not None:
                 self.status_text = message.status
-            if message.mainpid is not None:
-                self.main_pid = message.mainpid
+            if message.mainpid is not None and message.mainpid != main:
+                if message.uid == 0 or belongs_to(message.mainpid, main):
+                    self.main_pid = message.mainpid
+                else:
+                    # MAINPID=1 would make every process on the machine "one
+                    # of the service's" and let any local user send READY=1
+                    # for it.  Only root may name a pid outside the service.
+                    foreign.say(f"{self.name}: ignoring MAINPID={message.mainpid}, which is "
+                                "not one of the service's processes", "more ignored")
             if message.stopping:
                 self.options.log(f"{self.name}: service says it is stopping")
             if message.ready:

@@ -456,3 +456,25 @@ async def test_junk_on_the_control_socket_never_stalls_or_breaks_the_daemon(
         # No trio task is left behind by any of those connections.
         assert (await trio.to_thread.run_sync(control.request, path, "status"))["tasks"] == tasks
         assert "Traceback" not in lz.log()
+
+
+async def test_mainpid_outside_the_service_is_ignored(tmp_path: Path) -> None:
+    """A service (not root) saying MAINPID=1 does not make every process its own: a READY=1
+    from an unrelated process is still ignored, and the log says why."""
+    port = free_port()
+    script = ('echo "NOTIFY_SOCKET=$NOTIFY_SOCKET"; /usr/bin/systemd-notify MAINPID=1; '
+              'echo told; exec sleep 30')
+    config = (
+        "services:\n  svc:\n"
+        f"    command: [/bin/sh, -c, {json.dumps(script)}]\n"
+        "    user: nobody\n    ready: notify\n    start_timeout: 60s\n"
+        f"    sockets:\n      main: tcp://127.0.0.1:{port}\n"
+    )
+    async with run_lazyd(tmp_path, config) as lz:
+        with socket.create_connection(("127.0.0.1", port)):
+            address = (await lz.wait_line(r"^svc: NOTIFY_SOCKET=@")).split("=", 1)[1]
+            await lz.wait_line(r"^svc: ignoring MAINPID=1, which is not one of the service's")
+            # From this test's own process: not the service's, whatever MAINPID said.
+            await trio.to_thread.run_sync(_send_notify, address, b"READY=1", 0)
+            await lz.wait_line(r"^svc: ignoring notify message from pid \d+, which is not")
+            assert (await lz.status())["svc"]["state"] == "starting"

@@ -718,3 +718,93 @@ async def test_wait_connectable_waits_for_a_unix_listener(tmp_path: Path) -> Non
             assert not returned.is_set()
             async with backend(upstream, reply_to_line):
                 await returned.wait()
+
+
+async def test_a_client_that_resets_after_its_request_ends_the_connection(
+    sockets: list[socket.socket],
+) -> None:
+    """A client that sends its request, half-closes and then resets is closed at once, even
+    while the service has not answered yet: it no longer counts as active."""
+    listener = tcp_listener(sockets)
+    upstream = tcp_upstream()
+    got_request = trio.Event()
+    finish = trio.Event()
+
+    async def read_then_wait(stream: trio.SocketStream) -> None:
+        if await read_all(stream):
+            got_request.set()
+            await finish.wait()  # a slow answer, never sent
+
+    with trio.fail_after(TIMEOUT):
+        async with running(listener, upstream) as (proxy, _rec), \
+                backend(upstream, read_then_wait):
+            proxy.release()
+            stream = await connect(listener)
+            await stream.send_all(b"request\n")
+            await stream.send_eof()
+            await got_request.wait()
+            assert proxy.active == 1
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await stream.aclose()
+            while proxy.active:
+                await proxy.activity_changed.wait()
+            finish.set()
+
+
+async def test_closed_connections_leave_no_timers_behind(sockets: list[socket.socket]) -> None:
+    """Connections the service closes first, once closed, are not kept for half_closed_timeout."""
+    listener = tcp_listener(sockets)
+    upstream = tcp_upstream()
+
+    async def reply_and_close(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"hello\n")
+
+    with trio.fail_after(TIMEOUT):
+        async with running(listener, upstream) as (proxy, _rec), \
+                backend(upstream, reply_and_close):
+            proxy.release()
+            for _ in range(300):
+                async with await connect(listener) as stream:
+                    assert await read_all(stream) == b"hello\n"
+            while proxy.active:
+                await proxy.activity_changed.wait()
+            assert len(proxy._timers) < 150
+
+
+async def test_a_connect_is_timed_out_even_when_it_takes_a_just_closed_fd_number(
+    sockets: list[socket.socket], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A connection released as another closes, to a service that never answers its
+    connect, is closed after the connect timeout (the closed connection's last events
+    are not taken for its answer)."""
+    monkeypatch.setattr(proxy_module, "CONNECT_TIMEOUT", 0.3)
+    listener = tcp_listener(sockets)
+    upstream = tcp_upstream()
+    service = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sockets.append(service)
+    service.bind(upstream.sockaddr())
+    service.listen(0)  # one connection waits; SYNs beyond it are dropped
+    filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sockets.append(filler)
+    with trio.fail_after(TIMEOUT):
+        async with running(listener, upstream, max_connections=1) as (proxy, _rec):
+            proxy.release()
+            first = socket.create_connection(listener.getsockname())
+            sockets.append(first)
+            first.sendall(b"a")
+            await trio.lowlevel.wait_readable(service)
+            first_upstream, _ = service.accept()
+            sockets.append(first_upstream)
+            filler.connect(upstream.sockaddr())  # the service's accept queue is full now
+            async with await connect(listener) as second:
+                await second.send_all(b"b")
+                while proxy.held != 1:
+                    await trio.sleep(0.01)
+                # The upstream side resets and the client sends, both seen in one wake-up.
+                first_upstream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                          struct.pack("ii", 1, 0))
+                first_upstream.close()
+                first.send(b"x")
+                with trio.fail_after(2):
+                    with suppress(trio.BrokenResourceError):
+                        assert await read_all(second) == b""
