@@ -187,6 +187,24 @@ def proxy_service(name: str, command: str, listen: str, upstream: str, *extra: s
     return "\n".join(lines) + "\n"
 
 
+class Recorder:
+    """What a proxy (stream or datagram) told its runner: traffic seen, log lines."""
+
+    def __init__(self) -> None:
+        self.traffic = 0
+        self.lines: list[str] = []
+        self._changed = trio.Event()
+
+    def on_traffic(self) -> None:
+        self.traffic += 1
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_traffic(self, count: int) -> None:
+        while self.traffic < count:
+            await self._changed.wait()
+
+
 def yaml_quote(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 

@@ -14,6 +14,7 @@ import trio.testing
 
 from lazyd.addresses import Address, Kind
 from lazyd.datagram import DatagramProxy
+from tests.conftest import Recorder
 
 TIMEOUT = 5.0
 
@@ -33,22 +34,6 @@ def held_socket(made: list[socket.socket], family: socket.AddressFamily, address
     made.append(sock)
     sock.bind(address)  # left blocking, as lazyd.sockets binds it
     return sock
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.traffic = 0
-        self.lines: list[str] = []
-        self._changed = trio.Event()
-
-    def on_traffic(self) -> None:
-        self.traffic += 1
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def wait_traffic(self, count: int) -> None:
-        while self.traffic < count:
-            await self._changed.wait()
 
 
 @asynccontextmanager

@@ -20,7 +20,7 @@ from lazyd import proxy as proxy_module
 from lazyd.addresses import Address, Kind
 from lazyd.proxy import StreamProxy, wait_connectable
 from lazyd.sockets import accept_queue_length
-from tests.conftest import free_port
+from tests.conftest import Recorder, free_port
 
 TIMEOUT = 10.0
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
@@ -57,24 +57,6 @@ def unix_listener(made: list[socket.socket], path: Path) -> socket.socket:
 
 def tcp_upstream() -> Address:
     return Address(Kind.TCP, host="127.0.0.1", port=free_port())
-
-
-class Recorder:
-    """What the proxy told its runner."""
-
-    def __init__(self) -> None:
-        self.traffic = 0
-        self.lines: list[str] = []
-        self._changed = trio.Event()
-
-    def on_traffic(self) -> None:
-        self.traffic += 1
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def wait_traffic(self, count: int) -> None:
-        while self.traffic < count:
-            await self._changed.wait()
 
 
 @asynccontextmanager
