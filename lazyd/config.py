@@ -20,6 +20,7 @@ import re
 import shlex
 import shutil
 import signal
+import stat
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -364,9 +365,18 @@ def _workdir(value: object) -> str:
     path = _string(value)
     if not os.path.isabs(path):
         raise ValueError(f"expected an absolute path, got {path!r}")
-    if not os.path.isdir(path):
-        raise ValueError(f"{path!r} " + ("is not a directory" if os.path.exists(path)
-                                         else "does not exist"))
+    try:
+        is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+    except FileNotFoundError:
+        raise ValueError(f"{path!r} does not exist") from None
+    except PermissionError:
+        # A daemon that dropped its privileges may not see into it; the
+        # spawner, which does, reads the config itself before using it.
+        return path
+    except OSError as exc:
+        raise ValueError(f"{path!r}: {exc.strerror}") from None
+    if not is_dir:
+        raise ValueError(f"{path!r} is not a directory")
     return path
 
 

@@ -236,6 +236,31 @@ async def test_a_changed_command_is_read_by_the_spawner(tmp_path: Path) -> None:
         assert not alive(old)
 
 
+async def test_a_workdir_only_root_can_enter_survives_a_reload(tmp_path: Path) -> None:
+    """A service whose workdir the dropped daemon cannot look into (root's, mode 0700) still
+    reloads and starts there: the spawner, which can, checks it."""
+    port = free_port()
+    (tmp_path / "private").mkdir(mode=0o700)
+    private = tmp_path / "private" / "app"  # inside a directory only root may enter
+    private.mkdir()
+
+    def service(word: str) -> str:
+        return (
+            "services:\n  web:\n"
+            f"    command: [/bin/sh, -c, 'echo {word} in $PWD; exec sleep 60']\n"
+            f"    user: root\n    workdir: {private}\n    activate: eager\n"
+            f"    sockets: {{s: 'tcp://127.0.0.1:{port}'}}\n"
+        )
+
+    async with run_lazyd(tmp_path, service("before")) as lz:
+        await lz.wait_line(rf"^web: before in {private}$")
+        config = tmp_path / "lazyd.yaml"
+        header = config.read_text().splitlines()[0]
+        config.write_text(f"{header}\n{service('after')}")
+        lz.process.send_signal(signal.SIGHUP)
+        await lz.wait_line(rf"^web: after in {private}$")
+
+
 _PTRACE_ATTACH = (
     "import ctypes, os, sys; libc = ctypes.CDLL(None, use_errno=True); "
     "os.setgroups([]); os.setresgid({gid}, {gid}, {gid}); os.setresuid({uid}, {uid}, {uid}); "
