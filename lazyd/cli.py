@@ -121,8 +121,14 @@ def _leaves(group: BaseExceptionGroup[LazydError]) -> list[LazydError]:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from lazyd.privileges import daemon_user
+
     config = config_mod.load(args.config)
     print(config_mod.plan(config))
+    # The same choice `run` makes, with the same warnings (on stderr).
+    user = daemon_user(config.user, lambda line: print(line, file=sys.stderr))
+    if user is not None:
+        print(f"lazyd: binds as root, then runs as user {user.name}")
     return 0
 
 

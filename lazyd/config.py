@@ -885,6 +885,10 @@ def plan(config: Config) -> str:
         lines.append(f"  command: {shlex.join(service.command)}")
         if service.requires:
             lines.append(f"  requires: {', '.join(service.requires)}")
+        limits = [f"{key} {value}" for key in ("max_connections", "max_connections_per_source")
+                  if (value := getattr(service, key)) is not None]
+        if limits:
+            lines.append(f"  limits: {', '.join(limits)}")
         if service.workdir:
             lines.append(f"  workdir: {service.workdir}")
         if service.environment:

@@ -547,6 +547,22 @@ def test_plan_shows_what_differs() -> None:
     ]
 
 
+def test_plan_shows_connection_limits() -> None:
+    """plan() lists a proxied service's connection limits, when it has any."""
+    config = check(f"""\
+        services:
+          wiki:
+            mode: proxy
+            command: [{TRUE}]
+            max_connections: 100
+            max_connections_per_source: 10
+            sockets:
+              http: {{listen: 'tcp://127.0.0.1:8080', upstream: 'tcp://127.0.0.1:8081'}}
+        """)
+    assert "  limits: max_connections 100, max_connections_per_source 10" in plan(
+        config).splitlines()
+
+
 def test_load_reads_a_file(tmp_path: Path) -> None:
     """load() reads the file and names it in every message."""
     path = tmp_path / "lazyd.yaml"

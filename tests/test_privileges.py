@@ -338,3 +338,15 @@ def test_a_failed_drop_is_one_error_line_and_status_1(
     err = capsys.readouterr().err
     assert "lazyd: cannot become user nobody: Operation not permitted" in err
     assert "Traceback" not in err
+
+
+def test_check_says_which_user_the_daemon_becomes(tmp_path: Path) -> None:
+    """`lazyd check`, run as root, prints the plan and the user lazyd will run as after
+    binding, with the same warning `run` gives when the config names none."""
+    config = tmp_path / "lazyd.yaml"
+    config.write_text("services:\n" + _proxy_service("web", free_port(), free_port()))
+    result = subprocess.run([PY, "-m", "lazyd", "check", "-c", str(config)],
+                            capture_output=True, text=True, timeout=10)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "lazyd: binds as root, then runs as user nobody"
+    assert "no user: in the config and no lazyd account: running as nobody" in result.stderr
