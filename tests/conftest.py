@@ -106,6 +106,18 @@ class LazydProcess:
                     return svc
                 await trio.sleep(0.02)
 
+    async def activate_until_idle(self, service: str, port: int, times: int) -> None:
+        """`times` rounds of: one line to a serve_lines.py service that exits when idle,
+        its answer, its ready line, and its exit."""
+        for n in range(1, times + 1):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                await stream.send_all(b"hi\n")
+                with trio.fail_after(10):
+                    assert (await stream.receive_some(100)).endswith(b" hi\n")
+            await self.wait_line(rf"^{service}: ready in", count=n)
+            await self.wait_line(rf"^{service}: exited with status 0", count=n)
+
     async def stop(self, timeout: float = 15.0) -> int:
         if self.process.returncode is None:
             self.process.send_signal(signal.SIGTERM)

@@ -231,14 +231,7 @@ services:
 """
     async with run_lazyd(tmp_path, config) as lz:
         await lz.wait_line(r"^lazyd: metrics at http://127\.0\.0\.1:\d+/metrics")
-        for n in (1, 2):
-            stream = await trio.open_tcp_stream("127.0.0.1", port)
-            async with stream:
-                await stream.send_all(b"hi\n")
-                with trio.fail_after(10):
-                    assert (await stream.receive_some(100)).endswith(b" hi\n")
-            await lz.wait_line(r"^slow: ready in", count=n)
-            await lz.wait_line(r"^slow: exited with status 0", count=n)
+        await lz.activate_until_idle("slow", port, times=2)
         status = (await trio.to_thread.run_sync(
             lambda: json.loads(subprocess.run(
                 [PY, "-m", "lazyd", "status", "--json", "--control", lz.control_path],
