@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import time
+import traceback
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -77,7 +78,7 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for runner in self.runners.values():
-                await nursery.start(runner.run)
+                await nursery.start(self._run_runner, runner)
             for runner in self.runners.values():
                 if runner.config.activate is Activate.EAGER:
                     runner.start("eager")
@@ -187,13 +188,14 @@ class Daemon:
                    "when lazyd restarts")
         self.config = new
         self.runners = {}
+        replaced: list[ServiceRunner] = []
         for name, svc in new.services.items():
             runner = old_runners.get(name)
             if runner is None:
                 runner = ServiceRunner(svc, plan[name], self.options, on_spawn=self._started)
                 self.runners[name] = runner
                 assert self._nursery is not None
-                await self._nursery.start(runner.run)
+                await self._nursery.start(self._run_runner, runner)
                 log(f"lazyd: reload: added {name}")
                 if svc.activate is Activate.EAGER:
                     runner.start("eager")
@@ -206,6 +208,7 @@ class Daemon:
                 # over once the old one is gone; meanwhile the kernel holds traffic.
                 fresh_runner = ServiceRunner(svc, plan[name], self.options, on_spawn=self._started)
                 self.runners[name] = fresh_runner
+                replaced.append(runner)
                 log(f"lazyd: reload: changed {name}")
                 self._nursery_start(self._replace, runner, fresh_runner)
                 continue
@@ -217,12 +220,12 @@ class Daemon:
                 self._nursery_start(self._restart, runner)
         for runner in removed:
             log(f"lazyd: reload: removed {runner.name}")
-            runner.closing = True
-            runner.stop("removed by reload")
-        # Sockets nobody holds any more: close them once their service is gone
-        # or has let go of them (a running process keeps its own copy).
+            runner.retire("removed by reload")
+        # Sockets nobody holds any more: close them once every runner that
+        # served them has ended (a kept runner has let go of its old ones in
+        # reconfigure(); a running process keeps its own copy).
         orphans = [s for s in held.values() if id(s) not in kept]
-        self._nursery_start(self._retire, removed, orphans)
+        self._nursery_start(self._retire, removed, replaced, orphans)
         log(f"lazyd: reloaded {new.path}")
         return []
 
@@ -249,13 +252,14 @@ class Daemon:
 
     async def _replace(self, old: ServiceRunner, new: ServiceRunner) -> None:
         was_running = old.machine.process
-        old.closing = True
-        old.stop("reload")
+        old.hand_over("reload")
         await old.wait_stopped()
         old.cancel()
         await old.finished.wait()
         assert self._nursery is not None
-        await self._nursery.start(new.run)
+        if self.runners.get(new.name) is not new or self.closing:
+            return  # removed or replaced again meanwhile, or shutting down
+        await self._nursery.start(self._run_runner, new)
         if was_running or new.config.activate is Activate.EAGER:
             new.start("reload")
 
@@ -264,14 +268,68 @@ class Daemon:
         await runner.wait_stopped()
         runner.start("reload")
 
-    async def _retire(self, removed: list[ServiceRunner], orphans: list[socket.socket]) -> None:
-        for sock in orphans:
-            # Wake any task still waiting on it before the fd goes away.
-            trio.lowlevel.notify_closing(sock)
-            release_socket(sock)
+    async def _retire(
+        self,
+        removed: list[ServiceRunner],
+        replaced: list[ServiceRunner],
+        orphans: list[socket.socket],
+    ) -> None:
         for runner in removed:
             await runner.wait_stopped()
             runner.cancel()
+        for runner in [*removed, *replaced]:
+            await runner.finished.wait()
+        for sock in orphans:
+            # A kept runner may still be waking from its wait on an old socket.
+            trio.lowlevel.notify_closing(sock)
+            release_socket(sock)
+
+    async def _run_runner(
+        self,
+        runner: ServiceRunner,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run one service's runner; a bug inside it must not end the daemon.
+
+        An exception from a runner is a bug in lazyd.  It is logged with its
+        traceback, the service's process (if any) has been killed with the
+        runner's nursery, and a fresh runner takes over the same sockets after
+        a second, so every other service and every socket stays up.
+        """
+        started = False
+
+        def mark_started() -> None:
+            nonlocal started
+            if not started:
+                started = True
+                task_status.started()
+
+        while True:
+            try:
+                await runner.run(task_status=_Started(mark_started))
+                return
+            except BaseException as exc:
+                # Cancellation goes on up; any other exception is a bug.
+                bugs, rest = _split_bugs(exc)
+                if rest is not None:
+                    raise
+                assert bugs is not None
+                text = "".join(traceback.format_exception(bugs)).rstrip()
+                log_at(self.options.log, Level.ERR,
+                       f"lazyd: {runner.name}: internal error, the service is restarted in 1 s "
+                       f"with its sockets held:\n{text}")
+            mark_started()
+            await trio.sleep(1.0)
+            if self.runners.get(runner.name) is not runner or self.closing or runner.closing:
+                return
+            if any(sock.fileno() == -1 for sock in runner.sockets):
+                return
+            fresh = ServiceRunner(runner.config, runner.sockets, self.options,
+                                  on_spawn=self._started)
+            fresh.history = runner.history
+            self.runners[runner.name] = fresh
+            runner = fresh
 
     def status(self, *, history: bool = False) -> dict[str, Any]:
         """What `lazyd status --json` shows; `history` adds every recorded start."""
@@ -429,6 +487,25 @@ async def _stop_on_signals(
             daemon.options.log(f"lazyd: {signal.Signals(signum).name}: stopping every service")
             await daemon.shutdown()
             return
+
+
+def _split_bugs(exc: BaseException) -> tuple[BaseException | None, BaseException | None]:
+    """(the Exceptions in `exc`, the rest: Cancelled, KeyboardInterrupt...)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(Exception)
+    if isinstance(exc, Exception):
+        return exc, None
+    return None, exc
+
+
+class _Started:
+    """A task_status that only calls back: see Daemon._run_runner."""
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self._callback = callback
+
+    def started(self, value: object = None) -> None:
+        self._callback()
 
 
 def _check_readable(path: str, user: str) -> None:

@@ -235,6 +235,8 @@ class DatagramProxy(Forwarder):
 
     async def _receive(self) -> None:
         while True:
+            if self.paused:
+                await trio.sleep_forever()  # handed over (see Forwarder.paused)
             try:
                 data, ancdata, flags, client = self.sock.recvmsg(MAX_DATAGRAM, self._ancillary)
             except BlockingIOError:
@@ -254,6 +256,9 @@ class DatagramProxy(Forwarder):
     def _arrive(self, client: Any, data: bytes, reply_from: Cmsg | None) -> None:
         if self.gate is not None and not self.gate.admit_datagram(client):
             return  # refused (and counted): it starts nothing and opens no flow
+        if self.refusing:
+            self.dropped += 1  # the service is failed: nothing would take it
+            return
         # While anything is still queued, newer datagrams queue behind it:
         # release() must not let a late datagram overtake an early one.
         if not self._ready or self._queue:

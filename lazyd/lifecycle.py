@@ -12,6 +12,19 @@ exact times, and lets hypothesis look for sequences that break the promises:
   that became ready and that lazyd stopped on purpose does not count);
 - a service never waits forever: every non-idle state has a way out.
 
+Events are of two kinds.  Requests (`Start`, `Stop`, `Tick`) may come in any
+state: a Start for a service already on its way, or a Stop for one that is
+idle, simply has nothing to do.  Reports (`Spawned`, `SpawnFailed`,
+`Exited`, `Ready`) answer something the machine asked for or a process that
+it knows of; a report that does not fit (an exit with no process, a second
+Spawned) means the driver lost track, and that is a bug, raised here as
+`UnexpectedEvent` at its source (h11's rule) instead of being ignored.
+A machine built with `strict=False`, as the daemon's are unless LAZYD_STRICT
+is set, logs such a report as a bug and goes on: one confused service must
+not end the daemon that holds every other service's sockets.  The one
+report that may come late for real is `Ready` from a running (or stopping)
+service: a notify service may say READY=1 again after reloading itself.
+
     idle ──Start──▶ starting ──Ready──▶ running
       ▲               │  ▲                 │
       │  Exited       │  │ Exited, restart │ Stop / Exited
@@ -163,6 +176,10 @@ class DropHeld:
 Action = Spawn | Kill | Watch | Unwatch | Log | Activation | ReleaseHeld | DropHeld
 
 
+class UnexpectedEvent(Exception):
+    """A report that does not fit the machine's state: a bug in its driver."""
+
+
 def describe_exit(returncode: int) -> str:
     if returncode < 0:
         try:
@@ -185,8 +202,9 @@ def _due(at: float | None, now: float) -> float | None:
 class Lifecycle:
     """The state machine of one service.  See the module docstring."""
 
-    def __init__(self, config: ServiceConfig, now: float = 0.0) -> None:
+    def __init__(self, config: ServiceConfig, now: float = 0.0, *, strict: bool = True) -> None:
         self.config = config
+        self.strict = strict  # raise UnexpectedEvent (else log it as a bug and go on)
         self.state = State.IDLE
         self.pid: int | None = None
         # True from the Spawn action until the process is reaped (or failed
@@ -226,13 +244,22 @@ class Lifecycle:
             case Start(reason):
                 self._on_start(reason, now, actions)
             case Spawned(pid):
+                if not self.process or self.pid is not None:
+                    return self._misfit(event)
                 self._on_spawned(pid, now, actions)
             case SpawnFailed(reason):
+                if not self.process or self.pid is not None:
+                    return self._misfit(event)
                 self._on_spawn_failed(reason, now, actions)
             case Ready():
-                if self.state is State.STARTING and self.pid is not None:
+                if self.pid is None:
+                    return self._misfit(event)
+                if self.state is State.STARTING:
                     self._become_ready(now, actions)
+                # else: running or stopping, and it says so again; nothing to do.
             case Exited(returncode):
+                if not self.process or self.pid is None:
+                    return self._misfit(event)
                 self._on_exited(returncode, now, actions)
             case Stop(reason):
                 self._on_stop(reason, now, actions)
@@ -241,6 +268,15 @@ class Lifecycle:
         self._sync_watch(actions)
         self._update_deadline()
         return actions
+
+    def _misfit(self, event: Event) -> list[Action]:
+        """A report that does not fit: raise, or (not strict) say so and change nothing."""
+        process = "no process" if not self.process else (
+            "a process being executed" if self.pid is None else f"process {self.pid}")
+        text = f"{type(event).__name__} does not fit state {self.state.value} with {process}"
+        if self.strict:
+            raise UnexpectedEvent(text)
+        return [Log(f"bug: ignoring an event that {text}")]
 
     # -- transitions ---------------------------------------------------------
 
@@ -285,8 +321,6 @@ class Lifecycle:
         actions.append(Spawn())
 
     def _on_spawned(self, pid: int, now: float, actions: list[Action]) -> None:
-        if not self.process or self.pid is not None:
-            return
         self.pid = pid
         self._spawned = now
         if self.state is State.STOPPING:
@@ -303,8 +337,6 @@ class Lifecycle:
                 self._become_ready(now, actions)
 
     def _on_spawn_failed(self, reason: str, now: float, actions: list[Action]) -> None:
-        if not self.process or self.pid is not None:
-            return
         self.process = False
         actions.append(Log(reason))
         if self.state is State.STOPPING:
@@ -331,8 +363,6 @@ class Lifecycle:
         actions.append(ReleaseHeld())
 
     def _on_exited(self, returncode: int, now: float, actions: list[Action]) -> None:
-        if not self.process or self.pid is None:
-            return
         self.process = False
         self.pid = None
         self._kill_at = None

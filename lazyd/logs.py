@@ -167,7 +167,9 @@ def lifecycle_level(text: str) -> Level:
     on its own, or had to be killed, is a warning; the rest (stops asked for,
     restarts scheduled) is information.
     """
-    if text.startswith(("failed:", "start timed out")) or text.endswith("before it was ready"):
+    if text.startswith(("failed:", "start timed out", "bug:")) or text.endswith(
+        "before it was ready"
+    ):
         return Level.ERR
     if "cannot start" in text or "lazyd's spawner" in text:
         return Level.ERR  # the command could not be executed

@@ -42,7 +42,7 @@ from typing import Any, Protocol, cast
 
 import trio
 
-from lazyd.access import Gate
+from lazyd.access import Gate, reset_and_close
 from lazyd.addresses import Address
 from lazyd.proxy_protocol import VERSIONS as PROXY_PROTOCOL_VERSIONS
 from lazyd.proxy_protocol import encode as encode_proxy_header
@@ -452,6 +452,14 @@ class Forwarder:
 
     activity: Activity
     _ready: bool
+    # The service is `failed`: new traffic is refused at once (a connection
+    # is reset, a datagram dropped) rather than held for a start that will
+    # not come until the start limit's interval has passed.
+    refusing: bool = False
+    # Handing over to a new runner (a reload changed how lazyd serves the
+    # socket): take nothing more off the socket, the kernel holds it for the
+    # new proxy, which takes over once this one's run() has ended.
+    paused: bool = False
 
     @property
     def ready(self) -> bool:
@@ -647,6 +655,8 @@ class StreamProxy(Forwarder):
         accept_fd = cast(_RawAccept, self.listener)._accept
         accepted = 0
         while True:
+            if self.paused:
+                await trio.sleep_forever()  # until cancelled
             while self._held >= self.queue_limit:
                 # Full: accept nothing more.  The kernel's backlog keeps the
                 # rest; accepting and closing would turn a wait into a refusal.
@@ -691,6 +701,9 @@ class StreamProxy(Forwarder):
                 await trio.lowlevel.checkpoint()
 
     def _admit(self, fd: int, peer: Any) -> None:
+        if self.refusing:
+            reset_and_close(socket.socket(self.listener.family, socket.SOCK_STREAM, 0, fd))
+            return
         _FDS.opened()
         client = None
         if self.gate is not None:

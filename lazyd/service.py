@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -105,11 +106,18 @@ def format_activation(name: str, record: Activation, waiting: str | None) -> str
     return f"{name}: start {record.outcome.value} ({record.reason})"
 
 
+def strict_from_environment() -> bool:
+    """LAZYD_STRICT=1 (the test suite sets it): a lifecycle event that does not
+    fit its state raises, instead of being logged as a bug."""
+    return os.environ.get("LAZYD_STRICT") == "1"
+
+
 @dataclass
 class Options:
     """What the daemon gives every runner besides its service's config."""
 
     nofile_soft: int | None = None
+    strict: bool = field(default_factory=strict_from_environment)
     log: LogFn = stderr_log  # a lazyd.logs.Logger also takes a level (see log_at)
     output: LogFn = stderr_log
     # Called as each start attempt ends, with the service's name (the metrics).
@@ -131,7 +139,7 @@ class ServiceRunner:
         self.sockets = list(sockets)
         self.options = options
         self.on_spawn = on_spawn
-        self.machine = Lifecycle(config, trio.current_time())
+        self.machine = Lifecycle(config, trio.current_time(), strict=options.strict)
         self.process: ServiceProcess | None = None
         self.status_text: str | None = None
         self.main_pid: int | None = None  # MAINPID= may move it from the child we spawned
@@ -145,6 +153,9 @@ class ServiceRunner:
         self._watch_scope: trio.CancelScope | None = None
         self._notify: NotifySocket | None = None
         self._dispatching = False
+        # Set once the lifecycle has begun: traffic that a proxy accepts
+        # before then waits, and starts the service right after.
+        self._begun = False
         # Set once the daemon shuts down: no traffic starts the service again.
         self.closing = False
         # Proxy mode: lazyd accepts and forwards itself (one proxy per socket).
@@ -196,15 +207,25 @@ class ServiceRunner:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                # First the notify socket: whatever starts the service must
+                # find it there, to put it in the service's environment.
+                self._open_notify()
                 if self.proxied:
+                    # A proxy accepts as soon as it runs, and may hold a client
+                    # before the others run: it cannot start the service yet
+                    # (start() waits for _begun), the check below does.
                     for sc, sock in zip(self.config.sockets, self.sockets, strict=True):
                         proxy = self._make_proxy(sc, sock)
                         self.proxies.append(proxy)
                         await nursery.start(proxy.run)
                     if self.config.idle_timeout is not None:
                         nursery.start_soon(self._run_idle_stop)
-                self._open_notify()
                 self._apply(self.machine.begin(trio.current_time()))
+                self._begun = True
+                for sc, proxy in zip(self.config.sockets, self.proxies, strict=False):
+                    if proxy.waiting:
+                        self.start(f"traffic on {sc.name}")
+                        break
                 task_status.started()
                 if not self.proxied:
                     # This task watches the sockets itself: a task fewer per
@@ -226,6 +247,24 @@ class ServiceRunner:
             self._notify = open_notify_socket(self.name)
             self._nursery.start_soon(self._run_notify, self._notify)
 
+    def retire(self, reason: str) -> None:
+        """Removed from the config: stop the service, refuse new traffic at
+        once, and hold nothing.  The caller closes the sockets once `finished`
+        (after `cancel()`)."""
+        self.closing = True
+        for proxy in self.proxies:
+            proxy.refusing = True
+        self.stop(reason)
+
+    def hand_over(self, reason: str) -> None:
+        """Replaced by a new runner on (some of) the same sockets: stop the
+        service and take nothing more off the sockets, so that the kernel
+        holds new traffic for the new runner."""
+        self.closing = True
+        for proxy in self.proxies:
+            proxy.paused = True
+        self.stop(reason)
+
     def cancel(self) -> None:
         """End run(): for a service that was removed and has stopped."""
         if self._nursery is not None:
@@ -246,7 +285,7 @@ class ServiceRunner:
     def start(self, reason: str) -> None:
         # Only an idle service can be started; in proxy mode this is called for
         # every connection accepted while starting, so skip the dispatch then.
-        if not self.closing and self.machine.state is State.IDLE:
+        if self._begun and not self.closing and self.machine.state is State.IDLE:
             self.dispatch(Start(reason))
 
     def stop(self, reason: str) -> None:
@@ -320,6 +359,10 @@ class ServiceRunner:
             for proxy in self.proxies:
                 if proxy.ready:
                     proxy.unready()  # from now on, new traffic is held again
+        if not self.closing:
+            refusing = self.machine.state is State.FAILED
+            for proxy in self.proxies:
+                proxy.refusing = refusing
         if self.machine.state is not State.STARTING and self._probe_scope is not None:
             self._probe_scope.cancel()
         deadline = self.machine.deadline
@@ -396,7 +439,7 @@ class ServiceRunner:
     def _restart_if_held(self) -> None:
         """Back to idle with traffic already held (it came while the service was
         stopping): start again, as queued traffic does in pass mode."""
-        if self._nursery is not None and any(p.waiting for p in self.proxies):
+        if self._begun and self._nursery is not None and any(p.waiting for p in self.proxies):
             self._nursery.start_soon(self._start_soon, "traffic held while stopping")
 
     async def _start_soon(self, reason: str) -> None:
@@ -460,6 +503,18 @@ class ServiceRunner:
         """
         while True:
             await self._armed.wait()
+            if self.closing:
+                # Removed or shutting down: traffic stays queued in the kernel,
+                # and the sockets may be closed any moment now.
+                self._armed = trio.Event()
+                continue
+            closed = [sc.name for sc, sock in zip(self.config.sockets, self.sockets, strict=True)
+                      if sock.fileno() == -1]
+            if closed:
+                # Whoever closes a socket must first take it from the runner
+                # (reconfigure) or end the runner: waiting on it would fail,
+                # and not waiting would spin.
+                raise RuntimeError(f"{self.name}: asked to watch closed sockets {closed}")
             readable: list[str] = []
             with trio.CancelScope() as scope:
                 self._watch_scope = scope

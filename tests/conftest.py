@@ -22,6 +22,9 @@ from lazyd import control
 
 PROGRAMS = Path(__file__).parent / "programs"
 PY = sys.executable
+# Every daemon the tests start treats a lifecycle event that does not fit its
+# state as the bug it is (an error with a traceback in the log), not a line.
+os.environ["LAZYD_STRICT"] = "1"
 
 
 def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
