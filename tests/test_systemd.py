@@ -85,3 +85,62 @@ def test_example_units_name_configured_sockets() -> None:
     assert "http: tcp://0.0.0.0:80" in (CONF / "blog.yaml").read_text()
     service = (CONF / "lazyd.service").read_text()
     assert "Type=notify" in service and "lazyd run -c" in service
+
+
+async def test_a_notify_proxy_service_started_by_an_inherited_waiting_client_gets_its_socket(
+    tmp_path: Path,
+) -> None:
+    """lazyd socket-activated with a client already waiting on its first inherited socket:
+    that socket's proxy accepts the client the moment it runs, before the second proxy
+    runs, and the `ready: notify` service it starts finds NOTIFY_SOCKET in its
+    environment, says READY=1 and serves the client."""
+    port, upstream, other = free_port(), free_port(), free_port()
+    config = tmp_path / "lazyd.yaml"
+    config.write_text(
+        f"control: unix:{tmp_path / 'control.sock'}\n"
+        "services:\n"
+        "  web:\n"
+        "    mode: proxy\n"
+        f"    command: {program('backend.py', f'tcp:127.0.0.1:{upstream}', '--notify')}\n"
+        "    user: root\n"
+        "    ready: notify\n"
+        "    start_timeout: 10s\n"
+        "    sockets:\n"
+        f"      http: {{listen: 'tcp://127.0.0.1:{port}', upstream: 'tcp://127.0.0.1:{upstream}'}}\n"
+        f"      other: {{listen: 'tcp://127.0.0.1:{other}', upstream: 'tcp://127.0.0.1:{upstream}'}}\n"
+    )
+    activate = await trio.lowlevel.open_process(
+        [
+            "systemd-socket-activate", "-l", f"127.0.0.1:{port}", "-l", f"127.0.0.1:{other}",
+            "--fdname=web.http:web.other",
+            "-E", f"PATH={os.environ['PATH']}", "-E", "LAZYD_STRICT=1",
+            sys.executable, "-m", "lazyd", "run", "-c", str(config),
+        ],
+        stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    try:
+        with trio.fail_after(20):
+            while True:
+                try:
+                    client = socket.create_connection(("127.0.0.1", port))
+                    break
+                except ConnectionRefusedError:  # not listening yet
+                    await trio.sleep(0.01)
+            with client:
+                client.sendall(b"early\n")
+                client.shutdown(socket.SHUT_WR)
+                answer = await trio.to_thread.run_sync(client.makefile("rb").read)
+            activate.send_signal(signal.SIGTERM)
+            assert await activate.wait() == 0
+        assert activate.stderr is not None
+        data = b""
+        while chunk := await activate.stderr.receive_some(1 << 16):
+            data += chunk
+        log = data.decode()
+        assert "no NOTIFY_SOCKET" not in log, log
+        assert answer.endswith(b" early\n"), log
+        assert "web: ready in" in log and "Traceback" not in log, log
+    finally:
+        if activate.returncode is None:
+            os.killpg(activate.pid, signal.SIGKILL)
+            await activate.wait()
