@@ -51,8 +51,12 @@ class Daemon:
         *,
         spawner: Spawner | None = None,
         user: privileges.User | None = None,
+        supervisor: systemd.Supervisor | None = None,
     ) -> None:
         self.config = config
+        # lazyd's own supervisor (READY=1, RELOADING=1, STOPPING=1); none here
+        # unless serve() found one.
+        self.supervisor = supervisor or systemd.Supervisor(options.log, environ={})
         self.options = options
         # Reloads re-read the spawner's table through it (None: tests without one).
         self.spawner = spawner
@@ -89,7 +93,7 @@ class Daemon:
         if self.closing:
             return
         self.closing = True
-        systemd.notify("STOPPING=1")
+        self.supervisor.notify("STOPPING=1")
         for runner in self.runners.values():
             runner.closing = True
             runner.stop("shutdown")
@@ -115,13 +119,13 @@ class Daemon:
             return ["a reload or shutdown is already under way"]
         self._reloading = True
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-        systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
+        self.supervisor.notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
         try:
             return await self._reload()
         finally:
             self._reloading = False
             _trim_memory()
-            systemd.notify("READY=1")
+            self.supervisor.notify("READY=1")
 
     async def _reload(self) -> list[str]:
         log = self.options.log
@@ -388,6 +392,21 @@ async def serve(
     process for good, so only `lazyd run` asks for it.
     """
     options = options or Options()
+    # Connected now, while lazyd may still be root: see systemd.Supervisor.
+    supervisor = systemd.Supervisor(options.log)
+    try:
+        await _serve(config, options, supervisor, drop_privileges, task_status)
+    finally:
+        supervisor.close()
+
+
+async def _serve(
+    config: Config,
+    options: Options,
+    supervisor: systemd.Supervisor,
+    drop_privileges: bool,
+    task_status: trio.TaskStatus[Daemon],
+) -> None:
     soft, _hard = raise_fd_limit()
     options.nofile_soft = soft
     # Under systemd, sockets may come bound already: use them, bind the rest.
@@ -437,7 +456,8 @@ async def serve(
             if user is not None:
                 privileges.drop(user)
                 options.log(f"lazyd: dropped privileges: running as user {user.name}")
-            daemon = Daemon(config, sockets, options, spawner=spawner, user=user)
+            daemon = Daemon(config, sockets, options, spawner=spawner, user=user,
+                            supervisor=supervisor)
             await nursery.start(daemon.run)
             nursery.start_soon(
                 partial(control.serve_control, log=options.log),
@@ -453,7 +473,7 @@ async def serve(
                 f"lazyd: holding {_plural(held, 'socket')} "
                 f"for {_plural(len(config.services), 'service')}"
             )
-            systemd.notify(f"READY=1\nSTATUS=holding {_plural(held, 'socket')}")
+            supervisor.notify(f"READY=1\nSTATUS=holding {_plural(held, 'socket')}")
             _trim_memory()
             task_status.started(daemon)
             await daemon.stopped.wait()

@@ -98,15 +98,60 @@ def _check(config: Config, key: tuple[str, str], sock: socket.socket) -> None:
         )
 
 
-def notify(message: str) -> None:
-    """sd_notify(3) to lazyd's own supervisor, if it has one (else nothing)."""
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.sendto(message.encode(), address)
-    except OSError:
-        pass  # a supervisor that went away is no reason to fail
+class Supervisor:
+    """lazyd's own supervisor (systemd, with Type=notify), reached through
+    NOTIFY_SOCKET; sd_notify(3) without libsystemd.
+
+    The socket is connected once, at start-up, while lazyd is still root: the
+    kernel checks the right to write to a socket's path at connect() only, so
+    a supervisor's socket in a directory that the user lazyd drops to cannot
+    enter stays reachable.  A message that cannot be delivered is logged (at
+    most once per kind of message and error), never ignored: under systemd a
+    lost READY=1 ends in a start timeout and lazyd killed.  Sending never
+    blocks the daemon.
+    """
+
+    def __init__(self, log: Callable[[str], None],
+                 environ: MutableMapping[str, str] | None = None) -> None:
+        env = os.environ if environ is None else environ
+        self.address = env.pop("NOTIFY_SOCKET", None) or None
+        self._log = log
+        self._said: set[tuple[str, str]] = set()
+        self._sock: socket.socket | None = None
+        if self.address is None:
+            return
+        target = "\0" + self.address[1:] if self.address.startswith("@") else self.address
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(target)
+        except OSError as exc:
+            sock.close()
+            log(f"lazyd: cannot reach the supervisor's NOTIFY_SOCKET {self.address}: "
+                f"{os.strerror(exc.errno or 0)}; it will not learn that lazyd is ready")
+            return
+        sock.setblocking(False)
+        self._sock = sock
+
+    def notify(self, message: str) -> None:
+        """Send one sd_notify message (e.g. ``READY=1``), if there is a supervisor."""
+        if self.address is None:
+            return
+        first = message.split("\n", 1)[0]
+        if self._sock is None:
+            self._say(first, "its socket could not be reached at start-up")
+            return
+        try:
+            self._sock.send(message.encode())
+        except OSError as exc:
+            self._say(first, os.strerror(exc.errno or 0))
+
+    def _say(self, what: str, why: str) -> None:
+        if (what, why) not in self._said:
+            self._said.add((what, why))
+            self._log(f"lazyd: could not tell the supervisor {what} "
+                      f"(NOTIFY_SOCKET {self.address}): {why}")
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None

@@ -10,7 +10,7 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -147,9 +147,11 @@ def _let_others_in(path: Path) -> None:
 async def run_lazyd(
     tmp_path: Path, config_text: str, *, expect_exit: int | None = 0,
     prefix: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[LazydProcess]:
     """Start `lazyd run` on this config and wait until it holds its sockets.
-    `prefix` runs it through a wrapper command (such as prlimit)."""
+    `prefix` runs it through a wrapper command (such as prlimit); `env` adds to
+    the environment it inherits."""
     control_path = str(tmp_path / "control.sock")
     config = tmp_path / "lazyd.yaml"
     config.write_text(f"control: unix:{control_path}\n{config_text}")
@@ -159,6 +161,7 @@ async def run_lazyd(
         stdin=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,
+        env={**os.environ, **(env or {})},
     )
     lz = LazydProcess(process, control_path)
     async with trio.open_nursery() as nursery:

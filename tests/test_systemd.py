@@ -12,7 +12,7 @@ from pathlib import Path
 import trio
 
 from lazyd.notify import open_notify_socket
-from tests.conftest import free_port, program
+from tests.conftest import free_port, program, run_lazyd
 
 CONF = Path(__file__).parent.parent / "conf"
 
@@ -144,3 +144,52 @@ async def test_a_notify_proxy_service_started_by_an_inherited_waiting_client_get
         if activate.returncode is None:
             os.killpg(activate.pid, signal.SIGKILL)
             await activate.wait()
+
+
+async def test_readiness_reaches_a_supervisor_socket_the_dropped_user_cannot(
+    tmp_path: Path,
+) -> None:
+    """lazyd run as root with NOTIFY_SOCKET in a root-only directory: it drops to nobody,
+    and still tells its supervisor READY=1 once it holds its sockets, RELOADING=1 and
+    READY=1 around a reload, and STOPPING=1 on SIGTERM."""
+    private = tmp_path / "supervisor"
+    private.mkdir(mode=0o700)
+    path = str(private / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as supervisor:
+        supervisor.bind(path)
+        supervisor.settimeout(10)
+        config = "services:\n" + _line_service(free_port())
+        async with run_lazyd(tmp_path, config, env={"NOTIFY_SOCKET": path}) as lz:
+            assert (await trio.to_thread.run_sync(supervisor.recv, 4096)).startswith(b"READY=1")
+            assert "lazyd: dropped privileges" in lz.log()
+            lz.process.send_signal(signal.SIGHUP)
+            reloading = await trio.to_thread.run_sync(supervisor.recv, 4096)
+            assert reloading.startswith(b"RELOADING=1\nMONOTONIC_USEC=")
+            assert await trio.to_thread.run_sync(supervisor.recv, 4096) == b"READY=1"
+            await lz.wait_line(r"^lazyd: reloaded ")
+        assert await trio.to_thread.run_sync(supervisor.recv, 4096) == b"STOPPING=1"
+        assert "could not tell the supervisor" not in lz.log(), lz.log()
+
+
+async def test_a_supervisor_socket_that_cannot_be_reached_is_said_once(tmp_path: Path) -> None:
+    """NOTIFY_SOCKET naming nothing: lazyd says at start-up that its supervisor will not
+    learn it is ready, then serves as usual."""
+    port = free_port()
+    missing = str(tmp_path / "nobody-listens-here")
+    config = "services:\n" + _line_service(port)
+    async with run_lazyd(tmp_path, config, env={"NOTIFY_SOCKET": missing}) as lz:
+        await lz.wait_line(rf"^lazyd: cannot reach the supervisor's NOTIFY_SOCKET {missing}: ")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+            client.sendall(b"hi\n")
+            client.shutdown(socket.SHUT_WR)
+            assert (await trio.to_thread.run_sync(client.makefile("rb").read)).endswith(b" hi\n")
+
+
+def _line_service(port: int) -> str:
+    return (
+        "  web:\n"
+        f"    command: {program('serve_lines.py', 0)}\n"
+        "    user: root\n"
+        "    sockets:\n"
+        f"      http: tcp://127.0.0.1:{port}\n"
+    )
