@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import stat
@@ -230,3 +231,13 @@ def yaml_quote(text: str) -> str:
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+def needs(*programs: str) -> pytest.MarkDecorator:
+    """Skip a test, saying why, when a program it uses as a witness is missing
+    (scripts/setup installs them as root)."""
+    missing = [p for p in programs
+               if not (os.access(p, os.X_OK) if p.startswith("/") else shutil.which(p))]
+    return pytest.mark.skipif(
+        bool(missing), reason=f"needs {', '.join(missing)}: run scripts/setup test as root"
+    )

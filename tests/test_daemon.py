@@ -12,7 +12,7 @@ from pathlib import Path
 
 import trio
 
-from tests.conftest import PROGRAMS, PY, exchange, free_port, program, run_lazyd
+from tests.conftest import PROGRAMS, PY, exchange, free_port, needs, program, run_lazyd
 from tests.conftest import alive as _alive
 
 PROXYD = "/lib/systemd/systemd-socket-proxyd"
@@ -36,6 +36,7 @@ async def _echo_server(
     await trio.serve_listeners(echo, listeners)
 
 
+@needs("/lib/systemd/systemd-socket-proxyd")
 async def test_systemd_socket_proxyd_runs_as_a_pass_mode_service(tmp_path: Path) -> None:
     """systemd's own socket-proxyd accepts the LISTEN_FDS lazyd hands it and forwards."""
     port, backend = free_port(), free_port()
@@ -65,6 +66,7 @@ services:
         nursery.cancel_scope.cancel()
 
 
+@needs("curl")
 async def test_gunicorn_answers_http_on_the_held_port(tmp_path: Path) -> None:
     """gunicorn, which reads LISTEN_FDS itself, serves an HTTP request (curl) on lazyd's port."""
     port = free_port()
@@ -202,6 +204,7 @@ services:
             client.close()
 
 
+@needs("systemd-notify")
 async def test_notify_readiness_from_systemd_notify_in_a_shell_script(tmp_path: Path) -> None:
     """A shell-script service that runs `systemd-notify --ready` becomes ready through it."""
     port = free_port()

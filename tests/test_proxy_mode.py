@@ -11,7 +11,7 @@ from pathlib import Path
 
 import trio
 
-from tests.conftest import PY, exchange, free_port, program, proxy_service, run_lazyd
+from tests.conftest import PY, exchange, free_port, needs, program, proxy_service, run_lazyd
 
 
 async def test_two_hundred_clients_during_a_slow_start_are_all_answered(tmp_path: Path) -> None:
@@ -246,6 +246,7 @@ async def test_idle_stop_and_reactivation_and_a_long_connection_keeps_it_up(
         assert (await lz.status())["wiki"]["activations"] == 2
 
 
+@needs("iperf3")
 async def test_a_one_test_at_a_time_server_serves_the_client_that_started_it(
     tmp_path: Path,
 ) -> None:

@@ -12,11 +12,12 @@ from pathlib import Path
 import trio
 
 from lazyd.notify import open_notify_socket
-from tests.conftest import free_port, program, run_lazyd
+from tests.conftest import free_port, needs, program, run_lazyd
 
 CONF = Path(__file__).parent.parent / "conf"
 
 
+@needs("systemd-socket-activate")
 async def test_lazyd_started_by_systemd_socket_activate_uses_the_inherited_socket(
     tmp_path: Path,
 ) -> None:
@@ -87,6 +88,7 @@ def test_example_units_name_configured_sockets() -> None:
     assert "Type=notify" in service and "lazyd run -c" in service
 
 
+@needs("systemd-socket-activate")
 async def test_a_notify_proxy_service_started_by_an_inherited_waiting_client_gets_its_socket(
     tmp_path: Path,
 ) -> None:
