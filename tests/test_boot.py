@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -59,7 +60,9 @@ def _read(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-async def test_parallel_boot_starts_all_at_once_and_sequential_one_after_another(tmp_path: Path) -> None:
+async def test_parallel_boot_starts_all_at_once_and_sequential_one_after_another(
+    tmp_path: Path,
+) -> None:
     """With start-up work 300/200/100 ms, lazyd starts all three at once (each is
     started before any is ready), while the sequential boot starts each only after the
     one before is ready; neither boot loses a message.  (How much faster that is, is
@@ -72,7 +75,7 @@ async def test_parallel_boot_starts_all_at_once_and_sequential_one_after_another
     assert sequential.total >= 0.6  # the sum of the start-up work
     assert max(parallel.started.values()) < min(parallel.ready.values()), parallel
     order = sorted(sequential.started, key=sequential.started.__getitem__)
-    for before, after in zip(order, order[1:], strict=False):
+    for before, after in itertools.pairwise(order):
         assert sequential.ready[before] <= sequential.started[after], sequential
 
 
