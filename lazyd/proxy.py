@@ -207,7 +207,7 @@ def _begin_connect(upstream: Address) -> tuple[socket.socket, int]:
 
 async def wait_connectable(
     upstream: Address, *, interval: float = 0.0005, max_interval: float = 0.05,
-    keep: bool = False,
+    keep: bool = False, tight_for: float = 1.0, tight_interval: float = 0.002,
 ) -> socket.socket | None:
     """Return once a connection to `upstream` succeeds (readiness `connect`).
 
@@ -220,14 +220,21 @@ async def wait_connectable(
     """
     # Fine-grained at first: a service that binds within a millisecond of
     # its exec should not wait 10 ms for the second probe (every held client
-    # waits with it).  A probe costs ~50 us; a 1 s start costs ~30 of them.
+    # waits with it).  For the first `tight_for` seconds, when most services
+    # bind (a Python one after 20-40 ms), probes stay at most `tight_interval`
+    # apart, so readiness is seen at most that late: a refused loopback
+    # connect is one syscall and a wake-up, ~500 of them a second cost the
+    # starting service less than the lateness would.  After that, slower
+    # starts back off to `max_interval`.
     delay = interval
+    tight_until = trio.current_time() + tight_for
     while True:
         listening, connection = await _probe(upstream, keep)
         if listening:
             return connection
         await trio.sleep(delay)
-        delay = min(delay * 1.5, max_interval)
+        cap = tight_interval if trio.current_time() < tight_until else max_interval
+        delay = min(delay * 1.5, cap)
 
 
 async def _probe(upstream: Address, keep: bool) -> tuple[bool, socket.socket | None]:

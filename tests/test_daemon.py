@@ -8,10 +8,12 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import trio
 
+from lazyd import control
 from tests.conftest import PROGRAMS, PY, exchange, free_port, needs, program, run_lazyd
 from tests.conftest import alive as _alive
 
@@ -401,3 +403,28 @@ services:
         await lz.wait_line(r"^flaky: restarting in 100 ms \(on-failure\)")
         await lz.wait_line(r"^flaky: ready in", count=2)
         assert (await lz.status())["flaky"]["activations"] == 2
+
+
+async def test_the_first_accept_of_a_pass_mode_service_is_measured(tmp_path: Path) -> None:
+    """A pass-mode service that is `ready: started` at exec but accepts only after 0.3 s
+    of start-up: the start record's first accept comes at least that long after ready
+    (and not much later), so `analyze` shows where a held client's time went."""
+    port = free_port()
+    config = (
+        "services:\n  web:\n"
+        f"    command: {program('serve_lines.py', 0.3)}\n"
+        "    user: root\n    sockets:\n"
+        f"      http: tcp://127.0.0.1:{port}\n"
+    )
+    async with run_lazyd(tmp_path, config) as lz:
+        assert (await exchange(port, b"hi\n")).endswith(b" hi\n")
+        with trio.fail_after(10):
+            while True:
+                reply = await trio.to_thread.run_sync(
+                    partial(control.request, lz.control_path, "status", history=True))
+                (start,) = reply["services"]["web"]["starts"]
+                if start["first_accept_ms"] is not None:
+                    break
+                await trio.sleep(0.05)
+        after_ready = start["first_accept_ms"] - start["ready_ms"]
+        assert 0.3 * 1000 * 7 / 8 <= after_ready <= 2000, start
