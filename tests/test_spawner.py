@@ -20,6 +20,7 @@ import trio.testing
 
 from lazyd import spawnerd
 from lazyd.errors import LaunchError
+from lazyd.handoff import socket_identity
 from lazyd.launch import relay_output
 from lazyd.spawner import (
     ServiceProcess,
@@ -79,9 +80,16 @@ class Raw:
     async def start(
         self, argv: list[str], fds: Sequence[int] = (), **fields: Any
     ) -> tuple[dict[str, Any], list[int]]:
-        """Define argv as a service of its own, then spawn it: the spawn's reply."""
+        """Define argv as a service of its own, handed exactly `fds` (the sockets
+        among them, as they are), then spawn it: the spawn's reply."""
         name = f"svc{self._next_id}"
-        reply, _ = await self.request({"op": "define", "services": {name: entry(argv, **fields)}})
+        sockets = [
+            {"name": "s", **socket_identity(fd)}
+            for fd in fds
+            if stat.S_ISSOCK(os.fstat(fd).st_mode)
+        ]
+        services = {name: entry(argv, sockets=sockets, **fields)}
+        reply, _ = await self.request({"op": "define", "services": services})
         assert reply.get("ok"), reply
         env = {"LISTEN_FDS": str(len(fds)), "LISTEN_FDNAMES": ":".join("s" * len(fds))}
         return await self.request({"op": "spawn", "service": name, "env": env if fds else {}}, fds)
@@ -465,8 +473,8 @@ async def test_reload_reads_the_table_from_the_config_file(tmp_path: Path) -> No
 
     def write(command: str) -> None:
         config.write_text(
-            f"services:\n  svc:\n    command: {command}\n    user: nobody\n"
-            "    sockets: {s: unix:/nonexistent/s.sock}\n"
+            f"services:\n  svc:\n    command: {command}\n    user: nobody\n    mode: proxy\n"
+            "    sockets: {s: {listen: unix:/nonexistent/s.sock, upstream: unix:/nonexistent/u}}\n"
         )
 
     write("/bin/echo first")
