@@ -42,6 +42,12 @@ class Mode(enum.Enum):
     PASS = "pass"
     PROXY = "proxy"
 
+    @property
+    def hands_over_sockets(self) -> bool:
+        """Whether the service inherits lazyd's listening sockets (pass), or binds
+        its own upstream and is reached only through lazyd (proxy)."""
+        return self is Mode.PASS
+
 
 class Restart(enum.Enum):
     NO = "no"

@@ -10,13 +10,17 @@ and three variables describing them:
 `service_environment` builds everything but LISTEN_PID, in the daemon.
 `arrange_fds` moves the sockets into place in the forked child, which is a
 child of the spawner (`lazyd.spawnerd`); that is also where LISTEN_PID is set.
-This module is imported by the spawner, so it imports only `fcntl` and `os`.
+`socket_identity` and `notify_socket_name` are what the spawner checks a
+spawn request's sockets and NOTIFY_SOCKET against (see `lazyd.spawnerd`).
+This module is imported by the spawner, so it imports only `fcntl`, `os` and
+`socket`, which the spawner needs anyway.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import socket
 
 TYPE_CHECKING = False  # not from typing, which the spawner would have to import
 if TYPE_CHECKING:
@@ -93,3 +97,56 @@ def service_environment(
     if notify_socket is not None:
         env["NOTIFY_SOCKET"] = notify_socket
     return env
+
+
+# What a service name keeps in its notify socket's name; the rest becomes '_'.
+_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:+-")
+_SUN_PATH_MAX = 107  # sizeof(sun_path) minus the leading NUL of an abstract name
+NOTIFY_TOKEN_LENGTH = 8  # hex digits of randomness at the end of a notify socket's name
+
+
+def notify_socket_name(service: str, lazyd_pid: int, token: str) -> str:
+    """The abstract name (without its NUL or '@') of `service`'s notify socket.
+
+    ``lazyd/<lazyd pid>/<service>/<token>``: the service name with characters
+    outside ``A-Za-z0-9._:+-`` replaced by '_' and cut to fit sun_path. The
+    name is a label for people reading ``ss -xl``; the random token makes it
+    unique and unguessable. The spawner rebuilds it to check that a spawn's
+    NOTIFY_SOCKET names the daemon's socket for that very service.
+    """
+    prefix = f"lazyd/{lazyd_pid}/"
+    suffix = f"/{token}"
+    room = _SUN_PATH_MAX - len(prefix) - len(suffix)
+    label = "".join(c if c in _NAME_CHARS else "_" for c in service)
+    return prefix + label[:room] + suffix
+
+
+def socket_identity(fd: int) -> dict[str, object]:
+    """What a socket is, as the spawner compares it with its table of services.
+
+    ``{"family", "type", "address", "listening", "connected"}``: the address
+    it is bound to as ``[host, port]`` for IP, a path, ``@name`` (abstract)
+    or ``""`` (unnamed) for Unix. Raises OSError for an fd that is no socket.
+    """
+    sock = socket.socket(fileno=fd)
+    try:
+        family, kind = int(sock.family), int(sock.type)
+        name = sock.getsockname()
+        if isinstance(name, tuple):
+            address: object = [name[0], name[1]]
+        elif isinstance(name, bytes):
+            # An abstract name comes back as bytes with its leading NUL.
+            text = name.decode(errors="surrogateescape")
+            address = "@" + text[1:] if text.startswith("\0") else text
+        else:
+            address = name
+        listening = bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
+        try:
+            sock.getpeername()
+            connected = True
+        except OSError:
+            connected = False
+    finally:
+        sock.detach()
+    return {"family": family, "type": kind, "address": address, "listening": listening,
+            "connected": connected}

@@ -1,15 +1,17 @@
 """Starting a service's process and relaying its output.
 
 `open_service_process` starts one service the way systemd would: its sockets
-at fds 3.. with the LISTEN_* variables (`lazyd.handoff`), a clean environment,
+at fds 3.. with the LISTEN_* variables (`lazyd.handoff`; pass mode only: a
+proxied service binds its own port and gets none), a clean environment,
 setsid(2) so that it leads its own process group, its user and groups, its
 working directory, the original RLIMIT_NOFILE soft limit. What each service
 is started with (environment, credentials, the file to exec) is worked out
 here, once per config (`table`), and handed to the spawner (`lazyd.spawner`),
 which forks and execs; a spawn then names the service and adds only its
-sockets. It returns once exec has succeeded; the caller owns the
-`ServiceProcess` (waits for it, closes its stdout) and relays its output with
-`relay_output`.
+sockets and its notify socket, which the spawner checks against the table
+(the configured addresses and names, `ready: notify`). It returns once exec
+has succeeded; the caller owns the `ServiceProcess` (waits for it, closes its
+stdout) and relays its output with `relay_output`.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import os
 import pwd
 import shutil
+import socket
 import stat
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -27,9 +30,11 @@ from typing import Any
 
 import trio
 
-from lazyd.config import Config, ServiceConfig
+from lazyd.addresses import Address
+from lazyd.config import Config, ReadyKind, ServiceConfig
 from lazyd.errors import ConfigError, LaunchError
-from lazyd.handoff import service_environment
+from lazyd.handoff import service_environment, socket_identity
+from lazyd.notify import NotifySocket
 from lazyd.spawner import ServiceProcess, Spawner, SpawnError, current_spawner
 
 # The longest line relayed in one piece. A service that writes megabytes without a
@@ -45,12 +50,17 @@ class LaunchSpec:
     command: Sequence[str]
     fds: Sequence[int] = ()  # passed at 3, 4, ... in this order
     fd_names: Sequence[str] = ()  # LISTEN_FDNAMES, one per fd
+    # Where each fd is bound, one per name: what the spawner's table holds and
+    # checks every spawn's fds against. Empty: as the fds are (a spec made by
+    # hand, for an unsealed table).
+    listen: Sequence[Address] = ()
     environment: Mapping[str, str] = field(default_factory=dict)
     path: str | None = None  # the service's PATH; None: lazyd's own, else os.defpath
     user: str | None = None  # None: run as lazyd's own user
     group: str | None = None  # None: the user's primary group
     workdir: str | None = None
-    notify_socket: str | None = None
+    notify_socket: NotifySocket | None = None  # given to the service as NOTIFY_SOCKET
+    ready_notify: bool = False  # `ready: notify`: it may be given a notify socket
     nofile_soft: int | None = None  # RLIMIT_NOFILE soft limit to restore; None: inherit
 
 
@@ -121,8 +131,11 @@ def _reason(exc: SpawnError, workdir: str | None) -> str:
 def entry(spec: LaunchSpec) -> dict[str, Any]:
     """How the spawner is to start `spec`'s service: its entry in the spawner's table.
 
-    Everything but the sockets and NOTIFY_SOCKET, which come with each spawn.
-    A service that cannot be started (an unknown user, a program not found)
+    Everything but the sockets and NOTIFY_SOCKET, which come with each spawn;
+    but what those may be: ``sockets``, what each fd must be (its name, and
+    what `socket_identity` says of it), and ``notify``, whether the service
+    may be given a notify socket (lazyd's own for it: the spawner checks). A
+    service that cannot be started (an unknown user, a program not found)
     gets ``{"error": reason}``, which a spawn of it reports.
     """
     path = spec.path if spec.path is not None else os.environ.get("PATH", os.defpath)
@@ -141,6 +154,8 @@ def entry(spec: LaunchSpec) -> dict[str, Any]:
     if creds is not None and _already(creds):
         creds = None
     return {
+        "sockets": _expected_sockets(spec),
+        "notify": spec.ready_notify or spec.notify_socket is not None,
         "executable": executable,
         "argv": list(spec.command),  # argv[0] stays as configured, as with execvp
         "env": env,
@@ -152,16 +167,56 @@ def entry(spec: LaunchSpec) -> dict[str, Any]:
     }
 
 
-def service_spec(service: ServiceConfig, nofile_soft: int | None = None) -> LaunchSpec:
-    """What starting `service` takes, but for its sockets and NOTIFY_SOCKET."""
+def _expected_sockets(spec: LaunchSpec) -> list[dict[str, object]]:
+    """The table's ``sockets``: what each fd of a spawn of `spec` must be."""
+    # strict: a spec with as many names as addresses (or fds) is the caller's job.
+    if spec.listen:
+        return [
+            _bound_to(name, address)
+            for name, address in zip(spec.fd_names, spec.listen, strict=True)
+        ]
+    return [
+        {"name": name, **socket_identity(fd)}
+        for name, fd in zip(spec.fd_names, spec.fds, strict=True)
+    ]
+
+
+def _bound_to(name: str, address: Address) -> dict[str, object]:
+    """`socket_identity` of the socket lazyd binds for `address`."""
+    # An abstract name keeps its '@', as socket_identity says it.
+    bound = address.path if address.is_unix else [address.host, address.port]
+    return {"name": name, "family": int(address.family), "type": int(address.type),
+            "address": bound, "listening": address.is_stream, "connected": False}
+
+
+def service_spec(
+    service: ServiceConfig,
+    nofile_soft: int | None = None,
+    *,
+    sockets: Sequence[socket.socket] | None = None,
+    notify_socket: NotifySocket | None = None,
+) -> LaunchSpec:
+    """What starting `service` takes: with `sockets` (its own, in config order)
+    and `notify_socket`, one start of it; without, its entry in the table.
+
+    Only a mode that hands over sockets (pass) gets them, and only a `ready:
+    notify` service its notify socket.
+    """
+    handed = service.mode.hands_over_sockets
+    notify = service.ready.kind is ReadyKind.NOTIFY
     return LaunchSpec(
         name=service.name,
         command=service.command,
+        fds=[s.fileno() for s in sockets or ()] if handed else (),
+        fd_names=[sc.name for sc in service.sockets] if handed else (),
+        listen=[sc.listen for sc in service.sockets] if handed else (),
         environment=service.environment,
         path=service.environment.get("PATH"),
         user=service.user,
         group=service.group,
         workdir=service.workdir,
+        notify_socket=notify_socket if notify else None,
+        ready_notify=notify,
         nofile_soft=nofile_soft,
     )
 
@@ -233,7 +288,8 @@ async def open_service_process(spec: LaunchSpec, spawner: Spawner | None = None)
     `spawner` defaults to `current_spawner()`. While the spawner's table is
     not sealed, `spec` is first defined in it (`entry`); once sealed (as in
     the daemon), the spawner starts the service as its table says, and only
-    the name, fds, fd_names and notify_socket of `spec` count. The process
+    the name, fds, fd_names and notify_socket of `spec` count (and must fit
+    the table). The process
     has called setsid(2), so it leads its own process group; it has
     /dev/null as stdin and one pipe (`process.stdout`) for its stdout and
     stderr. The caller owns it: it must wait for it and close
@@ -250,9 +306,13 @@ async def open_service_process(spec: LaunchSpec, spawner: Spawner | None = None)
 
     if len(spec.fds) != len(spec.fd_names):
         raise ValueError(f"{spec.name}: {len(spec.fds)} fds but {len(spec.fd_names)} names")
+    notify = spec.notify_socket
     try:
         env = service_environment(
-            path="", environment={}, fd_names=spec.fd_names, notify_socket=spec.notify_socket
+            path="",
+            environment={},
+            fd_names=spec.fd_names,
+            notify_socket=None if notify is None else notify.address,
         )
     except ValueError as exc:
         raise fail(str(exc)) from None
@@ -262,7 +322,9 @@ async def open_service_process(spec: LaunchSpec, spawner: Spawner | None = None)
     try:
         if not spawner.sealed:
             await spawner.define({spec.name: entry(spec)})
-        return await spawner.spawn(spec.name, env=env, fds=spec.fds)
+        return await spawner.spawn(
+            spec.name, env=env, fds=spec.fds, notify_fd=None if notify is None else notify.fileno()
+        )
     except SpawnError as exc:
         raise fail(_reason(exc, spec.workdir)) from None
 

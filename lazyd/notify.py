@@ -52,6 +52,8 @@ from types import MappingProxyType, TracebackType
 
 import trio
 
+from lazyd.handoff import NOTIFY_TOKEN_LENGTH, notify_socket_name
+
 # systemd accepts at most PIPE_BUF bytes per notification; so do we.
 NOTIFY_MAX_BYTES = 4096
 # Room for this many fds per datagram.  Senders pass one (BARRIER=1); more is
@@ -63,10 +65,6 @@ _UCRED = struct.Struct("iII")  # struct ucred: pid_t pid; uid_t uid; gid_t gid
 _FD_SIZE = array.array("i").itemsize
 _ANCILLARY_SPACE = socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(NOTIFY_MAX_FDS * _FD_SIZE)
 
-_SUN_PATH_MAX = 107  # sizeof(sun_path) minus the leading NUL of an abstract name
-# Characters kept from the service name in the socket name; the name is only a
-# label for people reading `ss -xl`, the random part makes it unique.
-_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._:+-]")
 # /proc walks stop here: a real process tree is never this deep, and a bound
 # keeps a walk racing with pid reuse from going on for ever.
 _MAX_ANCESTRY = 1024
@@ -177,6 +175,10 @@ class NotifySocket:
     ) -> None:
         self.close()
 
+    def fileno(self) -> int:
+        """The socket's fd: shown to the spawner as proof that the address is lazyd's."""
+        return self._sock.fileno()
+
     @property
     def closed(self) -> bool:
         return self._sock.fileno() == -1
@@ -259,20 +261,13 @@ def _take_ancillary(
     return credentials
 
 
-def _socket_name(service: str, lazyd_pid: int, token: str) -> str:
-    prefix = f"lazyd/{lazyd_pid}/"
-    suffix = f"/{token}"
-    room = _SUN_PATH_MAX - len(prefix) - len(suffix)
-    return prefix + _UNSAFE_NAME_CHARS.sub("_", service)[:room] + suffix
-
-
 def open_notify_socket(service: str) -> NotifySocket:
     """Bind a fresh abstract notify socket for `service`, with SO_PASSCRED on.
 
     Characters outside ``A-Za-z0-9._:+-`` in the service name become '_' in
     the socket name, and the name is cut to fit the 107 bytes of sun_path.
     """
-    name = _socket_name(service, os.getpid(), secrets.token_hex(4))
+    name = notify_socket_name(service, os.getpid(), secrets.token_hex(NOTIFY_TOKEN_LENGTH // 2))
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
         # Before bind: a datagram can arrive the moment the name exists, and

@@ -545,23 +545,13 @@ class ServiceRunner:
                 self.start(f"traffic on {readable[0]}")
 
     async def _run_process(self) -> None:
-        env_fds = [s.fileno() for s in self.sockets]
-        spec = launch.LaunchSpec(
-            name=self.name,
-            command=self.config.command,
-            fds=env_fds,
-            fd_names=[sc.name for sc in self.config.sockets],
-            environment=self.config.environment,
-            path=self.config.environment.get("PATH"),
-            user=self.config.user,
-            group=self.config.group,
-            workdir=self.config.workdir,
-            notify_socket=(
-                self._notify.address
-                if self._notify is not None and self.config.ready.kind is ReadyKind.NOTIFY
-                else None
-            ),
-            nofile_soft=self.options.nofile_soft,
+        # What the service is handed (its sockets in pass mode only, its notify
+        # socket for ready: notify only) is decided in one place, with the table.
+        spec = launch.service_spec(
+            self.config,
+            self.options.nofile_soft,
+            sockets=self.sockets,
+            notify_socket=self._notify,
         )
         try:
             process = await launch.open_service_process(spec)

@@ -199,19 +199,27 @@ class Spawner:
         await self._request({"op": "commit"})
 
     async def spawn(
-        self, service: str, *, env: Mapping[str, str] | None = None, fds: Sequence[int] = ()
+        self,
+        service: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        fds: Sequence[int] = (),
+        notify_fd: int | None = None,
     ) -> ServiceProcess:
         """Start `service` as its table entry says; return once it has exec'd.
 
-        `env` adds LISTEN_FDS and LISTEN_FDNAMES (which must describe `fds`)
-        and NOTIFY_SOCKET, nothing else; LISTEN_PID is set by the child. `fds`
-        land at 3, 4, ... in order. Raises SpawnError when the process could
-        not be started.
+        `env` adds LISTEN_FDS and LISTEN_FDNAMES (which must describe `fds`,
+        as the table does) and NOTIFY_SOCKET, nothing else; LISTEN_PID is set
+        by the child. `fds` land at 3, 4, ... in order. With NOTIFY_SOCKET,
+        `notify_fd` is the notify socket itself, shown to the spawner (not to
+        the service) as proof that the address is lazyd's own. Raises
+        SpawnError when the process could not be started.
         """
         header: dict[str, Any] = {"op": "spawn", "service": service, "env": dict(env or {})}
-        if len(fds) > spawnerd.MAX_FDS:
+        sent = [*fds] if notify_fd is None else [*fds, notify_fd]
+        if len(sent) > spawnerd.MAX_FDS:
             raise SpawnError(f"more than {spawnerd.MAX_FDS} sockets", "request", 0)
-        reply = await self._request(header, fds)
+        reply = await self._request(header, sent)
         assert reply.process is not None
         return reply.process
 

@@ -23,11 +23,16 @@ Requests (daemon → spawner), each with an integer ``id`` echoed in its reply:
 ``{"op": "define", "id", "services": {NAME: ENTRY}, "config", "path",
 "nofile_soft", "seal"}``: add entries to the table of services, which says
 how each may be started. ENTRY is ``{"executable", "argv", "env", "uid",
-"gid", "groups", "workdir", "nofile_soft"}`` (``executable`` absolute;
-``env`` complete but for LISTEN_* and NOTIFY_SOCKET; ``uid``/``gid``/
-``groups`` all three or none, they, ``workdir`` and ``nofile_soft`` may be
-null: "as is"), or ``{"error"}`` for a service that cannot be started (its
-program is missing), whose spawn is answered with that error. ``config`` (an
+"gid", "groups", "workdir", "nofile_soft", "sockets", "notify"}``
+(``executable`` absolute; ``env`` complete but for LISTEN_* and
+NOTIFY_SOCKET; ``uid``/``gid``/``groups`` all three or none, they,
+``workdir`` and ``nofile_soft`` may be null: "as is"; ``sockets`` the fds a
+spawn must pass, in order, each ``{"name", "family", "type", "address",
+"listening", "connected"}`` as `lazyd.handoff.socket_identity` describes a
+socket, empty (the default) for a service that binds its own (proxy mode);
+``notify`` true for a ``ready: notify`` service, false by default), or
+``{"error"}`` for a service that cannot be started (its program is missing),
+whose spawn is answered with that error. ``config`` (an
 absolute path), ``path`` (lazyd's PATH) and ``nofile_soft`` are kept for
 reloads. With ``"seal": true`` no further define is accepted: the daemon
 defines everything and seals before it drops its privileges. Reply
@@ -44,10 +49,17 @@ makes the table read the one in force: the daemon commits only once the rest
 of its reload has succeeded, so a failed reload changes nothing.
 
 ``{"op": "spawn", "id", "service", "env"}`` + the service's sockets as fds,
-in LISTEN_FDS order (anything but a socket is refused): start a service of
-the table. ``env`` may add only
-LISTEN_FDS and LISTEN_FDNAMES (which must describe the fds sent) and
-NOTIFY_SOCKET (a path or @name).
+in LISTEN_FDS order: start a service of the table. Each fd must be the socket
+the table says (its family, type, the address it is bound to, listening or
+not, unconnected), and there must be as many as the table lists. ``env`` may
+add only LISTEN_FDS and LISTEN_FDNAMES (which must be the table's count and
+names) and, for a ``notify`` service, NOTIFY_SOCKET: only lazyd's own
+notify socket for that service, ``@`` + `lazyd.handoff.notify_socket_name`
+with the daemon's pid (this process's parent), and the socket itself goes
+as one more fd after the sockets, as proof that the daemon holds it (it is
+not passed on). So a daemon taken over after the drop can neither hand a
+service any other socket nor point its notifications anywhere else, such as
+systemd's own notify socket.
 The child calls setsid(2), gets /dev/null as stdin and one pipe as stdout and
 stderr, its sockets at 3.., default signal dispositions, its credentials, its
 workdir, its RLIMIT_NOFILE soft limit and LISTEN_PID (when it has sockets),
@@ -95,7 +107,14 @@ import socket
 import stat
 import sys
 
-from lazyd.handoff import LISTEN_FDS_START, PROTOCOL_VARIABLES, arrange_fds
+from lazyd.handoff import (
+    LISTEN_FDS_START,
+    NOTIFY_TOKEN_LENGTH,
+    PROTOCOL_VARIABLES,
+    arrange_fds,
+    notify_socket_name,
+    socket_identity,
+)
 
 # Not `from typing import TYPE_CHECKING`: importing typing would cost this small
 # process time and memory, and every fork copies its page tables.
@@ -162,8 +181,8 @@ def _text(value: object, what: str) -> str:
 class _Launch:
     """One checked entry of the table: how one service is started."""
 
-    __slots__ = ("argv", "env", "error", "executable", "gid", "groups", "nofile_soft", "uid",
-                 "workdir")
+    __slots__ = ("argv", "env", "error", "executable", "gid", "groups", "nofile_soft", "notify",
+                 "sockets", "uid", "workdir")
 
     def __init__(self, entry: object) -> None:
         if not isinstance(entry, dict):
@@ -215,6 +234,52 @@ class _Launch:
         # service with the spawner's own, which may be root's.
         if (self.uid is None) != (self.gid is None) or (self.uid is None) != (groups is None):
             raise BadRequest("uid, gid and groups are given together or not at all")
+        self.sockets = _sockets(entry.get("sockets", []))
+        notify = entry.get("notify", False)
+        if not isinstance(notify, bool):
+            raise BadRequest("notify must be true or false")
+        self.notify: bool = notify
+
+
+_SOCKET_FIELDS = frozenset(("name", "family", "type", "address", "listening", "connected"))
+
+
+def _sockets(value: object) -> list[dict[str, Any]]:
+    """A checked ``sockets`` of a table entry: what each fd of a spawn must be."""
+    if not isinstance(value, list) or len(value) > MAX_FDS:
+        raise BadRequest(f"sockets must be a list of at most {MAX_FDS}")
+    for sock in value:
+        if not isinstance(sock, dict) or set(sock) != _SOCKET_FIELDS:
+            raise BadRequest(f"each socket must have exactly {sorted(_SOCKET_FIELDS)}")
+        name = _text(sock["name"], "socket name")
+        # As sd_listen_fds_with_names(3) can read them back (see lazyd.handoff).
+        if ":" in name or len(name) > 255 or not name.isprintable():
+            raise BadRequest(f"socket name {name!r} cannot be passed in LISTEN_FDNAMES")
+        for key in ("family", "type"):
+            if type(sock[key]) is not int:
+                raise BadRequest(f"socket {key} must be an integer")
+        for key in ("listening", "connected"):
+            if not isinstance(sock[key], bool):
+                raise BadRequest(f"socket {key} must be true or false")
+        address = sock["address"]
+        ip = (isinstance(address, list) and len(address) == 2 and isinstance(address[0], str)
+              and type(address[1]) is int)
+        if not ip and not isinstance(address, str):
+            raise BadRequest("socket address must be [host, port] or a path")
+    return value
+
+
+def _describe(identity: dict[str, Any]) -> str:
+    """A socket's identity as people read it: ``AF_INET/SOCK_STREAM 0.0.0.0:80 listening``."""
+    try:
+        kind = f"{socket.AddressFamily(identity['family']).name}/"
+        kind += socket.SocketKind(identity["type"]).name
+    except ValueError:
+        kind = f"family {identity['family']}/type {identity['type']}"
+    address = identity["address"]
+    where = f"{address[0]}:{address[1]}" if isinstance(address, list) else repr(address)
+    state = "listening" if identity["listening"] else "connected" if identity["connected"] else ""
+    return f"{kind} {where} {state}".rstrip()
 
 
 def _table(services: object) -> dict[str, _Launch]:
@@ -230,8 +295,11 @@ def _table(services: object) -> dict[str, _Launch]:
     return table
 
 
-def _spawn_env(env: object, fds: list[int]) -> dict[str, str]:
-    """The variables a spawn request may add: the LISTEN_* of its fds and NOTIFY_SOCKET."""
+def _spawn_env(
+    name: str, launch: _Launch, env: object, fds: list[int], lazyd_pid: int
+) -> tuple[dict[str, str], list[int]]:
+    """Check a spawn's `env` and `fds` against the table; the variables it adds
+    (LISTEN_FDS, LISTEN_FDNAMES, NOTIFY_SOCKET) and the fds the service gets."""
     if not isinstance(env, dict):
         raise BadRequest("env must be an object")
     unknown = set(env) - {"LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET"}
@@ -239,18 +307,58 @@ def _spawn_env(env: object, fds: list[int]) -> dict[str, str]:
         raise BadRequest(f"environment variable {sorted(unknown)[0]!r} cannot be set")
     for key, value in env.items():
         _text(value, key)
+    notify = env.get("NOTIFY_SOCKET")
+    if notify is not None:
+        if not launch.notify:
+            raise BadRequest(f"service {name!r} is not ready: notify; NOTIFY_SOCKET cannot be set")
+        if not fds:
+            raise BadRequest("NOTIFY_SOCKET comes with the notify socket itself, as the last fd")
+        _check_notify(name, notify, fds[-1], lazyd_pid)
+        fds = fds[:-1]  # the proof; not the service's
+    expected = launch.sockets
+    names = ":".join(sock["name"] for sock in expected)
+    if len(fds) != len(expected):
+        if not expected:
+            raise BadRequest(f"service {name!r} is handed no sockets (it binds its own), "
+                             f"but {len(fds)} fds were sent")
+        raise BadRequest(f"service {name!r} takes its {len(expected)} configured sockets "
+                         f"({names}), but {len(fds)} fds were sent")
+    for number, (fd, want) in enumerate(zip(fds, expected, strict=True), start=LISTEN_FDS_START):
+        got = socket_identity(fd)
+        if any(got[key] != want[key] for key in got):
+            raise BadRequest(f"fd {number} ({want['name']}) is {_describe(got)}, "
+                             f"not the configured {_describe(want)}")
     if fds:
-        if env.get("LISTEN_FDS") != str(len(fds)):
-            raise BadRequest(f"LISTEN_FDS must be {len(fds)}, the number of fds sent")
-        names = env.get("LISTEN_FDNAMES", "").split(":")
-        if len(names) != len(fds) or not all(n and n.isprintable() for n in names):
-            raise BadRequest("LISTEN_FDNAMES must name each fd sent")
+        if env.get("LISTEN_FDS") != str(len(fds)) or env.get("LISTEN_FDNAMES") != names:
+            raise BadRequest(f"LISTEN_FDS and LISTEN_FDNAMES must be {len(fds)} and {names!r}, "
+                             "as the table says")
     elif "LISTEN_FDS" in env or "LISTEN_FDNAMES" in env:
         raise BadRequest("LISTEN_FDS and LISTEN_FDNAMES go with fds")
-    notify = env.get("NOTIFY_SOCKET")
-    if notify is not None and (notify[0] not in "/@" or len(notify) > 107):
-        raise BadRequest("NOTIFY_SOCKET must be a socket path or @name")
-    return env
+    return env, fds
+
+
+def _check_notify(name: str, notify: str, proof: int, lazyd_pid: int) -> None:
+    """Refuse a NOTIFY_SOCKET that is not the daemon's own notify socket for `name`.
+
+    The name must be the one lazyd gives that service's socket, and `proof`
+    (sent by the daemon) a datagram socket bound to it: an abstract name
+    belongs to one socket only, so the service's messages reach the daemon
+    and nobody else.
+    """
+    token = notify.rsplit("/", 1)[-1]
+    pattern = "@" + notify_socket_name(name, lazyd_pid, "X" * NOTIFY_TOKEN_LENGTH)
+    if (
+        len(token) != NOTIFY_TOKEN_LENGTH
+        or any(c not in "0123456789abcdef" for c in token)
+        or notify != "@" + notify_socket_name(name, lazyd_pid, token)
+    ):
+        raise BadRequest(f"NOTIFY_SOCKET {notify[:120]!r} is not lazyd's notify socket "
+                         f"for {name!r} ({pattern})")
+    got = socket_identity(proof)
+    datagram = got["family"] == socket.AF_UNIX and got["type"] == socket.SOCK_DGRAM
+    if not datagram or got["address"] != notify:
+        raise BadRequest(f"the socket sent with NOTIFY_SOCKET is {_describe(got)}, "
+                         f"not bound to {notify}")
 
 
 class _Credentials:
@@ -406,6 +514,8 @@ class Spawnerd:
         self.poller.register(self.control.fileno(), select.POLLIN)
         self.poller.register(self.wake_r, select.POLLIN)
         self.signal_numbers = frozenset(int(s) for s in signal.valid_signals())
+        # The daemon: it started this process. Its notify sockets carry its pid.
+        self.lazyd_pid = os.getppid()
         # Our credentials never change.
         self.own_groups = sorted(set(os.getgroups()))
         self.own_uids = os.getresuid()
@@ -613,10 +723,10 @@ class Spawnerd:
             # the daemon happens to hold, handed to a process that may be root.
             if not stat.S_ISSOCK(os.fstat(fd).st_mode):
                 raise BadRequest(f"fd {number} is not a socket")
-        extra = _spawn_env(header.get("env"), fds)
         if request.error is not None:
             self.fail(request_id, "resolve", errno.ENOENT, request.error)
             return
+        extra, fds = _spawn_env(str(name), request, header.get("env"), fds, self.lazyd_pid)
         env = {**request.env, **extra}
         if len(self.in_flight_pids) >= MAX_IN_FLIGHT:
             raise BadRequest(f"more than {MAX_IN_FLIGHT} spawns in flight")
