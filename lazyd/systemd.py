@@ -17,6 +17,7 @@ from collections.abc import Callable, MutableMapping
 
 from lazyd.config import Config
 from lazyd.errors import BindError
+from lazyd.handoff import socket_identity
 
 LISTEN_FDS_START = 3
 Inherited = dict[tuple[str, str], socket.socket]
@@ -90,12 +91,19 @@ def adopt(
 
 def _check(config: Config, key: tuple[str, str], sock: socket.socket) -> None:
     sc = next(s for s in config.services[key[0]].sockets if s.name == key[1])
+    where = f"services.{key[0]}.sockets.{key[1]} ({sc.listen})"
     if sock.type != sc.listen.type or sock.family != sc.listen.family:
         raise BindError(
-            f"services.{key[0]}.sockets.{key[1]} ({sc.listen}): the inherited socket is "
-            f"{sock.family.name}/{sock.type.name}, not {sc.listen.family.name}/"
-            f"{sc.listen.type.name}"
+            f"{where}: the inherited socket is {sock.family.name}/{sock.type.name}, not "
+            f"{sc.listen.family.name}/{sc.listen.type.name}"
         )
+    # The spawner hands a service only sockets bound where the config says:
+    # one bound elsewhere would fail every start, so fail here, at once.
+    bound = socket_identity(sock.fileno())["address"]
+    want = sc.listen.path if sc.listen.is_unix else [sc.listen.host, sc.listen.port]
+    if bound != want:
+        shown = ":".join(map(str, bound)) if isinstance(bound, list) else bound
+        raise BindError(f"{where}: the inherited socket is bound to {shown}")
 
 
 class Supervisor:

@@ -195,3 +195,41 @@ def _line_service(port: int) -> str:
         "    sockets:\n"
         f"      http: tcp://127.0.0.1:{port}\n"
     )
+
+
+@needs("systemd-socket-activate")
+async def test_an_inherited_socket_bound_elsewhere_than_the_config_says_fails_at_start(
+    tmp_path: Path,
+) -> None:
+    """A socket passed as web.http but bound to another address than the config's: lazyd
+    refuses to start (exit 1) and says where the socket is bound, instead of adopting it
+    and failing every start of the service later."""
+    port, other = free_port(), free_port()
+    config = tmp_path / "lazyd.yaml"
+    config.write_text(f"control: unix:{tmp_path / 'control.sock'}\nservices:\n"
+                      + _line_service(other))
+    activate = await trio.lowlevel.open_process(
+        ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "--fdname=web.http",
+         "-E", f"PATH={os.environ['PATH']}",
+         sys.executable, "-m", "lazyd", "run", "-c", str(config)],
+        stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    try:
+        with trio.fail_after(20):
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port)).close()
+                    break
+                except ConnectionRefusedError:
+                    await trio.sleep(0.01)
+            assert activate.stderr is not None
+            data = b""
+            while chunk := await activate.stderr.receive_some(1 << 16):
+                data += chunk
+            assert await activate.wait() == 1
+        assert (f"services.web.sockets.http (tcp://127.0.0.1:{other}): the inherited socket "
+                f"is bound to 127.0.0.1:{port}") in data.decode()
+    finally:
+        if activate.returncode is None:
+            os.killpg(activate.pid, signal.SIGKILL)
+            await activate.wait()
