@@ -28,10 +28,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lazyd import config as config_module
-from lazyd import control, notify
 from lazyd.config import Config, loads
+from lazyd.config import loader as config_module
 from lazyd.errors import ConfigError
+from lazyd.readiness import notify
+from lazyd.runtime import control
 from tests.conftest import LazydProcess, free_port, needs, program, run_lazyd
 
 TRUE = shutil.which("true") or "/bin/true"

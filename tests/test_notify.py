@@ -1,4 +1,4 @@
-"""lazyd.notify: parsing, the notify socket with real senders, and who a sender belongs to."""
+"""lazyd.readiness.notify: parsing, the notify socket with real senders, whose a sender is."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 import trio
 import trio.testing
 
-from lazyd.notify import (
+from lazyd.readiness.notify import (
     NOTIFY_MAX_BYTES,
     NOTIFY_MAX_FDS,
     NotifyError,
