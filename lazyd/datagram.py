@@ -35,6 +35,7 @@ import trio
 from lazyd.access import Gate
 from lazyd.addresses import Address
 from lazyd.proxy import Activity, BurstLog, Clock, Forwarder, LogFn, close_socket, describe
+from lazyd.rights import RIGHTS_SPACE, allow_rights, close_received, received_fds, refuse_rights
 
 # Big enough for any UDP datagram (65507 bytes of payload over IPv4); a larger
 # unix-dgram message is dropped rather than cut short.
@@ -158,6 +159,9 @@ class DatagramProxy(Forwarder):
         self._flow_added = trio.Event()
         self._deliver = trio.Event()
         self._ancillary = 0
+        # Unix-dgram sockets on a kernel that cannot refuse fds: the held one, the flows'.
+        self._takes_rights = False
+        self._flows_take_rights = False
         self._nursery: trio.Nursery | None = None
         self._flow_log = BurstLog(log, f"{name}: opening a flow to {upstream}")
 
@@ -213,6 +217,13 @@ class DatagramProxy(Forwarder):
         was_blocking = self.sock.getblocking()
         self.sock.setblocking(False)
         self._ancillary = _enable_pktinfo(self.sock)
+        # Anyone who may write to a unix-dgram socket may attach fds, and an
+        # fd the kernel drops in our recvmsg closes on the event loop (see
+        # lazyd/rights.py): refuse them, or make room and close them elsewhere.
+        refused = refuse_rights(self.sock)
+        if not refused:
+            self._takes_rights = True
+            self._ancillary += RIGHTS_SPACE
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -229,6 +240,8 @@ class DatagramProxy(Forwarder):
             if self.sock.fileno() != -1:
                 if self._ancillary:
                     _disable_pktinfo(self.sock)
+                if refused:
+                    allow_rights(self.sock)
                 self.sock.setblocking(was_blocking)
 
     # -- client -> upstream ------------------------------------------------------
@@ -245,6 +258,8 @@ class DatagramProxy(Forwarder):
                 # call: it concerns nobody waiting now.
                 await trio.lowlevel.checkpoint()
                 continue
+            if self._takes_rights:
+                close_received(received_fds(ancdata))
             if flags & socket.MSG_TRUNC:
                 self.dropped += 1
             else:
@@ -349,7 +364,11 @@ class DatagramProxy(Forwarder):
             sock.setblocking(False)
             if self.upstream.is_unix:
                 # An unbound unix-dgram socket cannot be answered.  Binding to
-                # "" gives it a unique abstract name (Linux autobind).
+                # "" gives it a unique abstract name (Linux autobind).  Once
+                # connected it hears only from the service; fds are refused
+                # all the same (a service is not lazyd's to trust either).
+                if not refuse_rights(sock):
+                    self._flows_take_rights = True
                 sock.bind("")
             sock.connect(self.upstream.sockaddr())
         except BaseException:
@@ -392,7 +411,7 @@ class DatagramProxy(Forwarder):
             with flow.scope:
                 while True:
                     try:
-                        data = flow.sock.recv(MAX_DATAGRAM)
+                        data = self._recv_reply(flow.sock)
                     except BlockingIOError:
                         await trio.lowlevel.wait_readable(flow.sock)
                         continue
@@ -410,6 +429,15 @@ class DatagramProxy(Forwarder):
         finally:
             self._close_flow(key, flow)
             close_socket(flow.sock)
+
+    def _recv_reply(self, sock: socket.socket) -> bytes:
+        if not self._flows_take_rights:
+            return sock.recv(MAX_DATAGRAM)
+        # A kernel that cannot refuse fds (and the flow's socket is unix-dgram
+        # too): take them, to close them off the event loop.
+        data, ancdata, _flags, _ = sock.recvmsg(MAX_DATAGRAM, RIGHTS_SPACE)
+        close_received(received_fds(ancdata))
+        return data
 
     def _reply(self, flow: _Flow, data: bytes) -> None:
         if flow.client is None:

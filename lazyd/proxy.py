@@ -46,6 +46,14 @@ from lazyd.access import Gate
 from lazyd.addresses import Address
 from lazyd.proxy_protocol import VERSIONS as PROXY_PROTOCOL_VERSIONS
 from lazyd.proxy_protocol import encode as encode_proxy_header
+from lazyd.rights import (
+    RIGHTS_SPACE,
+    allow_rights,
+    close_received,
+    kernel_refuses_rights,
+    received_fds,
+    refuse_rights,
+)
 
 LogFn = Callable[[str], None]
 Clock = Callable[[], float]
@@ -195,6 +203,8 @@ def _begin_connect(upstream: Address) -> tuple[socket.socket, int]:
         sock.setblocking(False)
         if not upstream.is_unix:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:
+            refuse_rights(sock)  # what the service sends is bytes (see lazyd/rights.py)
         code = sock.connect_ex(upstream.sockaddr())
     except BaseException:
         sock.close()
@@ -305,9 +315,10 @@ class _Flow:
     """One direction of a forwarded connection: src -> dst."""
 
     __slots__ = ("carried", "done", "dst", "inbound", "may_splice", "pending", "pipe",
-                 "queued", "skip", "src")
+                 "queued", "rights", "skip", "src")
 
-    def __init__(self, src: socket.socket, dst: socket.socket, inbound: bool) -> None:
+    def __init__(self, src: socket.socket, dst: socket.socket, inbound: bool,
+                 rights: bool = False) -> None:
         self.src = src
         self.dst = dst
         self.inbound = inbound
@@ -317,7 +328,10 @@ class _Flow:
         self.pipe: tuple[int, int] | None = None
         self.queued = 0  # bytes in the pipe
         self.done = False  # EOF from src passed on
-        self.may_splice = _SPLICE
+        # src is a Unix socket that cannot refuse fds (a kernel before 6.16):
+        # read with room for them, never splice (see lazyd/rights.py).
+        self.rights = rights
+        self.may_splice = _SPLICE and not rights
 
 
 def _stuck(flow: _Flow) -> bool:
@@ -620,6 +634,8 @@ class StreamProxy(Forwarder):
         self._stopping = False
         was_blocking = self.listener.getblocking()
         self.listener.setblocking(False)
+        # Accepted connections inherit it, even those the kernel queued first.
+        refused = self.listener.family == socket.AF_UNIX and refuse_rights(self.listener)
         self._epoll = select.epoll()
         try:
             async with trio.open_nursery() as nursery:
@@ -638,6 +654,8 @@ class StreamProxy(Forwarder):
             self._epoll.close()
             if self.listener.fileno() != -1:
                 self.listener.setblocking(was_blocking)
+                if refused:
+                    allow_rights(self.listener)  # a service may inherit it in pass mode
 
     # -- accepting and holding -------------------------------------------------
 
@@ -855,8 +873,11 @@ class StreamProxy(Forwarder):
         except OSError:
             self._close(conn)  # reset while held
             return
-        conn.inbound = _Flow(client, upstream, True)
-        conn.outbound = _Flow(upstream, client, False)
+        takes_rights = not kernel_refuses_rights()
+        conn.inbound = _Flow(client, upstream, True,
+                             takes_rights and client.family == socket.AF_UNIX)
+        conn.outbound = _Flow(upstream, client, False,
+                              takes_rights and upstream.family == socket.AF_UNIX)
         conn.inbound.pending = header  # first of all, before the client's bytes
         conn.inbound.skip = len(header)
         self._flow(conn, conn.inbound)
@@ -1014,7 +1035,11 @@ class StreamProxy(Forwarder):
         if flow.pipe is not None:
             return self._splice_turn(flow, *flow.pipe)
         try:
-            n = flow.src.recv_into(self._buffer)
+            if flow.rights:
+                n, ancdata, _flags, _ = flow.src.recvmsg_into([self._buffer], RIGHTS_SPACE)
+                close_received(received_fds(ancdata))
+            else:
+                n = flow.src.recv_into(self._buffer)
         except BlockingIOError:
             return False
         if n == 0:
