@@ -34,13 +34,27 @@ import trio
 
 from lazyd.access import Gate
 from lazyd.addresses import Address
-from lazyd.proxy import Activity, BurstLog, Clock, Forwarder, LogFn, close_socket, describe
+from lazyd.proxy import (
+    FDS,
+    Activity,
+    BurstLog,
+    Clock,
+    Forwarder,
+    LogFn,
+    close_socket,
+    describe,
+)
 from lazyd.rights import RIGHTS_SPACE, allow_rights, close_received, received_fds, refuse_rights
 
 # Big enough for any UDP datagram (65507 bytes of payload over IPv4); a larger
 # unix-dgram message is dropped rather than cut short.
 MAX_DATAGRAM = 65536
 MAX_FLOWS = 4096
+# A full table (MAX_FLOWS, or the fd budget) makes room for a new client by
+# closing the least recently used flow, if it has carried nothing for this
+# long: a client that is still talking keeps its flow, one that has gone
+# quiet gives way rather than lock everyone else out for flow_timeout.
+EVICT_QUIET = 1.0
 # While delivering what queued during the start, a unix-dgram service whose
 # receive queue is full (only net.unix.max_dgram_qlen datagrams, 10 by
 # default) is waited for this long per datagram before the datagram is dropped.
@@ -60,6 +74,7 @@ class _Flow:
         self.client = client  # where replies go; None for an unbound unix-dgram client
         self.sock = sock
         self.reply_from: Cmsg | None = None  # PKTINFO for replies on a wildcard socket
+        self.peer = client  # as the gate counted it
         self.last = trio.current_time()
         self.scope = trio.CancelScope()
 
@@ -338,13 +353,18 @@ class DatagramProxy(Forwarder):
         key = _flow_key(client)
         flow = self._flows.get(key)
         if flow is None:
-            if len(self._flows) >= self.max_flows or self._nursery is None:
+            if self._nursery is None or not self._room_for_a_flow():
                 return None
+            if self.gate is not None and not self.gate.admit_flow(client):
+                return None  # max_connections_per_source: counted and logged
             try:
                 sock = self._open_upstream()
             except OSError as exc:
+                if self.gate is not None:
+                    self.gate.release(client)
                 self._flow_log.failed(describe(exc))
                 return None
+            FDS.opened()
             self._flow_log.succeeded()
             flow = _Flow(client, sock)
             self._flows[key] = flow
@@ -357,6 +377,23 @@ class DatagramProxy(Forwarder):
             flow.reply_from = reply_from
         self._touch(key, flow)
         return flow
+
+    def _room_for_a_flow(self) -> bool:
+        """Whether a new flow may open: below max_flows and with fds to spare
+        (flows take from the same budget as the stream proxies' connections,
+        so a datagram spray cannot take the fds lazyd itself needs), if need
+        be after closing the least recently used flow, when it is quiet."""
+        if len(self._flows) < self.max_flows and FDS.allows(FDS.reserve()):
+            return True
+        if not self._flows:
+            return False
+        key, oldest = next(iter(self._flows.items()))
+        if trio.current_time() - oldest.last < EVICT_QUIET:
+            return False  # every flow is busy: this datagram is dropped
+        # One for one: the evicted flow's socket closes as soon as its task
+        # runs, so the new flow costs the budget nothing in the end.
+        self._close_flow(key, oldest)
+        return True
 
     def _open_upstream(self) -> socket.socket:
         sock = socket.socket(self.upstream.family, socket.SOCK_DGRAM)
@@ -384,6 +421,8 @@ class DatagramProxy(Forwarder):
         if self._flows.get(key) is flow:
             del self._flows[key]
             self.activity.add(-1)
+            if self.gate is not None:
+                self.gate.release(flow.peer)
         flow.scope.cancel()  # its task closes the socket
 
     def _close_flows(self) -> None:
@@ -429,6 +468,7 @@ class DatagramProxy(Forwarder):
         finally:
             self._close_flow(key, flow)
             close_socket(flow.sock)
+            FDS.closed()
 
     def _recv_reply(self, sock: socket.socket) -> bytes:
         if not self._flows_take_rights:
