@@ -9,6 +9,7 @@ import pwd
 import shutil
 import socket
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -86,8 +87,8 @@ def lingering_socket() -> socket.socket:
 _KEEP: list[socket.socket] = []  # in the attacker: the far ends that never read
 
 
-def send_fd(sock: socket.socket, data: bytes, fd: int, to: str | None = None) -> None:
-    """Send `data` with `fd` attached; a socket that refuses fds (EPERM) is fine."""
+def send_fd(sock: socket.socket, data: bytes, fd: int, to: str | None = None) -> bool:
+    """Send `data` with `fd` attached; False if the socket refuses fds (EPERM)."""
     rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))]
     try:
         if to is None:
@@ -95,7 +96,27 @@ def send_fd(sock: socket.socket, data: bytes, fd: int, to: str | None = None) ->
         else:
             sock.sendmsg([data], rights, 0, to)
     except PermissionError:
-        pass  # SO_PASSRIGHTS off: the kernel refused to carry it
+        return False  # SO_PASSRIGHTS off: the kernel refused to carry it
+    return True
+
+
+def hand_over(send: Callable[[int], bool]) -> None:
+    """Send lazyd a lingering socket so that lazyd holds its last reference.
+
+    Whoever closes last waits the linger time.  The attacker closes its copy
+    right after sending, in a thread: a close that returns at once means lazyd
+    still holds one (the attack is set); one that blocks means lazyd closed
+    first, and the attacker tries again with a new socket.
+    """
+    for _ in range(20):
+        lingering = lingering_socket()
+        sent = send(lingering.fileno())
+        closing = threading.Thread(target=lingering.close, daemon=True)
+        closing.start()
+        closing.join(0.1)
+        if not sent or not closing.is_alive():
+            return
+    raise RuntimeError("lazyd never held the last reference")
 
 
 def notify_socket_of(lz: LazydProcess, service: str) -> str:
@@ -161,19 +182,17 @@ async def test_a_lingering_fd_sent_to_lazyd_does_not_stall_other_clients(
         notify = notify_socket_of(lz, "notified")
 
         def attack() -> None:
-            lingering = lingering_socket()
             if target == "notify socket":
-                with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-                    send_fd(s, b"BARRIER=1", lingering.fileno(), notify)
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                hand_over(lambda fd: send_fd(s, b"BARRIER=1", fd, notify))
             elif target == "unix-dgram socket":
-                with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-                    send_fd(s, b"hi", lingering.fileno(), f"{tmp_path}/dgram.sock")
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                hand_over(lambda fd: send_fd(s, b"hi", fd, f"{tmp_path}/dgram.sock"))
             else:
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 s.connect(f"{tmp_path}/web.sock")
-                send_fd(s, b"hi\n", lingering.fileno())
-                _KEEP.append(s)
-            lingering.close()  # lazyd holds the last reference now, if it took it
+                hand_over(lambda fd: send_fd(s, b"hi\n", fd))
+            _KEEP.append(s)
 
         with as_nobody(attack):
             await trio.sleep(0.2)  # lazyd receives it and, on the old code, blocks
