@@ -120,7 +120,15 @@ class ServiceConfig:
     idle_timeout: float | None = None  # proxy mode only
     max_connections: int | None = None  # proxy: open forwarded connections at most
     flow_timeout: float = 60.0  # proxy, datagrams: a client's flow ends after this silence
-    max_connections_per_source: int | None = None  # proxy: open connections per client IP
+    # Proxy: connections (held and forwarded) and datagram flows open at once
+    # per client IP address.  256 is a few dozen busy browsers behind one NAT
+    # (six connections each to a host), yet one address can no longer take
+    # every fd and every flow for itself; README's key table says more.
+    max_connections_per_source: int | None = 256
+    # Proxy, streams: a forwarded connection with no byte either way for this
+    # long is closed.  Off unless asked for: a quiet websocket or ssh session
+    # is not a broken one.
+    connection_idle_timeout: float | None = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +158,7 @@ _SERVICE_KEYS = (
     "start_timeout", "stop_signal", "stop_timeout", "restart", "start_limit",
     "start_limit_interval", "requires", "activate", "queue_limit", "datagram_queue_limit",
     "idle_timeout", "max_connections", "flow_timeout", "max_connections_per_source",
+    "connection_idle_timeout",
 )
 _SOCKET_KEYS = ("listen", "upstream", "backlog", "reuse_port", "mode", "owner", "group",
                 "proxy_protocol", "allow", "deny")
@@ -405,6 +414,10 @@ def _metrics(value: object) -> Address:
     address = _address(value)
     if address.kind is not Kind.TCP:
         raise ValueError(f"expected a TCP address such as tcp://127.0.0.1:9464, got {_show(value)}")
+    if address.dual_stack:
+        # A bare port: the endpoint has no authentication, so it answers on
+        # loopback only unless an address says otherwise.
+        return Address(Kind.TCP, host="127.0.0.1", port=address.port)
     return address
 
 
@@ -456,9 +469,11 @@ _SERVICE_VALUES: _Converters = {
     "max_connections": (_whole, "a whole number"),
     "flow_timeout": (_positive_duration, "a duration"),
     "max_connections_per_source": (_whole, "a whole number"),
+    "connection_idle_timeout": (_positive_duration, "a duration"),
 }
 # Beside idle_timeout, which has its own explanation.
-_PROXY_ONLY_SERVICE_KEYS = ("max_connections", "flow_timeout", "max_connections_per_source")
+_PROXY_ONLY_SERVICE_KEYS = ("max_connections", "flow_timeout", "max_connections_per_source",
+                            "connection_idle_timeout")
 _SOCKET_VALUES: _Converters = {
     "upstream": (_address, "an address"),
     "backlog": (_whole, "a whole number"),
@@ -891,8 +906,9 @@ def plan(config: Config) -> str:
         lines.append(f"  command: {shlex.join(service.command)}")
         if service.requires:
             lines.append(f"  requires: {', '.join(service.requires)}")
-        limits = [f"{key} {value}" for key in ("max_connections", "max_connections_per_source")
-                  if (value := getattr(service, key)) is not None]
+        limits = [f"{key} {value}" for key in ("max_connections", "max_connections_per_source",
+                                               "connection_idle_timeout")
+                  if (value := getattr(service, key)) is not None and service.mode is Mode.PROXY]
         if limits:
             lines.append(f"  limits: {', '.join(limits)}")
         if service.workdir:

@@ -32,14 +32,29 @@ from typing import Any
 
 import trio
 
-from lazyd.front.stream import Activity, BurstLog, Clock, Forwarder, LogFn, close_socket, describe
+from lazyd.front.stream import (
+    FDS,
+    Activity,
+    BurstLog,
+    Clock,
+    Forwarder,
+    LogFn,
+    close_socket,
+    describe,
+)
 from lazyd.net.access import Gate
 from lazyd.net.addresses import Address
+from lazyd.net.rights import RIGHTS_SPACE, allow_rights, close_received, received_fds, refuse_rights
 
 # Big enough for any UDP datagram (65507 bytes of payload over IPv4); a larger
 # unix-dgram message is dropped rather than cut short.
 MAX_DATAGRAM = 65536
 MAX_FLOWS = 4096
+# A full table (MAX_FLOWS, or the fd budget) makes room for a new client by
+# closing the least recently used flow, if it has carried nothing for this
+# long: a client that is still talking keeps its flow, one that has gone
+# quiet gives way rather than lock everyone else out for flow_timeout.
+EVICT_QUIET = 1.0
 # While delivering what queued during the start, a unix-dgram service whose
 # receive queue is full (only net.unix.max_dgram_qlen datagrams, 10 by
 # default) is waited for this long per datagram before the datagram is dropped.
@@ -59,6 +74,7 @@ class _Flow:
         self.client = client  # where replies go; None for an unbound unix-dgram client
         self.sock = sock
         self.reply_from: Cmsg | None = None  # PKTINFO for replies on a wildcard socket
+        self.peer = client  # as the gate counted it
         self.last = trio.current_time()
         self.scope = trio.CancelScope()
 
@@ -158,6 +174,9 @@ class DatagramProxy(Forwarder):
         self._flow_added = trio.Event()
         self._deliver = trio.Event()
         self._ancillary = 0
+        # Unix-dgram sockets on a kernel that cannot refuse fds: the held one, the flows'.
+        self._takes_rights = False
+        self._flows_take_rights = False
         self._nursery: trio.Nursery | None = None
         self._flow_log = BurstLog(log, f"{name}: opening a flow to {upstream}")
 
@@ -213,6 +232,13 @@ class DatagramProxy(Forwarder):
         was_blocking = self.sock.getblocking()
         self.sock.setblocking(False)
         self._ancillary = _enable_pktinfo(self.sock)
+        # Anyone who may write to a unix-dgram socket may attach fds, and an
+        # fd the kernel drops in our recvmsg closes on the event loop (see
+        # lazyd/rights.py): refuse them, or make room and close them elsewhere.
+        refused = refuse_rights(self.sock)
+        if not refused:
+            self._takes_rights = True
+            self._ancillary += RIGHTS_SPACE
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -229,6 +255,8 @@ class DatagramProxy(Forwarder):
             if self.sock.fileno() != -1:
                 if self._ancillary:
                     _disable_pktinfo(self.sock)
+                if refused:
+                    allow_rights(self.sock)
                 self.sock.setblocking(was_blocking)
 
     # -- client -> upstream ------------------------------------------------------
@@ -247,6 +275,8 @@ class DatagramProxy(Forwarder):
                 # call: it concerns nobody waiting now.
                 await trio.lowlevel.checkpoint()
                 continue
+            if self._takes_rights:
+                close_received(received_fds(ancdata))
             if flags & socket.MSG_TRUNC:
                 self.dropped += 1
             else:
@@ -328,13 +358,18 @@ class DatagramProxy(Forwarder):
         key = _flow_key(client)
         flow = self._flows.get(key)
         if flow is None:
-            if len(self._flows) >= self.max_flows or self._nursery is None:
+            if self._nursery is None or not self._room_for_a_flow():
                 return None
+            if self.gate is not None and not self.gate.admit_flow(client):
+                return None  # max_connections_per_source: counted and logged
             try:
                 sock = self._open_upstream()
             except OSError as exc:
+                if self.gate is not None:
+                    self.gate.release(client)
                 self._flow_log.failed(describe(exc))
                 return None
+            FDS.opened()
             self._flow_log.succeeded()
             flow = _Flow(client, sock)
             self._flows[key] = flow
@@ -348,13 +383,34 @@ class DatagramProxy(Forwarder):
         self._touch(key, flow)
         return flow
 
+    def _room_for_a_flow(self) -> bool:
+        """Whether a new flow may open: below max_flows and with fds to spare
+        (flows take from the same budget as the stream proxies' connections,
+        so a datagram spray cannot take the fds lazyd itself needs), if need
+        be after closing the least recently used flow, when it is quiet."""
+        if len(self._flows) < self.max_flows and FDS.allows(FDS.reserve()):
+            return True
+        if not self._flows:
+            return False
+        key, oldest = next(iter(self._flows.items()))
+        if trio.current_time() - oldest.last < EVICT_QUIET:
+            return False  # every flow is busy: this datagram is dropped
+        # One for one: the evicted flow's socket closes as soon as its task
+        # runs, so the new flow costs the budget nothing in the end.
+        self._close_flow(key, oldest)
+        return True
+
     def _open_upstream(self) -> socket.socket:
         sock = socket.socket(self.upstream.family, socket.SOCK_DGRAM)
         try:
             sock.setblocking(False)
             if self.upstream.is_unix:
                 # An unbound unix-dgram socket cannot be answered.  Binding to
-                # "" gives it a unique abstract name (Linux autobind).
+                # "" gives it a unique abstract name (Linux autobind).  Once
+                # connected it hears only from the service; fds are refused
+                # all the same (a service is not lazyd's to trust either).
+                if not refuse_rights(sock):
+                    self._flows_take_rights = True
                 sock.bind("")
             sock.connect(self.upstream.sockaddr())
         except BaseException:
@@ -370,6 +426,8 @@ class DatagramProxy(Forwarder):
         if self._flows.get(key) is flow:
             del self._flows[key]
             self.activity.add(-1)
+            if self.gate is not None:
+                self.gate.release(flow.peer)
         flow.scope.cancel()  # its task closes the socket
 
     def _close_flows(self) -> None:
@@ -397,7 +455,7 @@ class DatagramProxy(Forwarder):
             with flow.scope:
                 while True:
                     try:
-                        data = flow.sock.recv(MAX_DATAGRAM)
+                        data = self._recv_reply(flow.sock)
                     except BlockingIOError:
                         await trio.lowlevel.wait_readable(flow.sock)
                         continue
@@ -415,6 +473,16 @@ class DatagramProxy(Forwarder):
         finally:
             self._close_flow(key, flow)
             close_socket(flow.sock)
+            FDS.closed()
+
+    def _recv_reply(self, sock: socket.socket) -> bytes:
+        if not self._flows_take_rights:
+            return sock.recv(MAX_DATAGRAM)
+        # A kernel that cannot refuse fds (and the flow's socket is unix-dgram
+        # too): take them, to close them off the event loop.
+        data, ancdata, _flags, _ = sock.recvmsg(MAX_DATAGRAM, RIGHTS_SPACE)
+        close_received(received_fds(ancdata))
+        return data
 
     def _reply(self, flow: _Flow, data: bytes) -> None:
         if flow.client is None:

@@ -46,6 +46,14 @@ from lazyd.net.access import Gate, reset_and_close
 from lazyd.net.addresses import Address
 from lazyd.net.proxy_protocol import VERSIONS as PROXY_PROTOCOL_VERSIONS
 from lazyd.net.proxy_protocol import encode as encode_proxy_header
+from lazyd.net.rights import (
+    RIGHTS_SPACE,
+    allow_rights,
+    close_received,
+    kernel_refuses_rights,
+    received_fds,
+    refuse_rights,
+)
 
 LogFn = Callable[[str], None]
 Clock = Callable[[], float]
@@ -195,6 +203,8 @@ def _begin_connect(upstream: Address) -> tuple[socket.socket, int]:
         sock.setblocking(False)
         if not upstream.is_unix:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:
+            refuse_rights(sock)  # what the service sends is bytes (see lazyd/rights.py)
         code = sock.connect_ex(upstream.sockaddr())
     except BaseException:
         sock.close()
@@ -312,9 +322,10 @@ class _Flow:
     """One direction of a forwarded connection: src -> dst."""
 
     __slots__ = ("carried", "done", "dst", "inbound", "may_splice", "pending", "pipe",
-                 "queued", "skip", "src")
+                 "queued", "rights", "skip", "src")
 
-    def __init__(self, src: socket.socket, dst: socket.socket, inbound: bool) -> None:
+    def __init__(self, src: socket.socket, dst: socket.socket, inbound: bool,
+                 rights: bool = False) -> None:
         self.src = src
         self.dst = dst
         self.inbound = inbound
@@ -324,7 +335,10 @@ class _Flow:
         self.pipe: tuple[int, int] | None = None
         self.queued = 0  # bytes in the pipe
         self.done = False  # EOF from src passed on
-        self.may_splice = _SPLICE
+        # src is a Unix socket that cannot refuse fds (a kernel before 6.16):
+        # read with room for them, never splice (see lazyd/rights.py).
+        self.rights = rights
+        self.may_splice = _SPLICE and not rights
 
 
 def _stuck(flow: _Flow) -> bool:
@@ -334,13 +348,16 @@ def _stuck(flow: _Flow) -> bool:
 
 # A connection's states.
 HELD, CONNECTING, OPEN, CLOSED = range(4)
+# The `attempt` of an open connection's idle timer (connect attempts count from 1).
+_IDLE_TIMER = -1
 
 
 class _Connection:
     """One accepted client, from held to closed."""
 
     __slots__ = ("_client", "attempt", "backoff", "client_fd", "family", "inbound", "last_in",
-                 "outbound", "peer", "started", "state", "syn_wait", "upstream", "upstream_fd")
+                 "last_io", "outbound", "peer", "started", "state", "syn_wait", "upstream",
+                 "upstream_fd")
 
     def __init__(self, family: int, client_fd: int, peer: Any,
                  client: socket.socket | None = None) -> None:
@@ -360,6 +377,7 @@ class _Connection:
         self.syn_wait = FIRST_SYN_WAIT
         self.backoff = 0.001  # between connects a full Unix backlog refused
         self.last_in = 0.0  # half-closed by the service: when the client last sent
+        self.last_io = 0.0  # with an idle timeout: when either end last had something
 
     @property
     def client(self) -> socket.socket:
@@ -375,7 +393,8 @@ class _Connection:
 
 
 class _FdBudget:
-    """The fds all of this process's stream proxies hold, against RLIMIT_NOFILE.
+    """The fds all of this process's proxies hold (connections, pipes, datagram
+    flows), against RLIMIT_NOFILE.
 
     Proxied connections may not take the last fds: lazyd needs some to
     receive a spawned service's output pipe, to answer the control socket, to
@@ -451,6 +470,8 @@ def _fds_in_use(limit: int) -> int:
 
 
 _FDS = _FdBudget()
+# The same budget for the datagram proxy's flows (a flow costs an fd too).
+FDS = _FDS
 
 
 class Forwarder:
@@ -518,6 +539,7 @@ class StreamProxy(Forwarder):
         log: LogFn,
         clock: Clock = trio.current_time,
         half_closed_timeout: float = HALF_CLOSED_TIMEOUT,
+        idle_timeout: float | None = None,
     ) -> None:
         if queue_limit < 1:
             raise ValueError("queue_limit must be at least 1")
@@ -535,6 +557,9 @@ class StreamProxy(Forwarder):
         self.proxy_protocol = proxy_protocol
         self.gate = gate  # allow/deny and max_connections_per_source, if any
         self.half_closed_timeout = half_closed_timeout
+        # connection_idle_timeout: a forwarded connection quiet both ways for
+        # this long is closed (None: never, the default).
+        self.idle_timeout = idle_timeout
         self.on_traffic = on_traffic
         self.log = log
         self.clock = clock
@@ -635,6 +660,8 @@ class StreamProxy(Forwarder):
         self._stopping = False
         was_blocking = self.listener.getblocking()
         self.listener.setblocking(False)
+        # Accepted connections inherit it, even those the kernel queued first.
+        refused = self.listener.family == socket.AF_UNIX and refuse_rights(self.listener)
         self._epoll = select.epoll()
         try:
             async with trio.open_nursery() as nursery:
@@ -653,6 +680,8 @@ class StreamProxy(Forwarder):
             self._epoll.close()
             if self.listener.fileno() != -1:
                 self.listener.setblocking(was_blocking)
+                if refused:
+                    allow_rights(self.listener)  # a service may inherit it in pass mode
 
     # -- accepting and holding -------------------------------------------------
 
@@ -875,10 +904,16 @@ class StreamProxy(Forwarder):
         except OSError:
             self._close(conn)  # reset while held
             return
-        conn.inbound = _Flow(client, upstream, True)
-        conn.outbound = _Flow(upstream, client, False)
+        takes_rights = not kernel_refuses_rights()
+        conn.inbound = _Flow(client, upstream, True,
+                             takes_rights and client.family == socket.AF_UNIX)
+        conn.outbound = _Flow(upstream, client, False,
+                              takes_rights and upstream.family == socket.AF_UNIX)
         conn.inbound.pending = header  # first of all, before the client's bytes
         conn.inbound.skip = len(header)
+        if self.idle_timeout is not None:
+            conn.last_io = trio.current_time()
+            self._at(conn.last_io + self.idle_timeout, conn, _IDLE_TIMER)
         self._flow(conn, conn.inbound)
         if conn.state == OPEN:
             self._flow(conn, conn.outbound)
@@ -951,9 +986,12 @@ class StreamProxy(Forwarder):
             self.log(f"{self.name}: connection from {_show_peer(conn.peer)} failed: {exc!r}")
             self._close(conn)
 
-    def _at(self, deadline: float, conn: _Connection | None) -> None:
-        """Call back at `deadline`: the connect timer of `conn`, or (None) the pump."""
-        attempt = conn.attempt if conn is not None else 0
+    def _at(self, deadline: float, conn: _Connection | None, attempt: int | None = None) -> None:
+        """Call back at `deadline`: the connect timer of `conn` (or, once open,
+        its half-closed timer, or with attempt _IDLE_TIMER its idle timer), or
+        (None) the pump."""
+        if attempt is None:
+            attempt = conn.attempt if conn is not None else 0
         self._timer_seq += 1
         heapq.heappush(self._timers, (deadline, self._timer_seq, conn, attempt))
         if len(self._timers) > self._timers_compact_at:
@@ -974,8 +1012,20 @@ class StreamProxy(Forwarder):
                 self._pump()
             elif conn.state == CONNECTING and conn.attempt == attempt:
                 self._connect_timer(conn)
+            elif conn.state == OPEN and attempt == _IDLE_TIMER:
+                self._idle_timer(conn, now)
             elif conn.state == OPEN:
                 self._half_closed_timer(conn, now)
+
+    def _idle_timer(self, conn: _Connection, now: float) -> None:
+        """Close a forwarded connection quiet both ways for idle_timeout (else
+        look again when it would be): one timer per connection at a time."""
+        assert self.idle_timeout is not None
+        quiet_until = conn.last_io + self.idle_timeout
+        if now < quiet_until:
+            self._at(quiet_until, conn, _IDLE_TIMER)
+        else:
+            self._close(conn)
 
     def _half_closed_timer(self, conn: _Connection, now: float) -> None:
         """Close a connection the service has finished with and whose client
@@ -995,6 +1045,8 @@ class StreamProxy(Forwarder):
         the flow is taken up again without a new event)."""
         if flow.done:
             return
+        if self.idle_timeout is not None:
+            conn.last_io = trio.current_time()
         if flow.inbound and conn.outbound is not None and conn.outbound.done:
             conn.last_in = trio.current_time()  # the client still has something to say
         try:
@@ -1034,7 +1086,11 @@ class StreamProxy(Forwarder):
         if flow.pipe is not None:
             return self._splice_turn(flow, *flow.pipe)
         try:
-            n = flow.src.recv_into(self._buffer)
+            if flow.rights:
+                n, ancdata, _flags, _ = flow.src.recvmsg_into([self._buffer], RIGHTS_SPACE)
+                close_received(received_fds(ancdata))
+            else:
+                n = flow.src.recv_into(self._buffer)
         except BlockingIOError:
             return False
         if n == 0:

@@ -200,8 +200,26 @@ class Gate:
         self.access.refuse("a connection", address, self.socket_name, why)
         return False
 
+    def admit_flow(self, peer: Any) -> bool:
+        """Whether a datagram client may open a flow: flows count against
+        max_connections_per_source with the connections from that address.
+        A refused one is counted; each flow admitted goes back to release()."""
+        verdict = self._judge(peer)
+        limit = self.access.max_per_source
+        if verdict is None or limit is None:
+            return True
+        address = verdict[0]
+        count = self.access.open.get(address, 0)
+        if count < limit:
+            self.access.open[address] = count + 1
+            return True
+        self.access.refuse("a flow", address, self.socket_name,
+                           f"{count} connections and flows open from it, "
+                           f"max_connections_per_source {limit}")
+        return False
+
     def release(self, peer: Any) -> None:
-        """A connection admit() let in has closed."""
+        """A connection admit() (or a flow admit_flow()) let in has closed."""
         verdict = self._judge(peer)
         if verdict is None or self.access.max_per_source is None:
             return

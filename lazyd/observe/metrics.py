@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import socket
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
@@ -53,7 +54,12 @@ FAILURES = (Outcome.FAILED, Outcome.TIMED_OUT)
 
 MAX_REQUEST_HEAD = 8192  # a scraper's GET is a few hundred bytes
 REQUEST_TIMEOUT = 5.0  # for the whole exchange: reading the request and sending the answer
-MAX_CLIENTS = 16  # at once; more get 503 (Prometheus scrapes one at a time)
+# Connections served at once.  Past this, a new connection closes the oldest
+# one instead of being turned away: Prometheus sends its request the moment it
+# connects and is answered within milliseconds, so what is oldest is nearly
+# always a connection that sits there saying nothing.  Sixteen such
+# connections used to make every scrape fail with 503.
+MAX_CONNECTIONS = 64
 
 Runners = Callable[[], Mapping[str, "ServiceRunner"]]
 
@@ -230,18 +236,20 @@ async def serve_metrics(
     and backs off) and lets other errors through.
     """
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-    clients = trio.CapacityLimiter(MAX_CLIENTS)
+    # Open connections, oldest first, each with the scope that ends it.
+    connections: OrderedDict[object, trio.CancelScope] = OrderedDict()
 
     async def handler(stream: trio.SocketStream) -> None:
-        try:
-            clients.acquire_nowait()
-        except trio.WouldBlock:
-            await _send(stream, _response(503, b"too many scrapes at once\n"), timeout)
-            return
-        try:
-            await _answer(stream, metrics, timeout)
-        finally:
-            clients.release()
+        me = object()
+        with trio.CancelScope() as scope:
+            connections[me] = scope
+            if len(connections) > MAX_CONNECTIONS:
+                _oldest, oldest_scope = connections.popitem(last=False)
+                oldest_scope.cancel()
+            try:
+                await _answer(stream, metrics, timeout)
+            finally:
+                connections.pop(me, None)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, handler, [listener])

@@ -10,7 +10,8 @@ only if `belongs_to(message.pid, main_pid)`.
 One datagram is one message of newline-separated ``KEY=VALUE`` assignments.
 Understood: READY=1, STATUS=..., STOPPING=1, MAINPID=..., BARRIER=1.  Other keys
 are kept in `fields` and otherwise ignored.  Every file descriptor that comes
-with a message is closed at once, whatever the message says:
+with a message is closed at once, whatever the message says (off the event
+loop: see lazyd/rights.py, since anyone can send to an abstract socket):
 
 - BARRIER=1 (sd_notify_barrier(3), and `systemd-notify`, which sends one after
   every message unless given --no-block): the sender waits until the fd it
@@ -32,14 +33,13 @@ What `systemd-notify` 252 really sends (found by experiment, run from
 2. ``BARRIER=1`` from its own pid, with one fd (a pipe's write end).
 
 Malformed datagrams (too long, not UTF-8, a NUL byte, a line without '=', an
-empty key, a MAINPID that is not a pid, no credentials, more fds than we have
-room for) make `NotifySocket.receive` raise `NotifyError`.  The socket stays
-usable: the caller logs the error and calls `receive` again.
+empty key, a MAINPID that is not a pid, no credentials, more than 16 fds) make
+`NotifySocket.receive` raise `NotifyError`.  The socket stays usable: the
+caller logs the error and calls `receive` again.
 """
 
 from __future__ import annotations
 
-import array
 import contextlib
 import os
 import re
@@ -53,17 +53,25 @@ from types import MappingProxyType, TracebackType
 import trio
 
 from lazyd.backends.process.handoff import NOTIFY_TOKEN_LENGTH, notify_socket_name
+from lazyd.net.rights import (
+    MAX_PENDING,
+    RIGHTS_SPACE,
+    close_received,
+    pending_closes,
+    received_fds,
+    wait_for_room,
+)
 
 # systemd accepts at most PIPE_BUF bytes per notification; so do we.
 NOTIFY_MAX_BYTES = 4096
-# Room for this many fds per datagram.  Senders pass one (BARRIER=1); more is
-# a malformed message.  The kernel never installs fds that do not fit (it sets
-# MSG_CTRUNC and drops its references), so a bigger burst cannot leak either.
+# Senders pass one fd (BARRIER=1); more is a malformed message.  There is room
+# for as many as a message can carry all the same: the kernel drops the fds
+# that do not fit inside our recvmsg, and dropping the last reference to one
+# can block (see lazyd/rights.py).
 NOTIFY_MAX_FDS = 16
 
 _UCRED = struct.Struct("iII")  # struct ucred: pid_t pid; uid_t uid; gid_t gid
-_FD_SIZE = array.array("i").itemsize
-_ANCILLARY_SPACE = socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(NOTIFY_MAX_FDS * _FD_SIZE)
+_ANCILLARY_SPACE = socket.CMSG_SPACE(_UCRED.size) + RIGHTS_SPACE
 
 # /proc walks stop here: a real process tree is never this deep, and a bound
 # keeps a walk racing with pid reuse from going on for ever.
@@ -192,34 +200,50 @@ class NotifySocket:
             trio.lowlevel.notify_closing(self._sock)
         self._sock.close()
 
+    def _recvmsg(self) -> tuple[bytes, list[tuple[int, int, bytes]], int]:
+        # MSG_CMSG_CLOEXEC: a process spawned in the moment before the fds are
+        # closed must not inherit them.
+        data, ancillary, flags, _ = self._sock.recvmsg(
+            NOTIFY_MAX_BYTES, _ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC
+        )
+        return data, ancillary, flags
+
     async def receive(self) -> NotifyMessage:
         """Wait for the next datagram and return it as a message.
 
         Raises NotifyError for a malformed datagram (the socket stays usable:
         log it and call again), trio.ClosedResourceError once closed.  Any fds
-        that came with the datagram are already closed when this returns or
-        raises.  Check `belongs_to(message.pid, ...)` straight away: the
-        sender may exit, and its pid be reused, at any moment after sending.
+        that came with the datagram are handed to closer threads before this
+        returns or raises, and closed there at once (or as soon as the kernel
+        lets a close end: never on the event loop).  Check
+        `belongs_to(message.pid, ...)` straight away: the sender may exit, and
+        its pid be reused, at any moment after sending.
         """
         while True:
             if self.closed:
                 raise trio.ClosedResourceError("the notify socket was closed")
             # Waiting first means every call passes through a trio checkpoint.
             await trio.lowlevel.wait_readable(self._sock)
+            if pending_closes() >= MAX_PENDING:
+                # Fds received earlier are still being closed (a close that
+                # blocks): take no more until they stop piling up.
+                await trio.to_thread.run_sync(wait_for_room, abandon_on_cancel=True)
             try:
-                # MSG_CMSG_CLOEXEC: a process spawned by another thread in
-                # the moment before we close the fds must not inherit them.
-                data, ancillary, flags, _ = self._sock.recvmsg(
-                    NOTIFY_MAX_BYTES, _ANCILLARY_SPACE, socket.MSG_CMSG_CLOEXEC
-                )
+                # In a worker thread: whatever the kernel drops inside this
+                # call, it drops there, not on the event loop.
+                data, ancillary, flags = await trio.to_thread.run_sync(self._recvmsg)
             except BlockingIOError:
                 continue  # someone else took it, or a spurious wakeup
+            except OSError:
+                if self.closed:  # closed while the thread was on its way
+                    raise trio.ClosedResourceError("the notify socket was closed") from None
+                raise
             break
-        credentials = _take_ancillary(ancillary)
+        fds, credentials = _take_ancillary(ancillary)
         pid = credentials[0] if credentials is not None else None
         if flags & socket.MSG_TRUNC:
             raise NotifyError(f"datagram longer than {NOTIFY_MAX_BYTES} bytes", pid)
-        if flags & socket.MSG_CTRUNC:
+        if fds > NOTIFY_MAX_FDS or flags & socket.MSG_CTRUNC:
             raise NotifyError(f"more than {NOTIFY_MAX_FDS} file descriptors attached", pid)
         # pid 0: the kernel could not name the sender (another pid namespace).
         if credentials is None or credentials[0] <= 0:
@@ -242,23 +266,19 @@ class NotifySocket:
 
 def _take_ancillary(
     ancillary: list[tuple[int, int, bytes]],
-) -> tuple[int, int, int] | None:
-    """Close every fd passed in `ancillary`; return the credentials, if any."""
+) -> tuple[int, tuple[int, int, int] | None]:
+    """Hand every fd passed in `ancillary` to the closers; return how many
+    there were, and the credentials, if any."""
+    fds = received_fds(ancillary)
+    close_received(fds)
     credentials: tuple[int, int, int] | None = None
     for level, kind, payload in ancillary:
-        if level != socket.SOL_SOCKET:
-            continue
-        if kind == socket.SCM_RIGHTS:
-            fds = array.array("i")
-            # A truncated cmsg can end mid-fd; whole fds only.
-            fds.frombytes(payload[: len(payload) - len(payload) % _FD_SIZE])
-            for fd in fds:
-                with contextlib.suppress(OSError):  # nothing more to do with it
-                    os.close(fd)
-        elif kind == socket.SCM_CREDENTIALS and len(payload) >= _UCRED.size:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and (
+            len(payload) >= _UCRED.size
+        ):
             pid, uid, gid = _UCRED.unpack_from(payload)
             credentials = (pid, uid, gid)
-    return credentials
+    return len(fds), credentials
 
 
 def open_notify_socket(service: str) -> NotifySocket:

@@ -15,6 +15,7 @@ only lazyd's own user (and root) may talk to it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -28,12 +29,17 @@ from lazyd.config import Config, SocketConfig
 from lazyd.errors import ControlError
 from lazyd.net.addresses import Address, Kind
 from lazyd.net.binding import bind_socket
+from lazyd.net.rights import refuse_rights
 from lazyd.observe.logs import Level, log_at
 
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 MAX_REQUEST = 64 * 1024
 CLIENT_TIMEOUT = 5.0
+# As in trio's serve_listeners: out of fds or memory, accept() fails for every
+# client alike; wait a little for some to close instead of failing (or spinning).
+ACCEPT_BACKOFF = 0.1
+_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -80,10 +86,25 @@ async def serve_control(
     Only lazyd's own user and root are answered (whatever the file's mode
     lets through): anyone else gets an error line, and `log` a line.
     """
+    # A request is one line of text: nobody has an fd to send it (and one the
+    # kernel dropped in our recv would be closed on the event loop).
+    refuse_rights(sock)
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    short = False
     async with trio.open_nursery() as nursery:
         while True:
-            stream = await listener.accept()
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_RESOURCES:
+                    raise
+                if not short and log is not None:
+                    log_at(log, Level.WARNING, f"lazyd: control: accept failed: "
+                           f"{os.strerror(exc.errno)}; retrying every 100 ms")
+                short = True
+                await trio.sleep(ACCEPT_BACKOFF)
+                continue
+            short = False
             nursery.start_soon(_serve_one, stream, handler, log)
 
 

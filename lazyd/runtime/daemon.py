@@ -575,7 +575,8 @@ def _needs_new_runner(
     if old.mode is not Mode.PROXY:
         return False
     served_with = ("sockets", "queue_limit", "datagram_queue_limit", "max_connections",
-                   "flow_timeout", "idle_timeout", "max_connections_per_source")
+                   "flow_timeout", "idle_timeout", "max_connections_per_source",
+                   "connection_idle_timeout")
     return old_sockets != new_sockets or any(
         getattr(old, key) != getattr(new, key) for key in served_with
     )

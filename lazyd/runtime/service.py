@@ -389,7 +389,7 @@ class ServiceRunner:
     def _make_proxy(self, sc: SocketConfig, sock: socket.socket) -> StreamProxy | DatagramProxy:
         assert sc.upstream is not None  # the config requires it in proxy mode
         on_traffic = functools.partial(self.start, f"traffic on {sc.name}")
-        counted = sc.listen.is_stream and not sc.listen.is_unix  # per source: IP clients
+        counted = not sc.listen.is_unix  # per source: IP clients' connections and flows
         gate = self.access.gate(sc.name, sc.allow, sc.deny, counted=counted)
         if sc.listen.is_stream:
             return StreamProxy(
@@ -398,6 +398,7 @@ class ServiceRunner:
                 max_connections=self.config.max_connections,
                 proxy_protocol=sc.proxy_protocol, gate=gate,
                 on_traffic=on_traffic, log=self.options.log,
+                idle_timeout=self.config.connection_idle_timeout,
             )
         return DatagramProxy(
             self.name, sock, sc.upstream,
