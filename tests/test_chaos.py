@@ -394,11 +394,12 @@ class Walk:
         if svc.mode == "pass":
             choices = ["started", "started", "notify", "delay"]
         elif any(not s.stream for s in svc.sockets):
-            # `connect` probes stream upstreams only: a UDP upstream would get
-            # datagrams before it binds.
-            choices = ["notify", "delay"]
+            # `connect` probes stream upstreams only, and after a fixed delay
+            # a service slow to start on a loaded machine would not listen
+            # yet: lazyd would rightly forward into nothing.
+            choices = ["notify"]
         else:
-            choices = ["connect", "connect", "notify", "delay"]
+            choices = ["connect", "connect", "notify"]
         if svc.behavior == "hang":
             # "Never ready" only means something where lazyd waits for a sign.
             choices = [c for c in choices if c in ("notify", "connect")]
@@ -711,6 +712,15 @@ class Walk:
         self.steps[-1] += f" -> {' '.join(outcomes)}"
         for svc, sock, line, seen, was in results:
             self.judge(svc, sock, line, seen, was, after.get(svc.name, {}))
+        # `requires`: a service that traffic started started what it requires.
+        for svc, _, _, seen, was in results:
+            if seen.kind != "answer" or was.get("state") != "idle":
+                continue
+            for name in svc.requires:
+                dep_before, dep_after = before.get(name, {}), after.get(name, {})
+                if (dep_before.get("state") == "idle"
+                        and dep_after.get("activations") == dep_before.get("activations")):
+                    raise Violation(f"{svc.name} started, but not {name}, which it requires")
 
     async def op_removed(self) -> None:
         """Clients of sockets a reload just closed: refused or closed at once."""
