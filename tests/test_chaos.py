@@ -976,8 +976,10 @@ async def walk(seed: int, steps: int, figures: Figures | None = None) -> None:
     work.chmod(0o755)
     try:
         await Walk(seed, steps, work, figures).run()
-    except Violation as exc:
-        raise Violation(f"{exc}\n(the walk's files are in {work})") from None
+    except* Violation as found:
+        # Raised inside run_lazyd's nursery: one Violation, in a group.
+        text = "\n".join(str(exc) for exc in found.exceptions)
+        raise Violation(f"{text}\n(the walk's files are in {work})") from None
     shutil.rmtree(work, ignore_errors=True)
 
 
