@@ -4,34 +4,28 @@ BIN    := $(VENV)/bin
 
 .PHONY: demo test lint bench soak chaos clean
 
-# Both targets build the virtual environment from nothing when it is missing
-# and reinstall when pyproject.toml changed since the last install.
-$(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e .
-	touch $@
-
-$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[test]'
-	touch $@ $(VENV)/.installed
-
-demo: $(VENV)/.installed
+# scripts/setup builds the virtual environment from nothing when it is missing,
+# reinstalls when pyproject.toml changed, and (for the tests, as root) installs
+# the Debian packages whose programs the tests use as witnesses.
+demo:
+	PYTHON=$(PYTHON) scripts/setup demo
 	$(BIN)/lazyd demo
 
-test: $(VENV)/.installed-test
+test:
+	PYTHON=$(PYTHON) scripts/setup test
 	$(BIN)/python -m pytest
 
-lint: $(VENV)/.installed-test
+lint:
+	PYTHON=$(PYTHON) scripts/setup test
 	$(BIN)/ruff check lazyd tests benchmarks
 	$(BIN)/mypy
 
-bench: $(VENV)/.installed-test
+bench:
+	PYTHON=$(PYTHON) scripts/setup test
 	$(BIN)/python -m benchmarks
 
-soak: $(VENV)/.installed-test
+soak:
+	PYTHON=$(PYTHON) scripts/setup test
 	$(BIN)/python -m benchmarks.soak
 
 # The chaos walk for a long while: seed after seed for CHAOS_SECONDS (default

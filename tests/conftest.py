@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,13 @@ from typing import Any
 import pytest
 import trio
 
-from lazyd import control
+from lazyd.runtime import control
 
 PROGRAMS = Path(__file__).parent / "programs"
 PY = sys.executable
+# Every daemon the tests start treats a lifecycle event that does not fit its
+# state as the bug it is (an error with a traceback in the log), not a line.
+os.environ["LAZYD_STRICT"] = "1"
 
 
 def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
@@ -144,9 +148,11 @@ def _let_others_in(path: Path) -> None:
 async def run_lazyd(
     tmp_path: Path, config_text: str, *, expect_exit: int | None = 0,
     prefix: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
 ) -> AsyncIterator[LazydProcess]:
     """Start `lazyd run` on this config and wait until it holds its sockets.
-    `prefix` runs it through a wrapper command (such as prlimit)."""
+    `prefix` runs it through a wrapper command (such as prlimit); `env` adds to
+    the environment it inherits."""
     control_path = str(tmp_path / "control.sock")
     config = tmp_path / "lazyd.yaml"
     config.write_text(f"control: unix:{control_path}\n{config_text}")
@@ -156,6 +162,7 @@ async def run_lazyd(
         stdin=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,
+        env={**os.environ, **(env or {})},
     )
     lz = LazydProcess(process, control_path)
     async with trio.open_nursery() as nursery:
@@ -224,3 +231,13 @@ def yaml_quote(text: str) -> str:
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+def needs(*programs: str) -> pytest.MarkDecorator:
+    """Skip a test, saying why, when a program it uses as a witness is missing
+    (scripts/setup installs them as root)."""
+    missing = [p for p in programs
+               if not (os.access(p, os.X_OK) if p.startswith("/") else shutil.which(p))]
+    return pytest.mark.skipif(
+        bool(missing), reason=f"needs {', '.join(missing)}: run scripts/setup test as root"
+    )

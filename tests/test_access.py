@@ -12,7 +12,9 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lazyd.access import (
+from lazyd.config import loads, plan
+from lazyd.errors import ConfigError
+from lazyd.net.access import (
     REPORT_INTERVAL,
     Access,
     IPAddress,
@@ -21,8 +23,6 @@ from lazyd.access import (
     parse_network,
     refusal,
 )
-from lazyd.config import loads, plan
-from lazyd.errors import ConfigError
 from tests.conftest import LazydProcess, free_port, program, run_lazyd
 from tests.test_metrics import scrape, value
 

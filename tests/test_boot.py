@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
 import trio
 
-from lazyd import boot
 from lazyd import config as config_mod
-from lazyd.daemon import serve
-from lazyd.lifecycle import Outcome
-from lazyd.service import Options
+from lazyd.core.lifecycle import Outcome
+from lazyd.demo import boot
+from lazyd.runtime.daemon import serve
+from lazyd.runtime.service import Options
 
 USER = "root" if os.geteuid() == 0 else None
 
@@ -59,17 +60,23 @@ def _read(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-async def test_parallel_boot_takes_about_the_longest_start_not_the_sum(tmp_path: Path) -> None:
-    """With start-up work 300/200/100 ms, booting through lazyd takes < 0.6 x the
-    sequential boot, and neither boot loses a message."""
+async def test_parallel_boot_starts_all_at_once_and_sequential_one_after_another(
+    tmp_path: Path,
+) -> None:
+    """With start-up work 300/200/100 ms, lazyd starts all three at once (each is
+    started before any is ready), while the sequential boot starts each only after the
+    one before is ready; neither boot loses a message.  (How much faster that is, is
+    measured by benchmarks/bench_boot.py, not asserted here.)"""
     (tmp_path / "seq").mkdir()
     (tmp_path / "par").mkdir()
     sequential = await boot.boot_sequential(tmp_path / "seq", boot.DEFAULT_DELAYS)
     parallel = await boot.boot_parallel(tmp_path / "par", boot.DEFAULT_DELAYS, USER)
     assert sequential.lost == [] and parallel.lost == []
     assert sequential.total >= 0.6  # the sum of the start-up work
-    assert parallel.total < 0.6 * sequential.total, (parallel.total, sequential.total)
-    assert max(parallel.started.values()) < 0.1  # all three started at once
+    assert max(parallel.started.values()) < min(parallel.ready.values()), parallel
+    order = sorted(sequential.started, key=sequential.started.__getitem__)
+    for before, after in itertools.pairwise(order):
+        assert sequential.ready[before] <= sequential.started[after], sequential
 
 
 def test_boot_config_is_what_conf_boot_yaml_describes() -> None:

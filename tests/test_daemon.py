@@ -8,11 +8,13 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import trio
 
-from tests.conftest import PROGRAMS, PY, exchange, free_port, program, run_lazyd
+from lazyd.runtime import control
+from tests.conftest import PROGRAMS, PY, exchange, free_port, needs, program, run_lazyd
 from tests.conftest import alive as _alive
 
 PROXYD = "/lib/systemd/systemd-socket-proxyd"
@@ -36,6 +38,7 @@ async def _echo_server(
     await trio.serve_listeners(echo, listeners)
 
 
+@needs("/lib/systemd/systemd-socket-proxyd")
 async def test_systemd_socket_proxyd_runs_as_a_pass_mode_service(tmp_path: Path) -> None:
     """systemd's own socket-proxyd accepts the LISTEN_FDS lazyd hands it and forwards."""
     port, backend = free_port(), free_port()
@@ -65,6 +68,7 @@ services:
         nursery.cancel_scope.cancel()
 
 
+@needs("curl")
 async def test_gunicorn_answers_http_on_the_held_port(tmp_path: Path) -> None:
     """gunicorn, which reads LISTEN_FDS itself, serves an HTTP request (curl) on lazyd's port."""
     port = free_port()
@@ -202,6 +206,7 @@ services:
             client.close()
 
 
+@needs("systemd-notify")
 async def test_notify_readiness_from_systemd_notify_in_a_shell_script(tmp_path: Path) -> None:
     """A shell-script service that runs `systemd-notify --ready` becomes ready through it."""
     port = free_port()
@@ -398,3 +403,28 @@ services:
         await lz.wait_line(r"^flaky: restarting in 100 ms \(on-failure\)")
         await lz.wait_line(r"^flaky: ready in", count=2)
         assert (await lz.status())["flaky"]["activations"] == 2
+
+
+async def test_the_first_accept_of_a_pass_mode_service_is_measured(tmp_path: Path) -> None:
+    """A pass-mode service that is `ready: started` at exec but accepts only after 0.3 s
+    of start-up: the start record's first accept comes at least that long after ready
+    (and not much later), so `analyze` shows where a held client's time went."""
+    port = free_port()
+    config = (
+        "services:\n  web:\n"
+        f"    command: {program('serve_lines.py', 0.3)}\n"
+        "    user: root\n    sockets:\n"
+        f"      http: tcp://127.0.0.1:{port}\n"
+    )
+    async with run_lazyd(tmp_path, config) as lz:
+        assert (await exchange(port, b"hi\n")).endswith(b" hi\n")
+        with trio.fail_after(10):
+            while True:
+                reply = await trio.to_thread.run_sync(
+                    partial(control.request, lz.control_path, "status", history=True))
+                (start,) = reply["services"]["web"]["starts"]
+                if start["first_accept_ms"] is not None:
+                    break
+                await trio.sleep(0.05)
+        after_ready = start["first_accept_ms"] - start["ready_ms"]
+        assert 0.3 * 1000 * 7 / 8 <= after_ready <= 2000, start

@@ -15,11 +15,12 @@ from typing import Any
 
 import trio
 
-from lazyd import control
+from lazyd.runtime import control
 from tests.conftest import (
     LazydProcess,
     exchange,
     free_port,
+    needs,
     program,
     proxy_service,
     run_lazyd,
@@ -273,6 +274,7 @@ async def test_a_backend_that_stops_reading_pushes_back_on_the_client(tmp_path: 
         assert "Traceback" not in lz.log()
 
 
+@needs("systemd-notify")
 async def test_a_datagram_flood_while_starting_is_bounded_counted_and_delivered_in_order(
     tmp_path: Path,
 ) -> None:

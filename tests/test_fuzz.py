@@ -28,11 +28,12 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lazyd import config as config_module
-from lazyd import control, notify
 from lazyd.config import Config, loads
+from lazyd.config import loader as config_module
 from lazyd.errors import ConfigError
-from tests.conftest import LazydProcess, free_port, program, run_lazyd
+from lazyd.readiness import notify
+from lazyd.runtime import control
+from tests.conftest import LazydProcess, free_port, needs, program, run_lazyd
 
 TRUE = shutil.which("true") or "/bin/true"
 LOCATED = re.compile(r"^lazyd\.yaml:\d+:\d+: ")
@@ -458,6 +459,7 @@ async def test_junk_on_the_control_socket_never_stalls_or_breaks_the_daemon(
         assert "Traceback" not in lz.log()
 
 
+@needs("systemd-notify")
 async def test_mainpid_outside_the_service_is_ignored(tmp_path: Path) -> None:
     """A service (not root) saying MAINPID=1 does not make every process its own: a READY=1
     from an unrelated process is still ignored, and the log says why."""

@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 import trio
 
+from lazyd.backends.process.launch import MAX_LINE, LaunchSpec, open_service_process, relay_output
+from lazyd.backends.process.spawner import ServiceProcess, Spawner, open_spawner
 from lazyd.errors import LaunchError
-from lazyd.launch import MAX_LINE, LaunchSpec, open_service_process, relay_output
-from lazyd.spawner import ServiceProcess, Spawner, open_spawner
+from lazyd.readiness.notify import open_notify_socket
 
 TIMEOUT = 5.0  # seconds; bounds every wait in these tests
 SOCKET_PROXYD = "/lib/systemd/systemd-socket-proxyd"
@@ -122,19 +123,19 @@ def report_program(tmp_path: Path) -> str:
 
 
 async def test_sockets_environment_and_fds(
-    report_program: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spawner: Spawner
+    report_program: str, monkeypatch: pytest.MonkeyPatch, spawner: Spawner
 ) -> None:
-    """Three sockets arrive at 3, 4, 5 with LISTEN_*; the environment is exactly the clean one."""
+    """Sockets at 3, 4, 5 with LISTEN_*, no other fd (not the notify socket), a clean env."""
     monkeypatch.setenv("LAZYD_TEST_MARKER", "must not leak")
     http = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     https = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     quic = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    with http, https, quic:
+    notify = open_notify_socket("blog")
+    with http, https, quic, notify:
         for sock in (http, https, quic):
             sock.bind(("127.0.0.1", 0))
         http.listen()
         https.listen()
-        notify = str(tmp_path / "notify.sock")
         spec = LaunchSpec(
             name="blog",
             command=[sys.executable, report_program],
@@ -159,7 +160,7 @@ async def test_sockets_environment_and_fds(
         "LISTEN_FDS": "3",
         "LISTEN_FDNAMES": "http:https:quic",
         "LISTEN_PID": str(got["pid"]),
-        "NOTIFY_SOCKET": notify,
+        "NOTIFY_SOCKET": notify.address,
     }
     assert got["open_fds"] == [0, 1, 2, 3, 4, 5]
     assert got["pgid"] == got["sid"] == got["pid"]

@@ -1,4 +1,4 @@
-"""lazyd.lifecycle: exact-time table tests, and hypothesis hunting for broken promises."""
+"""lazyd.core.lifecycle: exact-time table tests, and hypothesis hunting for broken promises."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from hypothesis.stateful import (
 
 from lazyd.config import Ready as ReadyConfig
 from lazyd.config import ReadyKind, Restart, ServiceConfig
-from lazyd.lifecycle import (
+from lazyd.core.lifecycle import (
     Action,
     Activation,
     DropHeld,
@@ -39,9 +39,11 @@ from lazyd.lifecycle import (
     State,
     Stop,
     Tick,
+    UnexpectedEvent,
     Unwatch,
     Watch,
 )
+from lazyd.observe.logs import Level, lifecycle_level
 
 STARTED = ReadyConfig(ReadyKind.STARTED)
 NOTIFY = ReadyConfig(ReadyKind.NOTIFY)
@@ -429,29 +431,7 @@ def test_connect_exit_connect_spawns_one_process_each_time() -> None:
     assert machine.activations == 2
 
 
-@pytest.mark.parametrize(
-    ("setup", "event"),
-    [
-        ("idle", Ready()),
-        ("idle", Exited(0)),
-        ("idle", Spawned(5)),
-        ("idle", SpawnFailed("x")),
-        ("idle", Tick()),
-        ("idle", Stop("x")),
-        ("spawning", Exited(1)),
-        ("spawning", Ready()),
-        ("running", Spawned(6)),
-        ("running", SpawnFailed("x")),
-        ("running", Ready()),
-        ("running", Start()),
-        ("running", Tick()),
-        ("failed", Exited(0)),
-        ("failed", Start()),
-        ("failed", Stop("x")),
-    ],
-)
-def test_stale_events_change_nothing(setup: str, event: Event) -> None:
-    """Events that do not fit the state (late, duplicate, out of order) are ignored."""
+def _in(setup: str) -> Lifecycle:
     machine = begun(config(ready=STARTED, start_limit=1))
     if setup in ("spawning", "running", "failed"):
         machine.handle(Start(), 0.0)
@@ -461,8 +441,66 @@ def test_stale_events_change_nothing(setup: str, event: Event) -> None:
         machine.handle(Exited(0), 0.0)
         machine.handle(Start(), 0.0)
         assert machine.state is State.FAILED
+    return machine
+
+
+@pytest.mark.parametrize(
+    ("setup", "event"),
+    [
+        ("idle", Tick()),
+        ("idle", Stop("x")),
+        ("running", Ready()),
+        ("running", Start()),
+        ("running", Tick()),
+        ("failed", Start()),
+        ("failed", Stop("x")),
+    ],
+)
+def test_requests_with_nothing_to_do_change_nothing(setup: str, event: Event) -> None:
+    """A request that finds nothing to do (a Start for a running service, a Stop for an
+    idle one, an early Tick, READY=1 said again) changes nothing."""
+    machine = _in(setup)
     before = snapshot(machine)
     assert machine.handle(event, 0.5) == []
+    assert snapshot(machine) == before
+
+
+MISFITS = [
+    ("idle", Ready()),
+    ("idle", Exited(0)),
+    ("idle", Spawned(5)),
+    ("idle", SpawnFailed("x")),
+    ("spawning", Exited(1)),
+    ("spawning", Ready()),
+    ("running", Spawned(6)),
+    ("running", SpawnFailed("x")),
+    ("failed", Exited(0)),
+    ("failed", Ready()),
+]
+
+
+@pytest.mark.parametrize(("setup", "event"), MISFITS)
+def test_a_report_that_does_not_fit_is_a_driver_bug(setup: str, event: Event) -> None:
+    """A report that does not fit the state (an exit with no process, a second Spawned)
+    raises UnexpectedEvent, and the machine is left as it was."""
+    machine = _in(setup)
+    before = snapshot(machine)
+    with pytest.raises(UnexpectedEvent, match=f"{type(event).__name__} does not fit"):
+        machine.handle(event, 0.5)
+    assert snapshot(machine) == before
+
+
+@pytest.mark.parametrize(("setup", "event"), MISFITS)
+def test_not_strict_a_misfit_is_logged_as_a_bug_and_changes_nothing(
+    setup: str, event: Event
+) -> None:
+    """Built with strict=False (the daemon's), a misfit is one error line and nothing else."""
+    machine = _in(setup)
+    machine.strict = False
+    before = snapshot(machine)
+    (line,) = machine.handle(event, 0.5)
+    assert isinstance(line, Log) and line.text.startswith("bug: ignoring an event that ")
+    assert lifecycle_level(line.text) is Level.ERR
     assert snapshot(machine) == before
 
 
@@ -592,6 +630,12 @@ class LifecycleWorld(RuleBasedStateMachine):
         assert self.machine.handle(event, self.now) == [], f"stale {event} acted"
         assert snapshot(self.machine) == before, f"stale {event} changed the machine"
 
+    def send_misfit(self, event: Event) -> None:
+        before = snapshot(self.machine)
+        with pytest.raises(UnexpectedEvent):
+            self.machine.handle(event, self.now)
+        assert snapshot(self.machine) == before, f"misfit {event} changed the machine"
+
     # -- rules ---------------------------------------------------------------
 
     @rule(reason=st.sampled_from(["traffic", "boot"]))
@@ -653,7 +697,7 @@ class LifecycleWorld(RuleBasedStateMachine):
             Exited: self.outside == "alive",
         }
         if not fits[type(event)]:
-            self.send_stale(event)
+            self.send_misfit(event)
 
     @rule(reason=st.sampled_from(["shutdown", "idle timeout"]))
     def stop(self, reason: str) -> None:

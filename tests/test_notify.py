@@ -1,4 +1,4 @@
-"""lazyd.notify: parsing, the notify socket with real senders, and who a sender belongs to."""
+"""lazyd.readiness.notify: parsing, the notify socket with real senders, whose a sender is."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 import trio
 import trio.testing
 
-from lazyd.notify import (
+from lazyd.readiness.notify import (
     NOTIFY_MAX_BYTES,
     NOTIFY_MAX_FDS,
     NotifyError,
@@ -26,6 +26,7 @@ from lazyd.notify import (
     open_notify_socket,
     parse_notify,
 )
+from tests.conftest import needs
 
 SYSTEMD_NOTIFY = "/usr/bin/systemd-notify"
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -297,6 +298,7 @@ async def test_datagram_size_limit() -> None:
 
 
 @needs_root
+@needs("systemd-notify")
 async def test_systemd_notify_from_a_shell_script() -> None:
     """`systemd-notify --ready --status=...` in a service's shell script is believed and
     returns at once (its barrier fd is closed)."""
@@ -320,6 +322,7 @@ async def test_systemd_notify_from_a_shell_script() -> None:
 
 
 @needs_root
+@needs("systemd-notify")
 async def test_systemd_notify_as_another_user() -> None:
     """A service running as nobody reaches the abstract socket; then systemd-notify
     cannot speak for its parent and the message carries its own pid."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import trio
 
-from tests.conftest import exchange, free_port, program, proxy_service, run_lazyd
+from tests.conftest import PY, exchange, free_port, needs, program, proxy_service, run_lazyd
 
 
 async def test_two_hundred_clients_during_a_slow_start_are_all_answered(tmp_path: Path) -> None:
@@ -246,6 +246,7 @@ async def test_idle_stop_and_reactivation_and_a_long_connection_keeps_it_up(
         assert (await lz.status())["wiki"]["activations"] == 2
 
 
+@needs("iperf3")
 async def test_a_one_test_at_a_time_server_serves_the_client_that_started_it(
     tmp_path: Path,
 ) -> None:
@@ -267,3 +268,45 @@ async def test_a_one_test_at_a_time_server_serves_the_client_that_started_it(
         assert result.returncode == 0, report.get("error")
         assert report["end"]["sum_sent"]["bytes"] >= 4 << 20
         assert (await lz.status())["iperf"]["activations"] == 1
+
+
+def _refused_at_once(port: int) -> bool:
+    """Whether a new client learns within 1 s that nobody will serve it (reset or close)."""
+    with socket.socket() as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(("127.0.0.1", port))
+            s.sendall(b"hello\n")
+            return s.recv(10) == b""
+        except (ConnectionResetError, ConnectionRefusedError, BrokenPipeError):
+            return True
+        except TimeoutError:
+            return False
+
+
+async def test_a_failed_service_refuses_new_clients_at_once_then_tries_again(
+    tmp_path: Path,
+) -> None:
+    """A proxy service whose command exits at once reaches `failed` (start_limit 2): a
+    client that connects while it is failed is reset at once, not held; after the
+    interval, the next client starts it again (a third start is made)."""
+    port, upstream = free_port(), free_port()
+    config = "services:\n" + proxy_service(
+        "broken", f"[{PY}, -c, 'raise SystemExit(3)']",
+        f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{upstream}",
+        "restart: on-failure", "start_limit: 2", "start_limit_interval: 3s",
+    )
+    async with run_lazyd(tmp_path, config) as lz:
+        first = await trio.open_tcp_stream("127.0.0.1", port)
+        with trio.fail_after(10):
+            await lz.wait_line(r"^broken: failed: 2 starts within 3 s")
+            assert await first.receive_some(10) == b""  # the held client was closed
+        await first.aclose()
+        assert (await lz.status())["broken"]["state"] == "failed"
+        assert await trio.to_thread.run_sync(_refused_at_once, port)
+        assert (await lz.status())["broken"]["activations"] == 2
+        await lz.wait_line(r"^broken: start limit interval over", timeout=10)
+        again = await trio.open_tcp_stream("127.0.0.1", port)
+        async with again:
+            await lz.wait_line(r"^broken: start failed", count=3)
+        assert (await lz.status())["broken"]["activations"] == 3

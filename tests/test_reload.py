@@ -109,3 +109,37 @@ async def test_a_bad_config_on_reload_changes_nothing(tmp_path: Path) -> None:
             capture_output=True, text=True, timeout=20, check=False,
         )
         assert result.returncode == 0 and result.stdout.strip() == "reloaded"
+
+
+async def test_removing_a_started_pass_mode_service_leaves_the_daemon_running(
+    tmp_path: Path,
+) -> None:
+    """Two pass-mode services, each started once by a connection; one is removed from the
+    file and SIGHUP: the removed one is stopped, lazyd keeps running and serving the other,
+    and its log has no traceback."""
+    keep, gone = free_port(), free_port()
+    serve = program("serve_lines.py", 0)
+    async with run_lazyd(tmp_path, _config({"keep": (serve, keep), "gone": (serve, gone)})) as lz:
+        for port in (keep, gone):
+            assert (await trio.to_thread.run_sync(_ask, port)).endswith(b" ping\n")
+        config = tmp_path / "lazyd.yaml"
+        header = config.read_text().splitlines()[0]
+        config.write_text(f"{header}\n{_config({'keep': (serve, keep)})}")
+        lz.process.send_signal(signal.SIGHUP)
+        await lz.wait_line(r"^gone: stopped \(removed by reload\)")
+        await lz.wait_line(r"^lazyd: reloaded ")
+        # The removed service's runner winds down after its process is gone: give it
+        # the chance to trip over its closed socket before looking.
+        with trio.fail_after(5):
+            while "gone" in await lz.status():
+                await trio.sleep(0.02)
+        assert (await trio.to_thread.run_sync(_ask, keep)).endswith(b" ping\n")
+        with trio.fail_after(5):
+            while True:
+                try:
+                    await trio.to_thread.run_sync(_ask, gone)
+                except ConnectionRefusedError:
+                    break
+                await trio.sleep(0.02)
+        assert lz.process.returncode is None
+        assert "Traceback" not in lz.log(), lz.log()

@@ -18,10 +18,10 @@ import pytest
 import trio
 import trio.testing
 
-from lazyd import spawnerd
-from lazyd.errors import LaunchError
-from lazyd.launch import relay_output
-from lazyd.spawner import (
+from lazyd import config as config_mod
+from lazyd.backends.process.handoff import socket_identity
+from lazyd.backends.process.launch import relay_output, table
+from lazyd.backends.process.spawner import (
     ServiceProcess,
     Spawner,
     SpawnError,
@@ -29,6 +29,11 @@ from lazyd.spawner import (
     open_spawner,
     spawner_command,
 )
+from lazyd.errors import LaunchError
+from lazyd.net.binding import bind_socket
+from lazyd.privileged import spawnerd
+from lazyd.readiness.notify import open_notify_socket
+from tests.conftest import free_port, yaml_quote
 
 TIMEOUT = 5.0  # seconds; bounds every wait in these tests
 PATH = "/usr/bin:/bin"
@@ -79,9 +84,16 @@ class Raw:
     async def start(
         self, argv: list[str], fds: Sequence[int] = (), **fields: Any
     ) -> tuple[dict[str, Any], list[int]]:
-        """Define argv as a service of its own, then spawn it: the spawn's reply."""
+        """Define argv as a service of its own, handed exactly `fds` (the sockets
+        among them, as they are), then spawn it: the spawn's reply."""
         name = f"svc{self._next_id}"
-        reply, _ = await self.request({"op": "define", "services": {name: entry(argv, **fields)}})
+        sockets = [
+            {"name": "s", **socket_identity(fd)}
+            for fd in fds
+            if stat.S_ISSOCK(os.fstat(fd).st_mode)
+        ]
+        services = {name: entry(argv, sockets=sockets, **fields)}
+        reply, _ = await self.request({"op": "define", "services": services})
         assert reply.get("ok"), reply
         env = {"LISTEN_FDS": str(len(fds)), "LISTEN_FDNAMES": ":".join("s" * len(fds))}
         return await self.request({"op": "spawn", "service": name, "env": env if fds else {}}, fds)
@@ -465,8 +477,8 @@ async def test_reload_reads_the_table_from_the_config_file(tmp_path: Path) -> No
 
     def write(command: str) -> None:
         config.write_text(
-            f"services:\n  svc:\n    command: {command}\n    user: nobody\n"
-            "    sockets: {s: unix:/nonexistent/s.sock}\n"
+            f"services:\n  svc:\n    command: {command}\n    user: nobody\n    mode: proxy\n"
+            "    sockets: {s: {listen: unix:/nonexistent/s.sock, upstream: unix:/nonexistent/u}}\n"
         )
 
     write("/bin/echo first")
@@ -645,3 +657,109 @@ async def test_root_reloads_only_a_config_only_root_can_change(tmp_path: Path, o
             changeable.chmod(0o666)
             with pytest.raises(SpawnError, match="config has errors"):
                 await spawner.reload()
+
+
+# --- A daemon taken over after the drop ------------------------------------------------
+#
+# The spawner's table comes from a real config; the requests are what a daemon
+# running attacker's code could send through the same socket.
+
+_SHOW = (  # what a service was given; "fd4" if anything beyond its one socket
+    'echo "$NOTIFY_SOCKET|$LISTEN_FDS|$LISTEN_FDNAMES"; '
+    "if [ -e /proc/self/fd/4 ]; then echo fd4; fi"
+)
+
+
+def _taken_over_config(tmp_path: Path) -> Any:
+    """A config with a ready: notify service, a plain pass one and a proxied one."""
+    ports = [free_port() for _ in range(4)]
+    show = yaml_quote(_SHOW)
+    path = tmp_path / "lazyd.yaml"
+    path.write_text(
+        "services:\n"
+        f"  notifier:\n    command: [/bin/sh, -c, {show}]\n    user: root\n"
+        f"    ready: notify\n    sockets: {{http: 'tcp://127.0.0.1:{ports[0]}'}}\n"
+        f"  plain:\n    command: [/bin/sh, -c, {show}]\n    user: root\n"
+        f"    sockets: {{http: 'tcp://127.0.0.1:{ports[1]}'}}\n"
+        f"  proxied:\n    command: [/bin/sh, -c, {show}]\n    user: root\n    mode: proxy\n"
+        f"    sockets: {{http: {{listen: 'tcp://127.0.0.1:{ports[2]}', "
+        f"upstream: 'tcp://127.0.0.1:{ports[3]}'}}}}\n"
+    )
+    return config_mod.load(str(path))
+
+
+async def _output(process: ServiceProcess) -> str:
+    async with process.stdout:
+        chunks = []
+        while chunk := await process.stdout.receive_some():
+            chunks.append(chunk)
+    assert await process.wait() == 0
+    return b"".join(chunks).decode()
+
+
+async def test_a_taken_over_daemon_starts_only_what_the_table_says(tmp_path: Path) -> None:
+    """Forged NOTIFY_SOCKETs, fds and fd names are refused, each saying why; the
+    configured starts still work, and the notify socket's proof is not passed on."""
+    config = _taken_over_config(tmp_path)
+    bound = {
+        name: bind_socket(service.sockets[0], service=name)
+        for name, service in config.services.items()
+    }
+    plain, notifier, proxied = bound["plain"], bound["notifier"], bound["proxied"]
+    one = {"LISTEN_FDS": "1", "LISTEN_FDNAMES": "http"}
+    systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    systemd.bind(str(tmp_path / "notify"))  # a stand-in for /run/systemd/notify
+    client = socket.create_connection(plain.getsockname())
+    accepted, _ = plain.accept()
+    with (
+        trio.fail_after(TIMEOUT), client, accepted, systemd,
+        open_notify_socket("notifier") as ours, open_notify_socket("notifier") as twin,
+        open_notify_socket("plain") as others,
+    ):
+        async with open_spawner() as spawner:
+            await spawner.define(table(config), seal=True)
+            forged: list[tuple[str, dict[str, str], list[int], int | None, str]] = [
+                ("plain", {**one, "NOTIFY_SOCKET": "/run/systemd/notify"}, [plain.fileno()],
+                 systemd.fileno(), "service 'plain' is not ready: notify; NOTIFY_SOCKET cannot"),
+                ("notifier", {**one, "NOTIFY_SOCKET": str(tmp_path / "notify")},
+                 [notifier.fileno()], systemd.fileno(), "is not lazyd's notify socket for "
+                 f"'notifier' (@lazyd/{os.getpid()}/notifier/XXXXXXXX)"),
+                ("notifier", {**one, "NOTIFY_SOCKET": others.address}, [notifier.fileno()],
+                 others.fileno(), "is not lazyd's notify socket for 'notifier'"),
+                ("notifier", {**one, "NOTIFY_SOCKET": ours.address}, [notifier.fileno()],
+                 twin.fileno(), f"the socket sent with NOTIFY_SOCKET is AF_UNIX/SOCK_DGRAM "
+                 f"'{twin.address}', not bound to {ours.address}"),
+                ("notifier", {"NOTIFY_SOCKET": ours.address}, [], None,
+                 "NOTIFY_SOCKET comes with the notify socket itself"),
+                ("plain", one, [notifier.fileno()], None,
+                 f"fd 3 (http) is AF_INET/SOCK_STREAM 127.0.0.1:{notifier.getsockname()[1]} "
+                 f"listening, not the configured AF_INET/SOCK_STREAM 127.0.0.1:"
+                 f"{plain.getsockname()[1]} listening"),
+                ("plain", one, [accepted.fileno()], None,
+                 f"fd 3 (http) is AF_INET/SOCK_STREAM 127.0.0.1:{plain.getsockname()[1]} "
+                 "connected, not the configured"),
+                ("plain", {"LISTEN_FDS": "1", "LISTEN_FDNAMES": "admin"}, [plain.fileno()], None,
+                 "LISTEN_FDS and LISTEN_FDNAMES must be 1 and 'http', as the table says"),
+                ("plain", {"LISTEN_FDS": "2", "LISTEN_FDNAMES": "http:http"},
+                 [plain.fileno(), plain.fileno()], None,
+                 "service 'plain' takes its 1 configured sockets (http), but 2 fds were sent"),
+                ("proxied", one, [proxied.fileno()], None,
+                 "service 'proxied' is handed no sockets (it binds its own), but 1 fds were sent"),
+                ("plain", {}, [], None, "service 'plain' takes its 1 configured sockets"),
+            ]
+            for service, env, fds, notify_fd, message in forged:
+                with pytest.raises(SpawnError) as caught:
+                    await spawner.spawn(service, env=env, fds=fds, notify_fd=notify_fd)
+                assert caught.value.stage == "request"
+                assert message in str(caught.value), (service, env)
+            # What the daemon itself asks for still works.
+            process = await spawner.spawn(
+                "notifier", env={**one, "NOTIFY_SOCKET": ours.address}, fds=[notifier.fileno()],
+                notify_fd=ours.fileno(),
+            )
+            assert await _output(process) == f"{ours.address}|1|http\n"
+            process = await spawner.spawn("plain", env=one, fds=[plain.fileno()])
+            assert await _output(process) == "|1|http\n"
+            assert await _output(await spawner.spawn("proxied")) == "||\n"
+    for sock in bound.values():
+        sock.close()

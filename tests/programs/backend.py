@@ -1,12 +1,13 @@
 """A service that binds its own port (for proxy mode).
 
-    backend.py KIND:ADDRESS [--delay S] [--echo]
+    backend.py KIND:ADDRESS [--delay S] [--echo] [--notify]
 
 KIND is tcp (HOST:PORT), unix (PATH) or udp (HOST:PORT).  It sleeps --delay
 seconds before binding (its start-up), then serves: stream clients get
 "PID LINE" for each line (or, with --echo, every byte back, and EOF after the
 client's EOF); UDP clients get "PID ADDRESS DATA" for each datagram, where
-ADDRESS is the sender it saw.
+ADDRESS is the sender it saw.  With --notify it sends READY=1 to its
+NOTIFY_SOCKET once it listens, and exits 3 if it has none.
 """
 
 import argparse
@@ -20,7 +21,20 @@ parser = argparse.ArgumentParser()
 parser.add_argument("address")
 parser.add_argument("--delay", type=float, default=0.0)
 parser.add_argument("--echo", action="store_true")
+parser.add_argument("--notify", action="store_true")
 args = parser.parse_args()
+if args.notify and not os.environ.get("NOTIFY_SOCKET"):
+    print("no NOTIFY_SOCKET in my environment", flush=True)
+    sys.exit(3)
+
+
+def ready() -> None:
+    print("listening", flush=True)
+    if args.notify:
+        address = os.environ["NOTIFY_SOCKET"]
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+            notify.sendto(b"READY=1", "\0" + address[1:] if address[0] == "@" else address)
+
 kind, _, where = args.address.partition(":")
 time.sleep(args.delay)
 pid = os.getpid()
@@ -29,7 +43,7 @@ if kind == "udp":
     host, port = where.rsplit(":", 1)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind((host, int(port)))
-    print("listening", flush=True)
+    ready()
     while True:
         data, peer = sock.recvfrom(65536)
         sock.sendto(b"%d %s:%d %s" % (pid, peer[0].encode(), peer[1], data), peer)
@@ -41,7 +55,7 @@ if kind == "unix":
 else:
     host, port = where.rsplit(":", 1)
     server = socket.create_server((host, int(port)), backlog=1024)
-print("listening", flush=True)
+ready()
 
 
 def serve(conn: socket.socket) -> None:
