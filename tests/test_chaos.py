@@ -47,8 +47,8 @@ from typing import Any
 import pytest
 import trio
 
-from lazyd import control
 from lazyd.errors import ControlError
+from lazyd.runtime import control
 from tests.conftest import PROGRAMS, PY, LazydProcess, free_port, program, run_lazyd
 
 HOST = "127.0.0.1"
@@ -1067,8 +1067,6 @@ async def _still_serving(lz: LazydProcess, sock: Sock, name: str) -> None:
     assert not TRACEBACK.search(lz.log()), lz.log()
 
 
-@pytest.mark.xfail(strict=True, reason="lazyd dies: the pass-mode watcher waits on the "
-                   "removed service's closed socket (ValueError: fd -1)")
 async def test_removing_one_of_two_started_pass_services_keeps_lazyd_running(
         work: Path) -> None:
     """Two pass-mode services, each started once by a connection; a SIGHUP that removes
@@ -1085,8 +1083,6 @@ async def test_removing_one_of_two_started_pass_services_keeps_lazyd_running(
         await _still_serving(lz, keep, "keep")
 
 
-@pytest.mark.xfail(strict=True, reason="lazyd dies: the removed proxy's accept loop gets "
-                   "ClosedResourceError from the listener the reload closed")
 async def test_removing_an_idle_proxy_service_keeps_lazyd_running(work: Path) -> None:
     """A proxy-mode service that ran once and was stopped by its idle_timeout; a SIGHUP
     that removes it leaves lazyd serving the other service (found by seed 2)."""
@@ -1106,8 +1102,6 @@ async def test_removing_an_idle_proxy_service_keeps_lazyd_running(work: Path) ->
         await _still_serving(lz, keep, "keep")
 
 
-@pytest.mark.xfail(strict=True, reason="a failed proxy service accepts new connections and "
-                   "holds them instead of refusing them")
 async def test_a_failed_proxy_service_refuses_new_connections_at_once(work: Path) -> None:
     """A proxy service whose command exits at once, restart: on-failure, start_limit 2
     within 30 s: once `failed`, a new client is refused or closed at once, not held
