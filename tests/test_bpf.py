@@ -155,9 +155,8 @@ def test_service_in_another_process_receives_connections_for_lazyds_address(
     a = ("127.0.0.1", free_port())
     b = ("127.0.0.1", free_port())
     with listener(*a) as lazyd, service(*b) as child:
-        fd = diag.listener_fd(child.pid, b)
-        assert fd is not None
-        taken = syscall.take_fd(child.pid, fd)
+        taken = diag.take_listener(child.pid, b)
+        assert taken is not None
         assert os.fstat(taken).st_ino == diag.listening_inode(b)
         steering.add(a, taken)
         # The map holds the socket, not this fd: the service's own copy keeps it there.
@@ -176,6 +175,24 @@ def test_service_in_another_process_receives_connections_for_lazyds_address(
             conn.close()
         assert steering.steered(a) == 1
         assert not steering.remove(a)
+
+
+@needs_root
+def test_closing_the_steering_stops_it() -> None:
+    """Once closed, nothing steers: new connections reach lazyd's listener."""
+    a = ("127.0.0.1", free_port())
+    with listener(*a) as lazyd, listener("127.0.0.1") as target:
+        s = Steering.open()
+        s.add(a, target)
+        with connect(a):
+            target.accept()[0].close()
+        s.close()
+        s.close()
+        with connect(a):
+            lazyd.accept()[0].close()
+        assert nothing_pending(target)
+        with pytest.raises(ValueError, match="steering is closed"):
+            s.add(a, target)
 
 
 @needs_root
@@ -344,10 +361,37 @@ def test_diag_counts_open_connections_to_an_address(steering: Steering) -> None:
 
 
 @needs_root
-def test_diag_finds_no_listener_where_none_listens() -> None:
-    """A process's listener fd is found only for the address it listens on."""
-    with listener("127.0.0.1") as own:
+def test_diag_finds_a_listener_only_where_it_listens() -> None:
+    """A process's listener fd is found for its address (or its wildcard), never another."""
+    with listener("127.0.0.1") as own, listener("0.0.0.0") as wide:
         address = own.getsockname()
         assert diag.listener_fd(os.getpid(), address) == own.fileno()
         assert diag.listener_fd(os.getpid(), ("127.0.0.2", address[1])) is None
         assert diag.listener_fd(os.getpid(), ("127.0.0.1", free_port())) is None
+        assert diag.listener_fd(os.getpid(), ("127.0.0.5", wide.getsockname()[1])) == wide.fileno()
+    with service("127.0.0.1", free_port()) as child:
+        assert diag.take_listener(child.pid, address) is None
+    assert diag.take_listener(child.pid, address) is None  # the process is gone
+
+
+def test_supported_says_why_not_without_root() -> None:
+    """Without root, supported() gives a reason naming root instead of failing later."""
+    nobody = pwd.getpwnam("nobody")
+    if os.geteuid() != 0:
+        reason = supported()
+        assert reason is not None and "root" in reason
+        return
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            os.write(write_end, str(supported()).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as answer:
+        reason = answer.read().decode()
+    os.waitpid(pid, 0)
+    assert "needs root" in reason

@@ -11,7 +11,7 @@ in a loop.
 It also finds which fd of a process is the listening socket bound to an
 address (the socket's inode, from sock_diag, matched against the
 `socket:[INODE]` links in /proc/PID/fd), so the root helper can take that
-socket with pidfd_getfd.
+socket with pidfd_getfd (`take_listener`).
 
 Counting needs no privilege; reading another user's /proc/PID/fd needs root.
 """
@@ -26,6 +26,8 @@ import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+from . import syscall
 
 Address = tuple[str, int]
 
@@ -154,14 +156,44 @@ def listening_inode(address: Address) -> int | None:
 def listener_fd(pid: int, address: Address) -> int | None:
     """Which fd of process pid is the TCP socket listening on address, or None.
 
-    The answer is a number in pid's fd table, valid at the time of asking:
-    take the socket with `syscall.take_fd` and check its inode (`os.fstat`)
-    against `listening_inode` if pid may change its fds meanwhile.
+    The answer is a number in pid's fd table, valid at the time of asking;
+    `take_listener` finds and takes the socket in one step, safely.
     """
     inode = listening_inode(address)
     if inode is None:
         return None
     return fd_of_inode(pid, inode)
+
+
+def take_listener(pid: int, address: Address) -> int | None:
+    """A copy, in this process, of process pid's TCP socket listening on address (root).
+
+    None if pid has no such socket (or has gone). The process is pinned with a
+    pidfd before its fds are read, and the copy's inode is checked against the
+    listener's, so a pid reused or an fd number recycled meanwhile yields None
+    rather than some other file. The copy is close-on-exec and the caller's to close.
+    """
+    try:
+        pidfd = syscall.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    try:
+        inode = listening_inode(address)
+        fd = None if inode is None else fd_of_inode(pid, inode)
+        if fd is None:
+            return None
+        try:
+            taken = syscall.pidfd_getfd(pidfd, fd)
+        except OSError as e:
+            if e.errno in (errno.EBADF, errno.ESRCH):
+                return None
+            raise
+        if os.fstat(taken).st_ino != inode:
+            os.close(taken)
+            return None
+        return taken
+    finally:
+        os.close(pidfd)
 
 
 def fd_of_inode(pid: int, inode: int) -> int | None:
