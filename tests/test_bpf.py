@@ -255,6 +255,29 @@ def test_ipv6_address_is_steered(steering: Steering) -> None:
 
 
 @needs_root
+def test_socket_the_kernel_refuses_leaves_the_connection_to_lazyd(steering: Steering) -> None:
+    """IPv4 goes to a dual-stack IPv6 socket; a v6-only one is refused and lazyd gets it."""
+    a = ("127.0.0.1", free_port())
+    try:
+        dual = socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True)
+        v6only = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    except OSError as e:
+        pytest.skip(f"no IPv6 here: {e}")
+    with dual, v6only, listener(*a) as lazyd:
+        dual.settimeout(2)
+        steering.add(a, dual)
+        with connect(a):
+            conn, _ = dual.accept()
+            assert conn.getsockname()[:2] == (f"::ffff:{a[0]}", a[1])
+            conn.close()
+        steering.add(a, v6only)
+        with connect(a):
+            lazyd.accept()[0].close()
+        assert nothing_pending(v6only)
+        assert steering.steered(a) == 0
+
+
+@needs_root
 def test_closed_service_socket_leaves_the_map_and_traffic_falls_back(
     steering: Steering,
 ) -> None:
