@@ -50,7 +50,7 @@ import urllib.parse
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterator, Mapping
-    from typing import Any
+    from typing import Any, Self
 
 DEFAULT_TIMEOUT = 10.0  # seconds for a connect, and for an answer to a request
 MAX_BODY = 1024 * 1024  # bytes of a response read whole (inspect, version, errors)
@@ -293,6 +293,8 @@ class Engine:
         ``{"action", "id", "name", "exit_code", "time"}`` (``exit_code`` an int
         or None, ``time`` in seconds since the epoch). When this returns, the
         engine has answered, so an event that happens after it is followed.
+        The engine follows the name, not a container: a missing one is no
+        error here, and one created under that name later is followed.
         `Events.close()`, from any thread, stops it; the engine going away is
         an EngineError from the iterator."""
         query = {"filters": json.dumps({"container": [_check_name(name)], "type": ["container"]})}
@@ -452,7 +454,7 @@ class _Stream:
         self._reading = False  # a thread is inside _read()
         self._released = False  # the socket is closed
 
-    def __enter__(self) -> _Stream:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
