@@ -290,6 +290,20 @@ def test_names_that_are_not_container_names_never_reach_the_engine() -> None:
             engine.start(bad)
 
 
+def test_the_client_imports_only_the_standard_library() -> None:
+    """Without site packages, the client loads, and loads nothing outside the
+    standard library (nor typing): what the privileged helper requires."""
+    check = (
+        "import sys; sys.path.append(sys.argv[1]); import lazyd.backends.container.engine; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names)"
+        " - {'__main__'})); print('typing' in sys.modules)"
+    )
+    # As lazyd.spawner starts the helper: the package's directory on sys.path.
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", check, str(ROOT)],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[:2] == ["['lazyd']", "False"]
+
+
 # -- unreachable, missing, refused ---------------------------------------------
 
 

@@ -24,7 +24,7 @@ One error type, `EngineError`, whose message is meant for the user as it is:
 
     engine unix:/run/docker.sock: cannot connect: No such file or directory
     no container named 'wiki' on engine unix:/run/podman/podman.sock
-    engine tcp://10.0.0.5:2376: cannot start 'wiki': "crun: executable file ..."
+    engine tcp://10.0.0.5:2376: cannot start 'wiki': "crun: executable file ..." (HTTP 500)
 
 the last quoting the engine's own message (the ``message`` field of its JSON
 error). Nothing is read without a bound: a body read whole is at most
