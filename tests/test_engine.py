@@ -26,6 +26,8 @@ from lazyd.backends.container.engine import (
     TLS,
     Engine,
     EngineError,
+    Events,
+    Logs,
     default_address,
     parse_address,
 )
@@ -249,9 +251,10 @@ def wait_accepting(port: int) -> float:
     return time.monotonic() - start
 
 
-def watchdog(stream: contextlib.AbstractContextManager[object], seconds: float = WAIT) -> None:
-    """Close a followed stream after `seconds`, so a missing item fails the test."""
-    timer = threading.Timer(seconds, stream.__exit__, args=(None, None, None))
+def watchdog(stream: Events | Logs, seconds: float = WAIT) -> None:
+    """Close a followed stream after `seconds`, so a missing item fails the test
+    (the iterator ends early) instead of hanging it."""
+    timer = threading.Timer(seconds, stream.close)
     timer.daemon = True
     timer.start()
 
