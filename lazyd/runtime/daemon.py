@@ -21,7 +21,6 @@ from lazyd import config as config_mod
 from lazyd.backends.process import launch
 from lazyd.backends.process.spawner import Spawner, SpawnError, open_spawner
 from lazyd.config import Activate, Config, Mode, ServiceConfig, SocketConfig
-from lazyd.core.lifecycle import State
 from lazyd.core.starts import StartRecord
 from lazyd.errors import ConfigError, LazydError
 from lazyd.net.binding import (
@@ -33,6 +32,7 @@ from lazyd.net.binding import (
     release_socket,
 )
 from lazyd.observe.logs import Level, log_at
+from lazyd.observe.status import daemon_status
 from lazyd.runtime import control, privileges, systemd
 from lazyd.runtime.service import Options, ServiceRunner, stderr_log
 
@@ -338,34 +338,7 @@ class Daemon:
 
     def status(self, *, history: bool = False) -> dict[str, Any]:
         """What `lazyd status --json` shows; `history` adds every recorded start."""
-        now = trio.current_time()
-        services: dict[str, Any] = {}
-        for name, runner in self.runners.items():
-            runner.refresh_first_byte()
-            last = runner.history[-1] if runner.history else None
-            ready = [r for r in runner.history if r.ready is not None]
-            up = runner.state is State.RUNNING and ready
-            total = last.total if last is not None else None
-            services[name] = {
-                "state": runner.state.value,
-                "pid": runner.main_pid,
-                "activations": runner.machine.activations,
-                "queued": runner.queued(),
-                "active": runner.active(),  # pass mode: None, the service accepts itself
-                "refused": runner.refused(),  # allow/deny, max_connections_per_source
-                "last_start_ms": None if total is None else round(total * 1000, 3),
-                "last_start_at": None if last is None else round(last.wall, 3),
-                "last_outcome": None if last is None else last.outcome.value,
-                "uptime_s": round(now - ready[-1].ready, 3) if up and ready[-1].ready else None,
-                **runner.history.summary(),
-                "mode": runner.config.mode.value,
-                "status": runner.status_text,
-                "sockets": {sc.name: str(sc.listen) for sc in runner.config.sockets},
-            }
-            if history:
-                services[name]["starts"] = [r.to_json() for r in runner.history]
-        # `tasks`: trio tasks alive in the daemon; a count that only grows is a leak.
-        return {"ok": True, "pid": os.getpid(), "tasks": _task_count(), "services": services}
+        return daemon_status(self.runners, trio.current_time(), _task_count(), history=history)
 
     async def handle_control(self, request: dict[str, Any]) -> dict[str, Any]:
         command = request["command"]

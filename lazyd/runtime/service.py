@@ -46,19 +46,13 @@ from lazyd.core.lifecycle import (
     Unwatch,
     Watch,
 )
-from lazyd.core.starts import StartHistory, StartRecord
+from lazyd.core.starts import StartHistory, StartRecord, describe_waiting
 from lazyd.errors import LaunchError
 from lazyd.front.datagram import DatagramProxy
 from lazyd.front.stream import StreamProxy, wait_connectable
 from lazyd.net.access import Access
 from lazyd.net.binding import accept_queue_length
-from lazyd.observe.logs import (
-    ThrottledLog,
-    activation_fields,
-    activation_level,
-    lifecycle_level,
-    log_at,
-)
+from lazyd.observe.logs import ThrottledLog, log_at
 from lazyd.readiness.notify import NotifySocket, belongs_to, open_notify_socket
 
 LogFn = Callable[[str], None]
@@ -69,41 +63,6 @@ FIRST_ACCEPT_WINDOW = 2.0
 
 def stderr_log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1000:.1f} ms"
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def describe_waiting(connections: int | None, datagrams: int | None) -> str | None:
-    """`17 connections waiting`, `3 datagrams waiting`, or both; None when
-    neither could be counted (a pass-mode datagram socket)."""
-    parts = []
-    if connections is not None and (connections or not datagrams):
-        parts.append(_count(connections, "connection"))
-    if datagrams is not None and (datagrams or connections is None):
-        parts.append(_count(datagrams, "datagram"))
-    return f"{' and '.join(parts)} waiting" if parts else None
-
-
-def format_activation(name: str, record: Activation, waiting: str | None) -> str:
-    """The one log line written for each start attempt; `waiting` as from
-    `describe_waiting`."""
-    if record.outcome is Outcome.READY:
-        assert record.ready is not None and record.spawned is not None
-        text = (
-            f"{name}: ready in {_ms(record.ready - record.trigger)} "
-            f"(spawn {_ms(record.spawned - record.trigger)}, "
-            f"readiness {_ms(record.ready - record.spawned)})"
-        )
-        if waiting is not None:
-            text += f", {waiting}"
-        return text
-    return f"{name}: start {record.outcome.value} ({record.reason})"
 
 
 def strict_from_environment() -> bool:
@@ -124,6 +83,22 @@ class Options:
     on_activation: Callable[[str, StartRecord], None] | None = None
 
 
+@dataclass(frozen=True)
+class Traffic:
+    """A service's traffic at one moment.  None: not known for this service
+    (pass mode sees only its TCP accept queues; a kind of socket it has not)."""
+
+    connections_waiting: int | None = None  # held by lazyd, or in the accept queue
+    datagrams_waiting: int | None = None
+    active: int | None = None  # forwarded connections and datagram flows open
+    refused: int | None = None  # by allow/deny and max_connections_per_source
+    bytes_in: int | None = None  # client to service
+    bytes_out: int | None = None
+    datagrams_dropped: int | None = None
+    datagrams_in: int | None = None
+    datagrams_out: int | None = None
+
+
 class ServiceRunner:
     """Holds one service's sockets and runs its process when traffic comes."""
 
@@ -139,7 +114,7 @@ class ServiceRunner:
         self.sockets = list(sockets)
         self.options = options
         self.on_spawn = on_spawn
-        self.machine = Lifecycle(config, trio.current_time(), strict=options.strict)
+        self.machine = Lifecycle(config.policy, trio.current_time(), strict=options.strict)
         self.process: ServiceProcess | None = None
         self.status_text: str | None = None
         self.main_pid: int | None = None  # MAINPID= may move it from the child we spawned
@@ -186,21 +161,31 @@ class ServiceRunner:
         return sum(known) if known else None
 
     def _waiting_text(self) -> str | None:
+        traffic = self.traffic()
+        return describe_waiting(traffic.connections_waiting, traffic.datagrams_waiting)
+
+    def traffic(self) -> Traffic:
+        """What this service's proxies (or, in pass mode, the kernel) hold and
+        carry: the one place status, metrics and the ready line take it from."""
         if not self.proxies:
-            return describe_waiting(self.queued(), None)
-        streams = [p.waiting for p in self.proxies if not isinstance(p, DatagramProxy)]
-        datagrams = [p.waiting for p in self.proxies if isinstance(p, DatagramProxy)]
-        return describe_waiting(sum(streams) if streams else None,
-                                sum(datagrams) if datagrams else None)
+            return Traffic(connections_waiting=self.queued())
+        streams = [p for p in self.proxies if isinstance(p, StreamProxy)]
+        datagrams = [p for p in self.proxies if isinstance(p, DatagramProxy)]
 
-    def active(self) -> int | None:
-        """Open proxied connections and datagram flows (proxy mode only)."""
-        return sum(p.active for p in self.proxies) if self.proxies else None
+        def total(values: list[int], present: bool) -> int | None:
+            return sum(values) if present else None
 
-    def refused(self) -> int | None:
-        """Connections and datagrams refused by allow/deny or
-        max_connections_per_source (proxy mode only)."""
-        return self.access.refused if self.proxied else None
+        return Traffic(
+            connections_waiting=total([p.held for p in streams], bool(streams)),
+            datagrams_waiting=total([p.queued for p in datagrams], bool(datagrams)),
+            active=sum(p.active for p in self.proxies),
+            refused=self.access.refused,
+            bytes_in=sum(p.bytes_in for p in self.proxies),
+            bytes_out=sum(p.bytes_out for p in self.proxies),
+            datagrams_dropped=total([p.dropped for p in datagrams], bool(datagrams)),
+            datagrams_in=total([p.datagrams_in for p in datagrams], bool(datagrams)),
+            datagrams_out=total([p.datagrams_out for p in datagrams], bool(datagrams)),
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the sockets and serve traffic until cancelled."""
@@ -274,7 +259,7 @@ class ServiceRunner:
         """Take new settings; they apply from the next start.  New sockets are
         watched from now on (the caller closes the ones no longer used)."""
         self.config = config
-        self.machine.config = config
+        self.machine.policy = config.policy
         self._open_notify()  # in case it has just become `ready: notify`
         if list(sockets) != self.sockets:
             self.sockets = list(sockets)
@@ -333,8 +318,8 @@ class ServiceRunner:
                     self._armed = trio.Event()
                     if self._watch_scope is not None:
                         self._watch_scope.cancel()
-                case Log(text):
-                    log_at(self.options.log, lifecycle_level(text), f"{self.name}: {text}")
+                case Log(text, level):
+                    log_at(self.options.log, level, f"{self.name}: {text}")
                 case Activation():
                     record = StartRecord.from_activation(action, trio.current_time())
                     if action.outcome is Outcome.READY:
@@ -342,9 +327,8 @@ class ServiceRunner:
                         if record.held and not self.proxied:
                             self._nursery_soon(self._watch_first_accept, record)
                     self.history.append(record)
-                    log_at(self.options.log, activation_level(record),
-                           format_activation(self.name, action, self._waiting_text()),
-                           **activation_fields(record))
+                    log_at(self.options.log, record.level,
+                           record.line(self.name, self._waiting_text()), **record.fields())
                     if self.options.on_activation is not None:
                         self.options.on_activation(self.name, record)
                 case ReleaseHeld():
