@@ -78,7 +78,6 @@ _WHY = {
     "Timestamping": "lazyd sets no SO_TIMESTAMP",
     "StandardOutput": "a service's output goes to lazyd's stderr, prefixed with its name",
     "StandardError": "a service's output goes to lazyd's stderr, prefixed with its name",
-    "Documentation": "kept as a comment only",
 }
 _DEFAULT_WHY = "lazyd has no such setting"
 
@@ -615,7 +614,7 @@ def _convert_socket_unit(unit: Unit) -> _SocketUnit:
 
     effective = unit.effective()
     for a in effective:
-        if a.section == "Unit" and a.key == "Description":
+        if a.section == "Unit" and a.key in ("Description", "Documentation"):
             remarks.append(_Remark(a.shown(), problem=False))
             take(a)
         elif a.section == "Socket":
@@ -672,13 +671,14 @@ def _convert_socket_unit(unit: Unit) -> _SocketUnit:
             except (UnitError, ValueError) as exc:
                 remarks.append(_not_converted(a, str(exc)))
                 continue
-            is_path = address.split(":", 1)[-1].startswith("/")
+            is_path = address.startswith(("unix:/", "unix-dgram:/"))
             socket_options = {**options, **(unix_options if is_path else {})}
             if not (address.startswith(("tcp:", "unix:")) or address.isdigit()):
                 socket_options.pop("backlog", None)  # it matters for stream sockets only
             own = [_not_converted(a, remark)] if remark else []
             sockets.append(_Socket(name, address, socket_options, own))
-    if unix_options and not any(s.address.split(":", 1)[-1].startswith("/") for s in sockets):
+    if unix_options and not any(s.address.startswith(("unix:/", "unix-dgram:/"))
+                                for s in sockets):
         for a in effective:
             if a.key in ("SocketMode", "SocketUser", "SocketGroup") and id(a) in handled:
                 remarks.append(_not_converted(a, "applies to socket files only, and this unit "
@@ -730,7 +730,7 @@ def _convert_service_unit(unit: Unit) -> _Service:
         take(a)
 
     for a in effective:
-        if a.section == "Unit" and a.key == "Description":
+        if a.section == "Unit" and a.key in ("Description", "Documentation"):
             remarks.append(_Remark(a.shown(), problem=False))
             take(a)
         elif a.section == "Unit" and a.key in (*_DEPENDENCY_KEYS, "After"):
@@ -1095,35 +1095,42 @@ def convert(units: Sequence[str], files: UnitFiles | None = None) -> Result:
         loaded[name] = unit
         return unit
 
-    wanted = [name for name in explicit if name.endswith((".socket", ".service"))]
+    wanted = []
     for name in explicit:
-        if name not in wanted:
+        if not name.endswith((".socket", ".service")):
             problems.append(f"{explicit[name] or name}: lazyd imports .socket and .service "
                             "units only")
+        elif "@." in name:
+            problems.append(f"{explicit[name] or name}: a template: name an instance, such "
+                            f"as {name.replace('@.', '@NAME.')}")
+        else:
+            wanted.append(name)
     socket_units: dict[str, _SocketUnit] = {}
     services: dict[str, _Service] = {}
-    pending = list(wanted)
+    # Each unit to load, with the service whose unit led to it (None if given).
+    pending: list[tuple[str, str | None]] = [(name, None) for name in wanted]
     while pending:
-        name = pending.pop(0)
-        if name in socket_units or name in services:
+        name, via = pending.pop(0)
+        if name in socket_units or name in services or name in missing:
             continue
+        if via is not None and name not in explicit and not files.find(name):
+            continue  # a socket unit a service mentions, but nobody has
         unit = load(name)
         if unit is None:
             continue
         if name.endswith(".socket"):
             socket_unit = _convert_socket_unit(unit)
+            if via is not None and socket_unit.service != via:
+                continue  # mentioned (After=syslog.socket), but it activates another service
             socket_units[name] = socket_unit
             if socket_unit.sockets and socket_unit.service not in services:
-                pending.append(socket_unit.service)
+                pending.append((socket_unit.service, None))
         elif name.endswith(".service"):
             service = _convert_service_unit(unit)
             services[name] = service
-            # Its sockets: Sockets=, the socket units it requires, and NAME.socket.
-            related = [*service.socket_order, f"{unit.stem}.socket"]
-            for candidate in related:
-                if candidate not in socket_units and (candidate in loaded or files.find(
-                        candidate) or candidate in explicit):
-                    pending.append(candidate)
+            # Its sockets: Sockets=, the socket units it depends on, and NAME.socket.
+            for candidate in [*service.socket_order, f"{unit.stem}.socket"]:
+                pending.append((candidate, name))
 
     # Group the sockets under their services, in the order systemd passes them:
     # each unit's in its own order; across units systemd promises none, so the
@@ -1164,8 +1171,9 @@ def convert(units: Sequence[str], files: UnitFiles | None = None) -> Result:
         if not problems:
             problems.append("nothing to import")
         return Result("", problems)
-    order = ", ".join([*(n for n in wanted if n in loaded),
-                       *(n for n in loaded if n not in wanted)])
+    converted = [*services, *socket_units]
+    order = ", ".join([*(n for n in wanted if n in converted),
+                       *(n for n in converted if n not in wanted)])
     head = [f"# Imported from systemd units: {order}", "services:"]
     return Result("\n".join(head + blocks + orphans) + "\n", problems)
 
