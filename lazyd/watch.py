@@ -41,8 +41,8 @@ def frame(path: str, interval: float) -> list[str]:
         reply = control.request(path, "status")
     except ControlError as exc:
         # Like watch(1): say so and keep trying; the daemon may be restarting.
-        return [heading, "", str(exc)]
-    return [heading, "", *format_status(reply["services"]).splitlines()]
+        return [heading, str(exc)]
+    return [heading, *format_status(reply["services"]).splitlines()]
 
 
 def watch(path: str, interval: float, out: TextIO | None = None) -> int:
@@ -74,7 +74,8 @@ def _watch_terminal(path: str, interval: float, out: TextIO) -> None:
     keys = sys.stdin.fileno() if sys.stdin.isatty() else None
     with _terminal(out, keys), _wakeups() as wake:
         while True:
-            _draw(out, frame(path, interval))
+            heading, *table = frame(path, interval)
+            _draw(out, [heading, "", *table])
             deadline = time.monotonic() + interval
             while (left := deadline - time.monotonic()) > 0:
                 readable, _, _ = select.select([wake, *([keys] if keys is not None else [])],
