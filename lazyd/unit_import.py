@@ -1088,6 +1088,10 @@ def convert(units: Sequence[str], files: UnitFiles | None = None) -> Result:
         if name in missing:
             return None
         unit, unit_problems = files.load(name, explicit.get(name) or None)
+        if unit is None and name in explicit and not explicit[name] and os.path.isfile(name):
+            # A name is a unit name, as for systemctl; a file here is a likely meaning.
+            unit_problems = [f"{p} (to import the file here, write ./{name})"
+                             for p in unit_problems]
         problems.extend(unit_problems)
         if unit is None:
             missing.add(name)
