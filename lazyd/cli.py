@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     imports = command(
         "import", "systemd .socket and .service units as a lazyd config on stdout",
-        "Convert systemd units to a lazyd config, printed on stdout. A UNIT is a file, or a "
+        "Convert systemd units to a lazyd config, printed on stdout. A UNIT is a file, else a "
         "name looked up in /etc/systemd/system, /run/systemd/system and /lib/systemd/system, "
         "drop-ins (NAME.d/*.conf) included. The socket units that activate a service and "
         "the service a socket unit activates come along. What has no lazyd equivalent "

@@ -1061,7 +1061,7 @@ def _comment(lines: list[str], indent: str, remark: _Remark, sink: list[str]) ->
 
 
 def convert(units: Sequence[str], files: UnitFiles | None = None) -> Result:
-    """Convert units (file paths, or names looked up in `files.dirs`) to a lazyd config.
+    """Convert units (files, or names looked up in `files.dirs`) to a lazyd config.
 
     The socket units that activate an imported service and the service that an
     imported socket unit activates are imported too when they can be found.
@@ -1070,7 +1070,7 @@ def convert(units: Sequence[str], files: UnitFiles | None = None) -> Result:
     explicit: dict[str, str] = {}
     for given in units:
         name = os.path.basename(given)
-        if "/" in given:
+        if "/" in given or os.path.isfile(given):  # a file, else a name to look up
             explicit[name] = given
         else:
             explicit.setdefault(name, "")
@@ -1088,10 +1088,6 @@ def convert(units: Sequence[str], files: UnitFiles | None = None) -> Result:
         if name in missing:
             return None
         unit, unit_problems = files.load(name, explicit.get(name) or None)
-        if unit is None and name in explicit and not explicit[name] and os.path.isfile(name):
-            # A name is a unit name, as for systemctl; a file here is a likely meaning.
-            unit_problems = [f"{p} (to import the file here, write ./{name})"
-                             for p in unit_problems]
         problems.extend(unit_problems)
         if unit is None:
             missing.add(name)

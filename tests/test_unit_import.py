@@ -174,6 +174,19 @@ def test_names_dirs_and_dropins_in_systemd_order(tmp_path: Path) -> None:
     assert "workdir" not in web
 
 
+def test_a_file_here_or_a_name_in_the_unit_dirs(tmp_path: Path) -> None:
+    """`lazyd import web.socket` takes ./web.socket when there is one, else looks the
+    name up (here in --unit-dir), bringing its service either way."""
+    here, units = tmp_path / "here", tmp_path / "units"
+    for directory, path in ((here, "/run/here.sock"), (units, "/run/units.sock")):
+        write(directory, "web.socket", f"[Socket]\nListenStream={path}\n")
+        write(directory, "web.service", "[Service]\nExecStart=/bin/true\nUser=nobody\n")
+    from_here = lazyd("import", "--unit-dir", str(units), "web.socket", cwd=here)
+    assert service(from_here.stdout, "web")["sockets"] == {"web.socket": "unix:/run/here.sock"}
+    by_name = lazyd("import", "--unit-dir", str(units), "web.socket", cwd=tmp_path)
+    assert service(by_name.stdout, "web")["sockets"] == {"web.socket": "unix:/run/units.sock"}
+
+
 def test_dash_prefix_and_template_dropins(tmp_path: Path) -> None:
     """foo-bar@x.service gets drop-ins from foo-.service.d, foo-bar@.service.d and
     foo-bar@x.service.d, the most specific last; %i and %n are expanded."""
