@@ -28,5 +28,14 @@ soak:
 	PYTHON=$(PYTHON) scripts/setup test
 	$(BIN)/python -m benchmarks.soak
 
+# The chaos walk for a long while: seed after seed for CHAOS_SECONDS (default
+# 600); CHAOS_SEED=N (with the CHAOS_STEPS a failure printed) replays one walk.
+CHAOS_SECONDS ?= 600
+chaos:
+	PYTHON=$(PYTHON) scripts/setup test
+	CHAOS_SECONDS=$(CHAOS_SECONDS) CHAOS_SEED=$(CHAOS_SEED) CHAOS_STEPS=$(CHAOS_STEPS) \
+		$(BIN)/python -m pytest tests/test_chaos.py -k test_chaos_for_a_while \
+		-o timeout=0 -p no:cacheprovider -s -q
+
 clean:
 	rm -rf $(VENV) build *.egg-info

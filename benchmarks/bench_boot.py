@@ -10,7 +10,7 @@ from 50-300 ms with a fixed seed, so every run of one N boots the same chain.
   last link first, link0 last. Measured from the first start to link0's
   READY=1. The boot takes about the sum of the delays plus N interpreter
   start-ups.
-- parallel: lazyd, in this process (`lazyd.daemon.serve`), holds every
+- parallel: lazyd, in this process (`lazyd.runtime.daemon.serve`), holds every
   link's socket; link0 is `activate: eager` and each link `requires` the
   next, so starting link0 starts them all at once. A hello sent early waits
   in the held socket until its link is up. Measured from the first start
@@ -47,10 +47,10 @@ from pathlib import Path
 import trio
 
 from lazyd import config as config_mod
-from lazyd.daemon import Daemon, serve
-from lazyd.lifecycle import Outcome
-from lazyd.notify import NotifySocket, open_notify_socket
-from lazyd.service import Options
+from lazyd.core.lifecycle import Outcome
+from lazyd.readiness.notify import NotifySocket, open_notify_socket
+from lazyd.runtime.daemon import Daemon, serve
+from lazyd.runtime.service import Options
 
 PROGRAM = Path(__file__).resolve().parent / "programs" / "chain.py"
 # -S: no site, which is most of a bare interpreter's start-up; -I: nothing

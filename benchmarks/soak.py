@@ -69,8 +69,8 @@ from typing import Any
 
 import trio
 
-from lazyd import control
 from lazyd.errors import ControlError
+from lazyd.runtime import control
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKEND = ROOT / "benchmarks" / "programs" / "soak_backend.py"

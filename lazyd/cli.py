@@ -18,9 +18,9 @@ import trio
 
 from lazyd import __version__ as _source_version
 from lazyd import config as config_mod
-from lazyd import control
 from lazyd.errors import ConfigError, ControlError, LazydError
-from lazyd.logs import FORMATS, Level, Logger
+from lazyd.observe.logs import FORMATS, Level, Logger
+from lazyd.runtime import control
 
 DEFAULT_CONFIG = "lazyd.yaml"
 DESCRIPTION = "Hold listening sockets for services and start each one on first use."
@@ -140,8 +140,8 @@ def _find_control(args: argparse.Namespace) -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from lazyd.daemon import serve
-    from lazyd.service import Options
+    from lazyd.runtime.daemon import serve
+    from lazyd.runtime.service import Options
 
     logger = Logger(args.log_format)
     options = Options(log=logger, output=logger.output)
@@ -150,7 +150,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     try:
         config = config_mod.load(args.config)
         if os.geteuid() == 0:
-            from lazyd.privileges import clear_inheritable_capabilities
+            from lazyd.runtime.privileges import clear_inheritable_capabilities
 
             clear_inheritable_capabilities()
         trio.run(lambda: serve(config, options=options, drop_privileges=True))
@@ -181,7 +181,7 @@ def _leaves(group: BaseExceptionGroup[LazydError]) -> list[LazydError]:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    from lazyd.privileges import daemon_user
+    from lazyd.runtime.privileges import daemon_user
 
     config = config_mod.load(args.config)
     print(config_mod.plan(config))
@@ -218,7 +218,7 @@ def _cmd_reload(args: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from lazyd import analyze
+    from lazyd.observe import analyze
 
     reply = control.request(_find_control(args), "status", history=True)
     services = reply["services"]
@@ -250,7 +250,7 @@ def format_uptime(seconds: float | None) -> str:
 
 
 def _last_start(svc: dict[str, Any]) -> str:
-    from lazyd.analyze import format_ms
+    from lazyd.observe.analyze import format_ms
 
     outcome = svc.get("last_outcome")
     if outcome not in (None, "ready"):
@@ -260,7 +260,7 @@ def _last_start(svc: dict[str, Any]) -> str:
 
 def format_status(services: dict[str, Any]) -> str:
     """The table `lazyd status` prints."""
-    from lazyd.analyze import format_ms
+    from lazyd.observe.analyze import format_ms
 
     header = ("SERVICE", "STATE", "PID", "UPTIME", "STARTS", "QUEUED", "ACTIVE",
               "LAST START", "P50", "P90")
@@ -305,7 +305,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from lazyd.demo import main as demo_main
+    from lazyd.demo.demo import main as demo_main
 
     return demo_main()
 

@@ -27,7 +27,7 @@ import shutil
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from lazyd.addresses import parse_address
+from lazyd.net.addresses import parse_address
 
 # Where systemd's system manager finds units, highest priority first (the
 # subset that holds units people write or packages ship).

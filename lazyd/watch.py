@@ -23,8 +23,8 @@ from collections.abc import Iterator
 from types import FrameType
 from typing import TextIO
 
-from lazyd import control
 from lazyd.errors import ControlError
+from lazyd.runtime import control
 
 _ENTER = "\x1b[?1049h\x1b[?25l"  # alternate screen, cursor hidden
 _LEAVE = "\x1b[?25h\x1b[?1049l"  # cursor shown, back to the normal screen

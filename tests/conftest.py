@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import trio
 
-from lazyd import control
+from lazyd.runtime import control
 
 PROGRAMS = Path(__file__).parent / "programs"
 PY = sys.executable

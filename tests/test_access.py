@@ -12,7 +12,9 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lazyd.access import (
+from lazyd.config import loads, plan
+from lazyd.errors import ConfigError
+from lazyd.net.access import (
     REPORT_INTERVAL,
     Access,
     IPAddress,
@@ -21,8 +23,6 @@ from lazyd.access import (
     parse_network,
     refusal,
 )
-from lazyd.config import loads, plan
-from lazyd.errors import ConfigError
 from tests.conftest import LazydProcess, free_port, program, run_lazyd
 from tests.test_metrics import scrape, value
 
@@ -291,10 +291,10 @@ def test_allow_deny_and_limit_are_read() -> None:
 
 
 def test_defaults_admit_everyone() -> None:
-    """Without the keys a socket has no rules and a service no per-source limit."""
+    """Without the keys a socket has no rules, and a service the default per-source limit."""
     web = loads(proxy_config(), "lazyd.yaml", as_root=False).services["web"]
     assert (web.sockets[0].allow, web.sockets[0].deny) == (None, ())
-    assert web.max_connections_per_source is None
+    assert web.max_connections_per_source == 256
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lazyd.addresses import Address, Kind, overlaps, parse_address, parse_port
+from lazyd.net.addresses import Address, Kind, overlaps, parse_address, parse_port
 
 FORMS = [
     ("tcp://127.0.0.1:80", Address(Kind.TCP, host="127.0.0.1", port=80)),

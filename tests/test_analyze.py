@@ -1,4 +1,4 @@
-"""lazyd.analyze: blame tables and SVG timelines from status, and through a real daemon."""
+"""lazyd.observe.analyze: blame tables and SVG timelines from status, and through a real daemon."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from typing import Any
 
 import trio
 
-from lazyd.analyze import blame, format_blame, recent, render_svg
 from lazyd.cli import format_status, format_uptime
-from lazyd.lifecycle import Activation, Outcome
-from lazyd.starts import HISTORY, StartHistory, StartRecord
+from lazyd.core.lifecycle import Activation, Outcome
+from lazyd.core.starts import HISTORY, StartHistory, StartRecord
+from lazyd.observe.analyze import blame, format_blame, recent, render_svg
 from tests.conftest import PY, free_port, program, run_lazyd
 
 SVG = "{http://www.w3.org/2000/svg}"

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import trio
 
-from lazyd import boot
 from lazyd import config as config_mod
-from lazyd.daemon import serve
-from lazyd.lifecycle import Outcome
-from lazyd.service import Options
+from lazyd.core.lifecycle import Outcome
+from lazyd.demo import boot
+from lazyd.runtime.daemon import serve
+from lazyd.runtime.service import Options
 
 USER = "root" if os.geteuid() == 0 else None
 

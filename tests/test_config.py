@@ -16,8 +16,6 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lazyd import config as config_module
-from lazyd.addresses import Address, Kind, parse_address
 from lazyd.config import (
     Activate,
     Config,
@@ -33,7 +31,9 @@ from lazyd.config import (
     parse_signal,
     plan,
 )
+from lazyd.config import loader as config_module
 from lazyd.errors import ConfigError
+from lazyd.net.addresses import Address, Kind, parse_address
 
 TRUE = shutil.which("true") or "/bin/true"
 LOCATED = re.compile(r"^[^:]+:\d+:\d+: ")
@@ -635,6 +635,7 @@ SERVICE_KEYS = [
     "start_timeout", "stop_signal", "stop_timeout", "restart", "start_limit",
     "start_limit_interval", "requires", "activate", "queue_limit", "datagram_queue_limit",
     "idle_timeout", "max_connections", "flow_timeout", "max_connections_per_source",
+    "connection_idle_timeout",
 ]  # fmt: skip
 SOCKET_KEYS = ["listen", "upstream", "backlog", "reuse_port", "mode", "owner", "group",
                "proxy_protocol", "allow", "deny"]  # fmt: skip

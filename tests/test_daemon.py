@@ -13,7 +13,7 @@ from pathlib import Path
 
 import trio
 
-from lazyd import control
+from lazyd.runtime import control
 from tests.conftest import PROGRAMS, PY, exchange, free_port, needs, program, run_lazyd
 from tests.conftest import alive as _alive
 

@@ -12,8 +12,8 @@ import pytest
 import trio
 import trio.testing
 
-from lazyd.addresses import Address, Kind
-from lazyd.datagram import DatagramProxy
+from lazyd.front.datagram import DatagramProxy
+from lazyd.net.addresses import Address, Kind
 from tests.conftest import Recorder
 
 TIMEOUT = 5.0
@@ -32,7 +32,7 @@ def held_socket(made: list[socket.socket], family: socket.AddressFamily, address
                 ) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_DGRAM)
     made.append(sock)
-    sock.bind(address)  # left blocking, as lazyd.sockets binds it
+    sock.bind(address)  # left blocking, as lazyd.net.binding binds it
     return sock
 
 

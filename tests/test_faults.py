@@ -15,7 +15,7 @@ from typing import Any
 
 import trio
 
-from lazyd import control
+from lazyd.runtime import control
 from tests.conftest import (
     LazydProcess,
     exchange,

@@ -28,10 +28,12 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lazyd import config as config_module
-from lazyd import control, notify
 from lazyd.config import Config, loads
+from lazyd.config import loader as config_module
 from lazyd.errors import ConfigError
+from lazyd.net import rights
+from lazyd.readiness import notify
+from lazyd.runtime import control
 from tests.conftest import LazydProcess, free_port, needs, program, run_lazyd
 
 TRUE = shutil.which("true") or "/bin/true"
@@ -275,6 +277,8 @@ def test_notify_receiver_takes_any_datagram(data: bytes, fd_count: int) -> None:
                     assert exc.reason
                 else:
                     assert message.pid == os.getpid()
+            # Received fds are closed in closer threads, off the event loop.
+            assert await trio.to_thread.run_sync(rights.wait_closed, 2.0)
             assert _fd_count() == before
 
     trio.run(main)

@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 import trio
 
+from lazyd.backends.process.launch import MAX_LINE, LaunchSpec, open_service_process, relay_output
+from lazyd.backends.process.spawner import ServiceProcess, Spawner, open_spawner
 from lazyd.errors import LaunchError
-from lazyd.launch import MAX_LINE, LaunchSpec, open_service_process, relay_output
-from lazyd.notify import open_notify_socket
-from lazyd.spawner import ServiceProcess, Spawner, open_spawner
+from lazyd.readiness.notify import open_notify_socket
 
 TIMEOUT = 5.0  # seconds; bounds every wait in these tests
 SOCKET_PROXYD = "/lib/systemd/systemd-socket-proxyd"

@@ -1,4 +1,4 @@
-"""lazyd.lifecycle: exact-time table tests, and hypothesis hunting for broken promises."""
+"""lazyd.core.lifecycle: exact-time table tests, and hypothesis hunting for broken promises."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from hypothesis.stateful import (
 
 from lazyd.config import Ready as ReadyConfig
 from lazyd.config import ReadyKind, Restart, ServiceConfig
-from lazyd.lifecycle import (
+from lazyd.core.lifecycle import (
     Action,
     Activation,
     DropHeld,
@@ -43,7 +43,7 @@ from lazyd.lifecycle import (
     Unwatch,
     Watch,
 )
-from lazyd.logs import Level, lifecycle_level
+from lazyd.observe.logs import Level, lifecycle_level
 
 STARTED = ReadyConfig(ReadyKind.STARTED)
 NOTIFY = ReadyConfig(ReadyKind.NOTIFY)

@@ -1,4 +1,4 @@
-"""lazyd.logs: text and JSON lines, journald priorities, and the levels of real events."""
+"""lazyd.observe.logs: text and JSON lines, journald priorities, and the levels of real events."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import trio
 
 from lazyd.config import Ready as ReadyConfig
 from lazyd.config import ReadyKind, Restart, ServiceConfig
-from lazyd.lifecycle import (
+from lazyd.core.lifecycle import (
     Action,
     Activation,
     Exited,
@@ -32,7 +32,8 @@ from lazyd.lifecycle import (
     Stop,
     Tick,
 )
-from lazyd.logs import (
+from lazyd.core.starts import StartRecord
+from lazyd.observe.logs import (
     Level,
     Logger,
     ThrottledLog,
@@ -43,8 +44,7 @@ from lazyd.logs import (
     log_at,
     split_service,
 )
-from lazyd.service import describe_waiting
-from lazyd.starts import StartRecord
+from lazyd.runtime.service import describe_waiting
 from tests.conftest import PY, free_port, program
 
 T0 = datetime.datetime(2024, 5, 1, 12, 0, 0, 250000, tzinfo=datetime.UTC).timestamp()

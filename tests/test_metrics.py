@@ -1,4 +1,4 @@
-"""lazyd.metrics: the Prometheus endpoint, its HTTP, and figures that agree with status."""
+"""lazyd.observe.metrics: the Prometheus endpoint, its HTTP, and figures that agree with status."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from lazyd import config as config_mod
-from lazyd.addresses import parse_address
-from lazyd.daemon import serve
-from lazyd.lifecycle import Activation, Outcome
-from lazyd.metrics import START_BUCKETS, Metrics, bind_metrics, serve_metrics
-from lazyd.service import Options
-from lazyd.starts import StartRecord
+from lazyd.core.lifecycle import Activation, Outcome
+from lazyd.core.starts import StartRecord
+from lazyd.net.addresses import parse_address
+from lazyd.observe.metrics import START_BUCKETS, Metrics, bind_metrics, serve_metrics
+from lazyd.runtime.daemon import serve
+from lazyd.runtime.service import Options
 from tests.conftest import PROGRAMS, PY, free_port, program, run_lazyd
 
 

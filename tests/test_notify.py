@@ -1,4 +1,4 @@
-"""lazyd.notify: parsing, the notify socket with real senders, and who a sender belongs to."""
+"""lazyd.readiness.notify: parsing, the notify socket with real senders, whose a sender is."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 import trio
 import trio.testing
 
-from lazyd.notify import (
+from lazyd.readiness.notify import (
     NOTIFY_MAX_BYTES,
     NOTIFY_MAX_FDS,
     NotifyError,
@@ -48,6 +48,14 @@ def send(notify: NotifySocket, data: bytes, fds: Sequence[int] = ()) -> None:
 def fd_count() -> int:
     """How many fds this process has open (listdir's own is in every count)."""
     return len(os.listdir("/proc/self/fd"))
+
+
+async def eof(read_end: int) -> None:
+    """Wait for EOF on a pipe: the closer threads have closed every write end."""
+    os.set_blocking(read_end, False)
+    with trio.fail_after(5):
+        await trio.lowlevel.wait_readable(read_end)
+    assert os.read(read_end, 1) == b""
 
 
 async def receive(notify: NotifySocket) -> NotifyMessage:
@@ -233,7 +241,7 @@ async def test_receive_carries_kernel_credentials() -> None:
 
 
 async def test_barrier_fd_is_closed_without_leak() -> None:
-    """BARRIER=1: the passed fd is closed at once (the sender sees EOF) and none leaks."""
+    """BARRIER=1: the passed fd is closed at once, off the loop (the sender sees EOF)."""
     with open_notify_socket("svc") as notify:
         read_end, write_end = os.pipe()
         try:
@@ -242,8 +250,7 @@ async def test_barrier_fd_is_closed_without_leak() -> None:
             os.close(write_end)
             message = await receive(notify)
             assert message.fields == {"BARRIER": "1"}
-            os.set_blocking(read_end, False)
-            assert os.read(read_end, 1) == b""  # EOF: no write end is open anywhere
+            await eof(read_end)  # no write end is open anywhere
             assert fd_count() == before - 1  # only the write end we closed is gone
         finally:
             os.close(read_end)
@@ -261,8 +268,7 @@ async def test_fds_closed_on_malformed_and_overfull_messages() -> None:
             assert "NUL" in str(await receive_error(notify))
             error = await receive_error(notify)
             assert error.pid == os.getpid() and "file descriptors" in str(error)
-            os.set_blocking(read_end, False)
-            assert os.read(read_end, 1) == b""
+            await eof(read_end)
             assert fd_count() == before - 1  # only the write end we closed is gone
         finally:
             os.close(read_end)

@@ -124,7 +124,7 @@ def test_an_unknown_top_level_user_is_a_config_error() -> None:
 def test_not_started_as_root_a_user_is_ignored_with_a_warning() -> None:
     """Not root, lazyd keeps its own user and says that the configured one is ignored."""
     script = (
-        "import os; from lazyd import privileges\n"
+        "import os; from lazyd.runtime import privileges\n"
         "os.setgroups([]); os.setgid(1); os.setuid(1)\n"
         "print(privileges.daemon_user('nobody', print))\n"
         "print(privileges.daemon_user('daemon', print))\n"
@@ -324,8 +324,9 @@ def test_a_failed_drop_is_one_error_line_and_status_1(
 ) -> None:
     """If becoming the unprivileged user fails, `lazyd run` says so in one line and exits 1
     (no traceback)."""
-    from lazyd import cli, privileges
+    from lazyd import cli
     from lazyd.errors import LazydError
+    from lazyd.runtime import privileges
 
     def refuse(user: privileges.User) -> None:
         raise LazydError(f"cannot become user {user.name}: Operation not permitted")

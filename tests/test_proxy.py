@@ -16,10 +16,10 @@ import pytest
 import trio
 import trio.testing
 
-from lazyd import proxy as proxy_module
-from lazyd.addresses import Address, Kind
-from lazyd.proxy import StreamProxy, wait_connectable
-from lazyd.sockets import accept_queue_length
+from lazyd.front import stream as proxy_module
+from lazyd.front.stream import StreamProxy, wait_connectable
+from lazyd.net.addresses import Address, Kind
+from lazyd.net.binding import accept_queue_length
 from tests.conftest import Recorder, free_port
 
 TIMEOUT = 10.0
@@ -43,7 +43,7 @@ def tcp_listener(made: list[socket.socket], cls: type[socket.socket] = socket.so
     sock = cls(socket.AF_INET, socket.SOCK_STREAM)
     made.append(sock)
     sock.bind(("127.0.0.1", 0))
-    sock.listen(512)  # left blocking, as lazyd.sockets binds it
+    sock.listen(512)  # left blocking, as lazyd.net.binding binds it
     return sock
 
 
@@ -51,7 +51,7 @@ def unix_listener(made: list[socket.socket], path: Path) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     made.append(sock)
     sock.bind(str(path))
-    sock.listen(512)  # left blocking, as lazyd.sockets binds it
+    sock.listen(512)  # left blocking, as lazyd.net.binding binds it
     return sock
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from lazyd.addresses import Address, Kind
-from lazyd.proxy import StreamProxy
-from lazyd.proxy_protocol import encode, encode_v1, encode_v2
+from lazyd.front.stream import StreamProxy
+from lazyd.net.addresses import Address, Kind
+from lazyd.net.proxy_protocol import encode, encode_v1, encode_v2
 
 TIMEOUT = 5.0
 

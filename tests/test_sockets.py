@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from lazyd.addresses import Address, Kind, parse_address
 from lazyd.config import Config, ServiceConfig, SocketConfig
 from lazyd.errors import BindError
-from lazyd.sockets import (
+from lazyd.net.addresses import Address, Kind, parse_address
+from lazyd.net.binding import (
     accept_queue_length,
     bind_all,
     bind_socket,

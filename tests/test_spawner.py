@@ -19,13 +19,9 @@ import trio
 import trio.testing
 
 from lazyd import config as config_mod
-from lazyd import spawnerd
-from lazyd.errors import LaunchError
-from lazyd.handoff import socket_identity
-from lazyd.launch import relay_output, table
-from lazyd.notify import open_notify_socket
-from lazyd.sockets import bind_socket
-from lazyd.spawner import (
+from lazyd.backends.process.handoff import socket_identity
+from lazyd.backends.process.launch import relay_output, table
+from lazyd.backends.process.spawner import (
     ServiceProcess,
     Spawner,
     SpawnError,
@@ -33,6 +29,10 @@ from lazyd.spawner import (
     open_spawner,
     spawner_command,
 )
+from lazyd.errors import LaunchError
+from lazyd.net.binding import bind_socket
+from lazyd.privileged import spawnerd
+from lazyd.readiness.notify import open_notify_socket
 from tests.conftest import free_port, yaml_quote
 
 TIMEOUT = 5.0  # seconds; bounds every wait in these tests

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import trio
 
-from lazyd.notify import open_notify_socket
+from lazyd.readiness.notify import open_notify_socket
 from tests.conftest import free_port, needs, program, run_lazyd
 
 CONF = Path(__file__).parent.parent / "conf"

@@ -14,7 +14,7 @@ import trio
 import yaml
 
 from lazyd import config as config_mod
-from lazyd.addresses import parse_address
+from lazyd.net.addresses import parse_address
 from lazyd.unit_import import (
     UnitError,
     UnitFiles,

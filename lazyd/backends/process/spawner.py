@@ -1,0 +1,481 @@
+"""The daemon's side of the spawner: start it, ask it to spawn and to signal.
+
+`lazyd.privileged.spawnerd` is the process that forks and execs services (its docstring
+has the protocol and explains why it exists). `open_spawner` starts it and
+makes it the current one for everything started inside (`current_spawner`).
+`Spawner.define` tells it which services it may start and how (sealed before
+lazyd drops its privileges), `Spawner.reload` and `commit` make it re-read
+that from the config file; `Spawner.spawn` names a service and returns a
+`ServiceProcess`, which lazyd waits for, reads and signals much like a
+`trio.Process`.
+
+One reader task routes the spawner's messages: spawn replies to the caller
+waiting for them, exit notices to their `ServiceProcess`. Sending never
+waits: a request goes straight into the socket (non-blocking; the messages
+are small and the spawner answers at once). Should the socket buffer ever be
+full, requests wait in order in a bounded outbox that a writer task flushes;
+a spawner that stops reading for MAX_OUTBOX messages is treated as lost.
+That keeps `send_signal` and `signal_group` synchronous, which is what the
+lifecycle layer needs: it signals while handling an event.
+
+Losing the spawner (it exited, or stopped reading) is fatal: lazyd can then
+neither start nor stop anything, so the reader raises LaunchError, which ends
+`open_spawner`'s body; waiting spawns and `ServiceProcess.wait` raise it too,
+and `open_spawner` raises it once. The services' main processes die with the
+spawner (see `lazyd.privileged.spawnerd`).
+"""
+
+from __future__ import annotations
+
+import array
+import contextvars
+import json
+import os
+import signal
+import socket
+import sys
+from collections import deque
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from lazyd.errors import LaunchError
+from lazyd.privileged import spawnerd
+
+MAX_SPAWNS_WAITING = 32  # spawn requests awaiting their reply; more wait their turn
+MAX_OUTBOX = 1024  # requests waiting for room in the socket buffer
+EXIT_TIMEOUT = 5.0  # seconds the spawner gets to kill what is left and exit
+
+# Replies carry at most one fd; room for a few more, so extra ones are seen (and closed).
+_ANCILLARY = socket.CMSG_SPACE(4 * array.array("i").itemsize)
+
+# The spawner's interpreter: no site (so no .pth files, no editable-install
+# finders: the package's own directory is put on sys.path instead), no
+# environment variables, nothing from the current directory.
+_BOOT = (
+    "import sys; sys.path.append(sys.argv[1]); from lazyd.privileged.spawnerd import main; "
+    "main(int(sys.argv[2]))"
+)
+
+_current: contextvars.ContextVar[Spawner] = contextvars.ContextVar("lazyd_spawner")
+
+
+class SpawnError(Exception):
+    """The spawner could not start a process.
+
+    `stage` names the step that failed ("exec", "chdir", "setuid", "fork",
+    "resolve", "request", "reload", ...); `errno` is its errno, 0 when there is
+    none. The message is the reason alone, e.g. "No such file or directory".
+    """
+
+    def __init__(self, reason: str, stage: str, errno: int) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.stage = stage
+        self.errno = errno
+        self.problems: list[str] = []  # a reload's: the config's problems
+
+
+class ServiceProcess:
+    """A process started by the spawner; it leads its own session and process group.
+
+    `stdout` carries its stdout and stderr; the owner closes it. `wait()`
+    returns the exit status (negative: killed by that signal). The signal
+    methods queue a request to the spawner and return at once; once the
+    process is known to have exited they do nothing (its group was already
+    sent SIGKILL by the spawner when it reaped it).
+    """
+
+    def __init__(self, spawner: Spawner, pid: int, stdout_fd: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self.stdout = trio.lowlevel.FdStream(stdout_fd)
+        self._spawner = spawner
+        self._exited = trio.Event()
+
+    async def wait(self) -> int:
+        """Wait until the process has exited; its exit status."""
+        await self._exited.wait()
+        if self.returncode is None:
+            raise LaunchError(f"pid {self.pid}: lost with lazyd's spawner")
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        """Send `sig` to the process itself."""
+        if not self._exited.is_set():
+            self._spawner._signal(self.pid, sig, group=False)
+
+    def signal_group(self, sig: int) -> None:
+        """Send `sig` to the process's whole group: the service and what it started."""
+        if not self._exited.is_set():
+            self._spawner._signal(self.pid, sig, group=True)
+
+    def _exit(self, returncode: int | None) -> None:
+        self.returncode = returncode
+        self._exited.set()
+
+
+class _Reply:
+    """What a spawn request is waiting for."""
+
+    __slots__ = ("abandoned", "done", "error", "message", "process")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.process: ServiceProcess | None = None
+        self.error: SpawnError | None = None
+        self.message: dict[str, Any] = {}
+        self.abandoned = False  # the caller was cancelled: kill what comes
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.message.get(key, default)
+
+
+class Spawner:
+    """A running spawner process, from the daemon's side. Made by `open_spawner`."""
+
+    def __init__(self, sock: socket.socket, pid: int) -> None:
+        self.pid = pid  # the spawner process's
+        self._sock = sock
+        self._next_id = 0
+        self._waiting: dict[int, _Reply] = {}
+        self._processes: dict[int, ServiceProcess] = {}
+        self._outbox: deque[tuple[bytes, list[int]]] = deque()
+        self._outbox_ready = trio.Event()
+        self._slots = trio.Semaphore(MAX_SPAWNS_WAITING)
+        self._lost: str | None = None  # why it can no longer be used
+        self.sealed = False  # its table of services takes no more definitions
+
+    async def define(
+        self,
+        services: Mapping[str, Mapping[str, Any]],
+        *,
+        config: str | None = None,
+        path: str | None = None,
+        nofile_soft: int | None = None,
+        seal: bool = False,
+    ) -> None:
+        """Tell the spawner which services it may start, and how (see `launch.entry`).
+
+        Entries are added to what it knows. `seal`: accept no definitions
+        after these; from then on only `reload` changes the table, by reading
+        `config` itself (with `path` as PATH and `nofile_soft` for each
+        service). A big table goes in several messages, sealed with the last.
+        Raises SpawnError when the spawner refuses it.
+        """
+        names = list(services)
+        first = 0
+        while True:
+            # As many entries as fit in one message.
+            last = len(names)
+            while True:
+                chunk = {name: services[name] for name in names[first:last]}
+                header = {"op": "define", "services": chunk, "config": config, "path": path,
+                          "nofile_soft": nofile_soft, "seal": seal and last == len(names)}
+                size = len(json.dumps(header, separators=(",", ":")))
+                if size + 64 <= spawnerd.MAX_MESSAGE or last - first <= 1:
+                    break
+                last = first + max(1, (last - first) // 2)
+            await self._request(header)
+            if last >= len(names):
+                self.sealed = self.sealed or seal
+                return
+            first = last
+
+    async def reload(self) -> list[str]:
+        """Make the spawner read its table anew from the config file; the services in it.
+
+        The table read takes effect with `commit`. Raises SpawnError (stage
+        "reload", with the config's `problems`) when the file has errors or
+        the reader failed.
+        """
+        reply = await self._request({"op": "reload"})
+        return [str(name) for name in reply.get("services", [])]
+
+    async def commit(self) -> None:
+        """Replace the spawner's table with the one its last `reload` read."""
+        await self._request({"op": "commit"})
+
+    async def spawn(
+        self,
+        service: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        fds: Sequence[int] = (),
+        notify_fd: int | None = None,
+    ) -> ServiceProcess:
+        """Start `service` as its table entry says; return once it has exec'd.
+
+        `env` adds LISTEN_FDS and LISTEN_FDNAMES (which must describe `fds`,
+        as the table does) and NOTIFY_SOCKET, nothing else; LISTEN_PID is set
+        by the child. `fds` land at 3, 4, ... in order. With NOTIFY_SOCKET,
+        `notify_fd` is the notify socket itself, shown to the spawner (not to
+        the service) as proof that the address is lazyd's own. Raises
+        SpawnError when the process could not be started.
+        """
+        header: dict[str, Any] = {"op": "spawn", "service": service, "env": dict(env or {})}
+        sent = [*fds] if notify_fd is None else [*fds, notify_fd]
+        if len(sent) > spawnerd.MAX_FDS:
+            raise SpawnError(f"more than {spawnerd.MAX_FDS} sockets", "request", 0)
+        reply = await self._request(header, sent)
+        assert reply.process is not None
+        return reply.process
+
+    async def _request(self, header: dict[str, Any], fds: Sequence[int] = ()) -> _Reply:
+        """Send one request and wait for its reply; raise SpawnError for an error reply."""
+        try:
+            # Not `async with`: acquire() yields to the scheduler even when a
+            # slot is free, and a start should not wait for other tasks to run.
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            await self._slots.acquire()
+        try:
+            header["id"] = request_id = self._new_id()
+            reply = _Reply()
+            self._waiting[request_id] = reply
+            sent = False
+            try:
+                self._send(header, fds)
+                sent = True
+                await reply.done.wait()
+            except BaseException:
+                if not sent:
+                    self._waiting.pop(request_id, None)
+                elif reply.process is not None:
+                    # Started, but nobody is left to own it.
+                    reply.process.signal_group(signal.SIGKILL)
+                    reply.process.stdout.close()
+                else:
+                    reply.abandoned = True
+                raise
+        finally:
+            self._slots.release()
+        if reply.error is not None:
+            raise reply.error
+        return reply
+
+    # -- sending -------------------------------------------------------------
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    def _signal(self, pid: int, sig: int, *, group: bool) -> None:
+        if self._lost is not None:
+            return  # nothing can be signalled any more; wait() says why
+        header = {"op": "signal", "id": self._new_id(), "pid": pid, "signal": int(sig)}
+        header["group"] = group
+        self._send(header)
+
+    def _send(self, header: dict[str, Any], fds: Sequence[int] = ()) -> None:
+        if self._lost is not None:
+            raise SpawnError(self._lost, "spawner", 0)
+        data = json.dumps(header, separators=(",", ":")).encode()
+        if len(data) > spawnerd.MAX_MESSAGE:
+            raise SpawnError(
+                f"command line and environment exceed {spawnerd.MAX_MESSAGE} bytes", "request", 0
+            )
+        if not self._outbox:  # else it would overtake what waits there
+            try:
+                self._sendmsg(data, fds)
+                return
+            except BlockingIOError:
+                pass
+        if len(self._outbox) >= MAX_OUTBOX:
+            self._lose("lazyd's spawner stopped reading requests")
+            raise LaunchError("lazyd's spawner stopped reading requests")
+        # Copies: the caller may close its fds before the message leaves.
+        self._outbox.append((data, [os.dup(fd) for fd in fds]))
+        self._outbox_ready.set()
+
+    def _sendmsg(self, data: bytes, fds: Sequence[int]) -> None:
+        ancdata = []
+        if fds:
+            ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+        try:
+            self._sock.sendmsg([data], ancdata, socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            raise
+        except OSError as exc:
+            self._lose(f"lazyd's spawner is gone ({os.strerror(exc.errno or 0)})")
+            raise LaunchError(f"lazyd's spawner is gone ({os.strerror(exc.errno or 0)})") from None
+
+    async def _run_writer(self) -> None:
+        """Flush the outbox, in order, whenever the socket has room."""
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready = trio.Event()
+            while self._outbox:
+                data, fds = self._outbox[0]
+                await trio.lowlevel.wait_writable(self._sock)
+                try:
+                    self._sendmsg(data, fds)
+                except BlockingIOError:
+                    continue
+                self._outbox.popleft()
+                for fd in fds:
+                    os.close(fd)
+
+    # -- receiving -----------------------------------------------------------
+
+    async def _run_reader(self) -> None:
+        """Route every message from the spawner until it goes away (fatal)."""
+        while True:
+            await trio.lowlevel.wait_readable(self._sock)
+            try:
+                data, ancdata, _flags, _ = self._sock.recvmsg(
+                    spawnerd.MAX_MESSAGE, _ANCILLARY, socket.MSG_CMSG_CLOEXEC
+                )
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                data, ancdata = b"", []
+                self._lose(f"lazyd's spawner is gone ({os.strerror(exc.errno or 0)})")
+            fds = spawnerd.received_fds(ancdata)
+            if not data:
+                for fd in fds:
+                    os.close(fd)
+                self._lose("lazyd's spawner exited")
+                raise LaunchError(self._lost or "lazyd's spawner exited")
+            self._route(json.loads(data), fds)
+
+    def _route(self, message: dict[str, Any], fds: list[int]) -> None:
+        if "exited" in message:
+            process = self._processes.pop(message["exited"], None)
+            if process is not None:
+                process._exit(message["returncode"])
+            for fd in fds:
+                os.close(fd)
+            return
+        reply = self._waiting.pop(message.get("id", -1), None)
+        if reply is None:
+            # A signal's reply. Its only possible error is a process that has
+            # just exited: its exit notice is on the way.
+            for fd in fds:
+                os.close(fd)
+            return
+        pid = message.get("pid")
+        reply.message = message
+        if message.get("ok") is True:
+            for fd in fds:
+                os.close(fd)
+        elif isinstance(pid, int) and len(fds) == 1:
+            if reply.abandoned:
+                os.close(fds[0])
+                self._signal(pid, signal.SIGKILL, group=True)
+            else:
+                reply.process = self._processes[pid] = ServiceProcess(self, pid, fds[0])
+        else:
+            for fd in fds:
+                os.close(fd)
+            stage = str(message.get("stage", ""))
+            reason = str(message.get("error", "no reply"))
+            errno = message.get("errno") or 0
+            reply.error = SpawnError(reason.removeprefix(f"{stage}: "), stage, errno)
+            problems = message.get("problems")
+            if isinstance(problems, list):
+                reply.error.problems = [str(p) for p in problems]
+        reply.done.set()
+
+    # -- the end ---------------------------------------------------------------
+
+    def _lose(self, why: str) -> None:
+        """From now on every request fails with `why`; wake everyone waiting."""
+        if self._lost is not None:
+            return
+        self._lost = why
+        for reply in self._waiting.values():
+            reply.error = SpawnError(why, "spawner", 0)
+            reply.done.set()
+        self._waiting.clear()
+        for process in self._processes.values():
+            process._exit(None)
+        self._processes.clear()
+        for _, fds in self._outbox:
+            for fd in fds:
+                os.close(fd)
+        self._outbox.clear()
+
+    def _close(self) -> None:
+        self._lose("lazyd's spawner is closed")
+        trio.lowlevel.notify_closing(self._sock)
+        self._sock.close()
+
+
+def spawner_command(exec_wait_ms: int = spawnerd.EXEC_WAIT_MS) -> list[str]:
+    """The command that runs the spawner, with this interpreter and this copy of lazyd.
+
+    `exec_wait_ms`: how long it waits for one exec before it serves other
+    requests meanwhile (see `lazyd.privileged.spawnerd.EXEC_WAIT_MS`).
+    """
+    # The directory that holds the lazyd package (lazyd/privileged/spawnerd.py).
+    top = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(spawnerd.__file__))))
+    return [sys.executable, "-I", "-S", "-c", _BOOT, top, str(exec_wait_ms)]
+
+
+@asynccontextmanager
+async def open_spawner() -> AsyncIterator[Spawner]:
+    """Start a spawner; it is `current_spawner()` inside the block.
+
+    On leaving the block lazyd's end of the socket is closed, upon which the
+    spawner sends SIGKILL to the process group of every process it still
+    has and exits; this waits for that (EXIT_TIMEOUT at most, then kills it).
+    Stop the services first: this is the backstop, not the way to stop them.
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        # Its fd 0 is the socket. Its stdout and stderr are lazyd's, for a
+        # traceback should it ever fail; it writes nothing otherwise.
+        # A session of its own: signals meant for lazyd's process group (a
+        # terminal's Ctrl-C, a killpg) must not take the spawner with them, or
+        # lazyd could no longer stop its services.  If lazyd dies, the spawner
+        # sees its end of the socket close and kills the services itself.
+        process = await trio.lowlevel.open_process(
+            spawner_command(),
+            stdin=theirs.fileno(),
+            env={},
+            close_fds=True,
+            start_new_session=True,
+        )
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    ours.setblocking(False)
+    spawner = Spawner(ours, process.pid)
+    token = _current.set(spawner)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(spawner._run_reader)
+            nursery.start_soon(spawner._run_writer)
+            try:
+                yield spawner
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # Losing the spawner makes every waiting task fail with LaunchError:
+        # say it once, as the one error it is, rather than as a tree of them.
+        _, rest = group.split(LaunchError)
+        if spawner._lost is None or rest is not None:
+            raise
+        raise LaunchError(spawner._lost) from None
+    finally:
+        _current.reset(token)
+        spawner._close()
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(EXIT_TIMEOUT):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+
+def current_spawner() -> Spawner:
+    """The spawner of the innermost `open_spawner` block this task runs in."""
+    try:
+        return _current.get()
+    except LookupError:
+        raise RuntimeError("no spawner is running (see open_spawner)") from None
