@@ -194,7 +194,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     if args.watch:
-        from lazyd.watch import watch
+        from lazyd.observe.watch import watch
 
         return watch(_find_control(args), args.interval)
     reply = control.request(_find_control(args), "status")
@@ -290,7 +290,7 @@ def format_status(services: dict[str, Any]) -> str:
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    from lazyd.unit_import import UnitFiles, convert
+    from lazyd.config.units import UnitFiles, convert
 
     files = UnitFiles(dirs=args.unit_dir) if args.unit_dir else UnitFiles()
     result = convert(args.units, files)

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from lazyd import cli, manpage
-from lazyd.unit_import import parse_unit_text, split_words
+from lazyd.config.units import parse_unit_text, split_words
 from tests.conftest import PROGRAMS, PY, needs, run_lazyd
 
 ROOT = Path(__file__).parent.parent

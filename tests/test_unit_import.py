@@ -14,8 +14,7 @@ import trio
 import yaml
 
 from lazyd import config as config_mod
-from lazyd.net.addresses import parse_address
-from lazyd.unit_import import (
+from lazyd.config.units import (
     UnitError,
     UnitFiles,
     convert,
@@ -23,6 +22,7 @@ from lazyd.unit_import import (
     parse_timespan,
     split_words,
 )
+from lazyd.net.addresses import parse_address
 from tests.conftest import PROGRAMS, PY, free_port, run_lazyd
 
 SEED = Path("/work/shared/seed/units")
