@@ -76,9 +76,10 @@ class Start:
 
 @dataclass(frozen=True)
 class Spawned:
-    """The process was executed (after a Spawn action)."""
+    """The service was started (after a Spawn action): a process executed, or a
+    container started.  `handle` names that one start: a pid, a container id."""
 
-    pid: int
+    handle: int | str
 
 
 @dataclass(frozen=True)
@@ -210,7 +211,7 @@ class Lifecycle:
         self.policy = policy  # may be replaced (a reload): it applies from the next event
         self.strict = strict  # raise UnexpectedEvent (else log it as a bug and go on)
         self.state = State.IDLE
-        self.pid: int | None = None
+        self.instance: int | str | None = None  # the started service's handle (Spawned)
         # True from the Spawn action until the process is reaped (or failed
         # to execute): the one flag that guards against a second process.
         self.process = False
@@ -247,22 +248,22 @@ class Lifecycle:
         match event:
             case Start(reason):
                 self._on_start(reason, now, actions)
-            case Spawned(pid):
-                if not self.process or self.pid is not None:
+            case Spawned(handle):
+                if not self.process or self.instance is not None:
                     return self._misfit(event)
-                self._on_spawned(pid, now, actions)
+                self._on_spawned(handle, now, actions)
             case SpawnFailed(reason):
-                if not self.process or self.pid is not None:
+                if not self.process or self.instance is not None:
                     return self._misfit(event)
                 self._on_spawn_failed(reason, now, actions)
             case Ready():
-                if self.pid is None:
+                if self.instance is None:
                     return self._misfit(event)
                 if self.state is State.STARTING:
                     self._become_ready(now, actions)
                 # else: running or stopping, and it says so again; nothing to do.
             case Exited(returncode):
-                if not self.process or self.pid is None:
+                if not self.process or self.instance is None:
                     return self._misfit(event)
                 self._on_exited(returncode, now, actions)
             case Stop(reason):
@@ -276,7 +277,7 @@ class Lifecycle:
     def _misfit(self, event: Event) -> list[Action]:
         """A report that does not fit: raise, or (not strict) say so and change nothing."""
         process = "no process" if not self.process else (
-            "a process being executed" if self.pid is None else f"process {self.pid}")
+            "a process being executed" if self.instance is None else f"service {self.instance}")
         text = f"{type(event).__name__} does not fit state {self.state.value} with {process}"
         if self.strict:
             raise UnexpectedEvent(text)
@@ -315,7 +316,7 @@ class Lifecycle:
         self._was_ready = False
         self.state = State.STARTING
         self.process = True
-        self.pid = None
+        self.instance = None
         self._spawned = None
         self._ready_at = None
         self._start_failed = False
@@ -324,8 +325,8 @@ class Lifecycle:
         self.activations += 1
         actions.append(Spawn())
 
-    def _on_spawned(self, pid: int, now: float, actions: list[Action]) -> None:
-        self.pid = pid
+    def _on_spawned(self, handle: int | str, now: float, actions: list[Action]) -> None:
+        self.instance = handle
         self._spawned = now
         if self.state is State.STOPPING:
             # A stop was asked for while the process was being executed.
@@ -368,7 +369,7 @@ class Lifecycle:
 
     def _on_exited(self, returncode: int, now: float, actions: list[Action]) -> None:
         self.process = False
-        self.pid = None
+        self.instance = None
         self._kill_at = None
         how = describe_exit(returncode)
         if self.state is State.STOPPING:
@@ -437,7 +438,7 @@ class Lifecycle:
         self._stop_reason = reason
         self._timeout_at = None
         self._ready_at = None
-        if self.pid is not None:
+        if self.instance is not None:
             actions.append(Kill(self.policy.stop_signal))
             self._kill_at = now + self.policy.stop_timeout
         # else: still being executed; Spawned will send the signal.

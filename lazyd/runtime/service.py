@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 
 import trio
 
+from lazyd.backends.base import Backend, Started
 from lazyd.backends.process import launch
-from lazyd.backends.process.spawner import ServiceProcess
+from lazyd.backends.process.backend import ProcessBackend
 from lazyd.config import Mode, ReadyKind, ServiceConfig, SocketConfig
 from lazyd.core.lifecycle import (
     Action,
@@ -50,6 +51,7 @@ from lazyd.core.starts import StartHistory, StartRecord, describe_waiting
 from lazyd.errors import LaunchError
 from lazyd.front.datagram import DatagramProxy
 from lazyd.front.stream import StreamProxy, wait_connectable
+from lazyd.front.watch import PassWatch
 from lazyd.net.access import Access
 from lazyd.net.binding import accept_queue_length
 from lazyd.observe.logs import ThrottledLog, log_at
@@ -115,7 +117,9 @@ class ServiceRunner:
         self.options = options
         self.on_spawn = on_spawn
         self.machine = Lifecycle(config.policy, trio.current_time(), strict=options.strict)
-        self.process: ServiceProcess | None = None
+        # Where the service comes from, and the start now running, if any.
+        self.backend: Backend = ProcessBackend(config, options.nofile_soft)
+        self.started: Started | None = None
         self.status_text: str | None = None
         self.main_pid: int | None = None  # MAINPID= may move it from the child we spawned
         self.history = StartHistory()
@@ -124,15 +128,13 @@ class ServiceRunner:
         self._nursery: trio.Nursery | None = None
         self._timer_scope = trio.CancelScope()
         self._timer_running = False
-        self._armed = trio.Event()
-        self._watch_scope: trio.CancelScope | None = None
+        # Pass mode: what waits for traffic while the service is idle.
+        self.watch = PassWatch(self.name, self._named(sockets))
         self._notify: NotifySocket | None = None
         self._dispatching = False
         # Set once the lifecycle has begun: traffic that a proxy accepts
         # before then waits, and starts the service right after.
         self._begun = False
-        # Set once the daemon shuts down: no traffic starts the service again.
-        self.closing = False
         # Proxy mode: lazyd accepts and forwards itself (one proxy per socket).
         self.proxies: list[StreamProxy | DatagramProxy] = []
         # allow/deny and max_connections_per_source: what the proxies refuse.
@@ -142,6 +144,19 @@ class ServiceRunner:
         self._running_since = 0.0
 
     # -- public --------------------------------------------------------------
+
+    @property
+    def closing(self) -> bool:
+        """Set once the service is removed or the daemon shuts down: no traffic
+        starts it again."""
+        return self.watch.closing
+
+    @closing.setter
+    def closing(self, value: bool) -> None:
+        self.watch.closing = value
+
+    def _named(self, sockets: Sequence[socket.socket]) -> list[tuple[str, socket.socket]]:
+        return [(sc.name, sock) for sc, sock in zip(self.config.sockets, sockets, strict=True)]
 
     @property
     def state(self) -> State:
@@ -215,7 +230,7 @@ class ServiceRunner:
                 if not self.proxied:
                     # This task watches the sockets itself: a task fewer per
                     # idle service.
-                    await self._run_watcher()
+                    await self.watch.run(lambda name: self.start(f"traffic on {name}"))
         finally:
             if self._notify is not None:
                 self._notify.close()
@@ -260,12 +275,11 @@ class ServiceRunner:
         watched from now on (the caller closes the ones no longer used)."""
         self.config = config
         self.machine.policy = config.policy
+        self.backend = ProcessBackend(config, self.options.nofile_soft)  # from the next start
         self._open_notify()  # in case it has just become `ready: notify`
         if list(sockets) != self.sockets:
             self.sockets = list(sockets)
-            # Restart the wait on the new set; the watcher re-arms itself.
-            if self._watch_scope is not None:
-                self._watch_scope.cancel()
+            self.watch.retarget(self._named(sockets))
 
     def start(self, reason: str) -> None:
         # Only an idle service can be started; in proxy mode this is called for
@@ -295,7 +309,7 @@ class ServiceRunner:
             and self.machine.state is State.STARTING
             and self._nursery is not None
         ):
-            self._nursery.start_soon(self._probe_upstreams, event.pid)
+            self._nursery.start_soon(self._probe_upstreams, event.handle)
 
     # -- actions -------------------------------------------------------------
 
@@ -304,7 +318,7 @@ class ServiceRunner:
             match action:
                 case Spawn():
                     assert self._nursery is not None
-                    self._nursery.start_soon(self._run_process)
+                    self._nursery.start_soon(self._run_service)
                     if self.on_spawn is not None:
                         self.on_spawn(self)
                 case Kill(sig, group):
@@ -313,11 +327,9 @@ class ServiceRunner:
                     if self.proxied:
                         self._restart_if_held()
                     else:
-                        self._armed.set()
+                        self.watch.arm()
                 case Unwatch():
-                    self._armed = trio.Event()
-                    if self._watch_scope is not None:
-                        self._watch_scope.cancel()
+                    self.watch.disarm()
                 case Log(text, level):
                     log_at(self.options.log, level, f"{self.name}: {text}")
                 case Activation():
@@ -361,12 +373,8 @@ class ServiceRunner:
         self.changed = trio.Event()
 
     def _kill(self, sig: signal.Signals, group: bool) -> None:
-        if self.process is None:
-            return
-        if group:
-            self.process.signal_group(sig)
-        else:
-            self.process.send_signal(sig)
+        if self.started is not None:
+            self.started.signal(sig, group=group)
 
     # -- proxy mode ----------------------------------------------------------
 
@@ -439,7 +447,7 @@ class ServiceRunner:
     async def _start_soon(self, reason: str) -> None:
         self.start(reason)
 
-    async def _probe_upstreams(self, pid: int) -> None:
+    async def _probe_upstreams(self, handle: int | str) -> None:
         """Readiness `connect`: ready once every stream upstream accepts.  A
         probe's connection carries the first client held on that socket."""
         with trio.CancelScope() as scope:
@@ -449,11 +457,11 @@ class ServiceRunner:
                     continue
                 connection = await wait_connectable(proxy.upstream, keep=proxy.held > 0)
                 if connection is not None:
-                    if self.machine.pid == pid and self.machine.state is State.STARTING:
+                    if self.machine.instance == handle and self.machine.state is State.STARTING:
                         proxy.adopt(connection)
                     else:
                         connection.close()
-            if self.machine.pid == pid and self.machine.state is State.STARTING:
+            if self.machine.instance == handle and self.machine.state is State.STARTING:
                 self.dispatch(Ready())
         if self._probe_scope is scope:
             self._probe_scope = None
@@ -488,79 +496,26 @@ class ServiceRunner:
         finally:
             self._timer_running = False
 
-    async def _run_watcher(self) -> None:
-        """While armed, wait until one of the sockets is readable.
-
-        One long-lived task does all the waiting, so no two tasks ever wait on
-        the same fd (trio forbids it) however quickly Watch and Unwatch follow
-        each other.  It never accepts or reads: the kernel keeps everything.
-        """
-        while True:
-            await self._armed.wait()
-            if self.closing:
-                # Removed or shutting down: traffic stays queued in the kernel,
-                # and the sockets may be closed any moment now.
-                self._armed = trio.Event()
-                continue
-            closed = [sc.name for sc, sock in zip(self.config.sockets, self.sockets, strict=True)
-                      if sock.fileno() == -1]
-            if closed:
-                # Whoever closes a socket must first take it from the runner
-                # (reconfigure) or end the runner: waiting on it would fail,
-                # and not waiting would spin.
-                raise RuntimeError(f"{self.name}: asked to watch closed sockets {closed}")
-            readable: list[str] = []
-            with trio.CancelScope() as scope:
-                self._watch_scope = scope
-                if len(self.sockets) == 1:
-                    # Most services have one socket: wait here, without a
-                    # nursery and a task (per idle service, they would be a
-                    # fair part of an idle daemon's memory).
-                    await _wait_readable(self.sockets[0], self.config.sockets[0].name, readable)
-                else:
-                    async with trio.open_nursery() as nursery:
-                        for sc, sock in zip(self.config.sockets, self.sockets, strict=True):
-                            nursery.start_soon(
-                                _wait_readable, sock, sc.name, readable, nursery.cancel_scope
-                            )
-            self._watch_scope = None
-            if self.closing:
-                self._armed = trio.Event()  # shutting down: traffic stays queued
-            elif readable and self._armed.is_set():
-                self.start(f"traffic on {readable[0]}")
-
-    async def _run_process(self) -> None:
-        # What the service is handed (its sockets in pass mode only, its notify
-        # socket for ready: notify only) is decided in one place, with the table.
-        spec = launch.service_spec(
-            self.config,
-            self.options.nofile_soft,
-            sockets=self.sockets,
-            notify_socket=self._notify,
-        )
+    async def _run_service(self) -> None:
+        """One start: through the backend, then wait for its end."""
         try:
-            process = await launch.open_service_process(spec)
+            started = await self.backend.start(self.sockets, self._notify)
         except LaunchError as exc:
             # The log line gets the service's name in front anyway.
             self.dispatch(SpawnFailed(str(exc).removeprefix(f"{self.name}: ")))
             return
-        self.process = process
-        self.main_pid = process.pid
+        self.started = started
+        self.main_pid = started.pid
         self.status_text = None
         try:
-            self.dispatch(Spawned(process.pid))
+            self.dispatch(Spawned(started.handle))
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._relay, process.stdout)
-                # Whatever the service left behind in its process group goes
-                # with it (the spawner kills the group as it reaps the process),
-                # so that a stopped service is really gone.
-                returncode = await process.wait()
+                if started.output is not None:
+                    nursery.start_soon(self._relay, started.output)
+                returncode = await started.wait()
         finally:
-            with trio.CancelScope(shield=True):
-                if process.returncode is None:
-                    process.signal_group(signal.SIGKILL)
-                    await process.wait()
-        self.process = None
+            await started.aclose()
+        self.started = None
         self.main_pid = None
         self.dispatch(Exited(returncode))
 
@@ -619,15 +574,3 @@ async def _first_of(events: Sequence[trio.Event]) -> None:
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(wait)
-
-
-async def _wait_readable(
-    sock: socket.socket, name: str, readable: list[str], done: trio.CancelScope | None = None
-) -> None:
-    try:
-        await trio.lowlevel.wait_readable(sock)
-    except trio.ClosedResourceError:
-        return  # a reload closed it; the watcher starts over with the new set
-    readable.append(name)
-    if done is not None:
-        done.cancel()
