@@ -3,7 +3,6 @@ requests, and stop cleanly on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import dataclasses
 import os
@@ -345,8 +344,13 @@ async def serve(
     metrics: lazyd.metrics.Metrics | None = None
     daemon: Daemon | None = None
     try:
+        # Who the daemon becomes once everything is bound (see lazyd.privileges):
+        # the control socket is created as that account's, never chown'ed later
+        # by path. A uid of its own gets none: nobody else runs as it.
+        user = privileges.daemon_user(config.user, options.log) if drop_privileges else None
+        owner = (user.uid, user.gid) if user is not None and not user.dynamic else (-1, -1)
         try:
-            control_sock = control.bind_control(control.control_path(config))
+            control_sock = control.bind_control(control.control_path(config), *owner)
         except LazydError as exc:
             raise type(exc)(f"control socket: {exc}") from None
         if config.metrics is not None:
@@ -359,10 +363,7 @@ async def serve(
             options = dataclasses.replace(
                 options, on_activation=_both(options.on_activation, metrics.observe)
             )
-        # Everything is bound: who the daemon becomes now (see lazyd.privileges).
-        user = privileges.daemon_user(config.user, options.log) if drop_privileges else None
         if user is not None:
-            control.give_control(control.control_path(config), user.uid, user.gid)
             privileges.preload(metrics=metrics is not None)
         # The spawner starts every service's process; it lives until the
         # services are stopped (see lazyd.spawnerd). It is told once which
@@ -406,8 +407,8 @@ async def serve(
             sockets = {name: r.sockets for name, r in daemon.runners.items()}
         release(config, sockets)
         if control_sock is not None:
-            control_sock.close()
-            _unlink_quietly(control.control_path(config))
+            # Removes the file only while it is still the one bound here.
+            release_socket(control_sock)
         if metrics_sock is not None:
             metrics_sock.close()
     options.log("lazyd: stopped")
@@ -510,11 +511,6 @@ def _task_count() -> int:
 
 def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
-
-
-def _unlink_quietly(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)
 
 
 __all__ = ["Daemon", "serve", "stderr_log"]
