@@ -29,6 +29,7 @@ from lazyd.addresses import Address, Kind
 from lazyd.config import Config, SocketConfig
 from lazyd.errors import ControlError
 from lazyd.logs import Level, log_at
+from lazyd.ownership import who_else_can_change
 from lazyd.sockets import bind_socket
 
 PROTOCOL_VERSION = 1
@@ -66,6 +67,10 @@ def bind_control(path: str, uid: int = -1, gid: int = -1) -> socket.socket:
     itself, never by path (see `lazyd.sockets`), so a symlink swapped in
     after bind() cannot turn the chown onto another file.
     """
+    if os.geteuid() == 0 and (problem := who_else_can_change(path, directories_only=True)):
+        # The config check says this for `control:`; the path may come from elsewhere.
+        raise ControlError(f"{problem}: lazyd, as root, creates its control socket only in a "
+                           "directory that only root can change")
     listen = Address(Kind.UNIX, path=path)
     sc = SocketConfig(name="control", listen=listen, backlog=64, mode=0o600)
     return bind_socket(sc, ids=(uid, gid))

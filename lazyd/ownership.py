@@ -116,19 +116,27 @@ def other_writers(st: os.stat_result, acl: list[AclEntry]) -> list[str]:
 def who_else_can_change(path: str, *, directories_only: bool = False) -> str | None:
     """Why someone other than root can change `path` or a directory above it; None if no one.
 
-    `path` should be absolute and resolved (see os.path.realpath): a symlink
-    on the way is judged as a link, not followed. `directories_only` leaves
-    `path` itself out (a socket file about to be created). Components that do
-    not exist yet are skipped: whoever could create them is judged at their
-    parent. The answer names the first component found that others can
-    change, and who can: ``/run/app can be changed by a user other than
-    root: its owner, user www-data``.
+    `directories_only` leaves `path` itself out (a socket file about to be
+    created). Components that do not exist yet are skipped: whoever could
+    create them is judged at their parent. A symlink on the way counts by its
+    owner (its mode means nothing; replacing it takes its directory), and
+    where it leads is judged too. The answer names the first component found
+    that others can change, and who can: ``/run/app can be changed by a user
+    other than root: its owner, user www-data (...)``.
     """
+    path = os.path.abspath(path)
+    problem = _chain(path, directories_only)
+    resolved = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+    if problem is None and resolved != path:
+        problem = _chain(resolved, directories_only)
+    return problem
+
+
+def _chain(path: str, directories_only: bool) -> str | None:
     current = path
     first = True
     while True:
-        judged = not (first and directories_only)
-        if judged:
+        if not (first and directories_only):
             problem = _problem(current, is_directory=not first)
             if problem is not None:
                 return problem
@@ -148,7 +156,10 @@ def _problem(path: str, *, is_directory: bool) -> str | None:
         return f"{path}: cannot tell who can change it: {exc.strerror}"
     except ValueError as exc:
         return f"cannot tell who can change {exc}"
-    writers = other_writers(st, acl)
+    if stat.S_ISLNK(st.st_mode):
+        writers = [] if st.st_uid == 0 else [f"its owner, {_user(st.st_uid)}"]
+    else:
+        writers = other_writers(st, acl)
     if is_directory and st.st_uid == 0 and st.st_mode & stat.S_ISVTX:
         return None  # others may add entries, but cannot rename or remove root's
     if not writers:
