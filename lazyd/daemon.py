@@ -344,15 +344,6 @@ async def serve(
     metrics: lazyd.metrics.Metrics | None = None
     daemon: Daemon | None = None
     try:
-        # Who the daemon becomes once everything is bound (see lazyd.privileges):
-        # the control socket is created as that account's, never chown'ed later
-        # by path. A uid of its own gets none: nobody else runs as it.
-        user = privileges.daemon_user(config.user, options.log) if drop_privileges else None
-        owner = (user.uid, user.gid) if user is not None and not user.dynamic else (-1, -1)
-        try:
-            control_sock = control.bind_control(control.control_path(config), *owner)
-        except LazydError as exc:
-            raise type(exc)(f"control socket: {exc}") from None
         if config.metrics is not None:
             # Imported only when asked for: prometheus-client is ~3 MB of an
             # idle daemon's memory.
@@ -363,6 +354,15 @@ async def serve(
             options = dataclasses.replace(
                 options, on_activation=_both(options.on_activation, metrics.observe)
             )
+        # Who the daemon becomes once everything is bound (see lazyd.privileges):
+        # the control socket is created as that account's, never chown'ed later
+        # by path. A uid of its own gets none: nobody else runs as it.
+        user = privileges.daemon_user(config.user, options.log) if drop_privileges else None
+        owner = (user.uid, user.gid) if user is not None and not user.dynamic else (-1, -1)
+        try:
+            control_sock = control.bind_control(control.control_path(config), *owner)
+        except LazydError as exc:
+            raise type(exc)(f"control socket: {exc}") from None
         if user is not None:
             privileges.preload(metrics=metrics is not None)
         # The spawner starts every service's process; it lives until the

@@ -459,3 +459,20 @@ async def test_a_directory_an_acl_lets_nobody_write_is_not_trusted(
         assert (f"{config}: not reloaded: {tmp_path} can be changed by a user other than root: "
                 "user nobody (ACL)") in result.stderr
         assert set(await lz.status()) == {"web"}
+
+
+def test_a_socket_directory_an_acl_opens_to_nobody_is_refused_by_check(
+    tmp_path: Path, setfacl: str
+) -> None:
+    """A root-owned 0755 socket directory whose ACL lets nobody write is refused as if
+    nobody owned it: `lazyd check` names the directory and the ACL entry."""
+    app = tmp_path / "app"
+    app.mkdir(mode=0o755)
+    subprocess.run([setfacl, "-m", f"u:{NOBODY.pw_name}:rwx", str(app)], check=True)
+    config = tmp_path / "lazyd.yaml"
+    config.write_text("services:\n  web:\n    command: [/bin/true]\n    user: nobody\n"
+                      f"    sockets: {{s: 'unix:{app / 'web.sock'}'}}\n")
+    result = _check(config)
+    assert result.returncode == 1
+    assert (f"{config}:5:18: services.web.sockets.s: {app} can be changed by a user other "
+            "than root: user nobody (ACL)") in result.stderr
