@@ -12,7 +12,6 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import trio
 
@@ -20,6 +19,7 @@ from lazyd import __version__ as _source_version
 from lazyd import config as config_mod
 from lazyd.errors import ConfigError, ControlError, LazydError
 from lazyd.observe.logs import FORMATS, Level, Logger
+from lazyd.observe.status import format_status
 from lazyd.runtime import control
 
 DEFAULT_CONFIG = "lazyd.yaml"
@@ -229,64 +229,6 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(analyze.render_svg(services))
     return 0
-
-
-def _cell(value: Any, suffix: str = "") -> str:
-    return "-" if value is None else f"{value}{suffix}"
-
-
-def format_uptime(seconds: float | None) -> str:
-    """45s, 12m05s, 3h07m, 2d04h; '-' when not running."""
-    if seconds is None:
-        return "-"
-    s = int(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-
-
-def _last_start(svc: dict[str, Any]) -> str:
-    from lazyd.observe.analyze import format_ms
-
-    outcome = svc.get("last_outcome")
-    if outcome not in (None, "ready"):
-        return str(outcome)  # failed, timed out: there is no time to show
-    return format_ms(svc.get("last_start_ms"))
-
-
-def format_status(services: dict[str, Any]) -> str:
-    """The table `lazyd status` prints."""
-    from lazyd.observe.analyze import format_ms
-
-    header = ("SERVICE", "STATE", "PID", "UPTIME", "STARTS", "QUEUED", "ACTIVE",
-              "LAST START", "P50", "P90")
-    rows = [header]
-    for name, svc in services.items():
-        rows.append(
-            (
-                name,
-                str(svc.get("state")),
-                _cell(svc.get("pid")),
-                format_uptime(svc.get("uptime_s")),
-                _cell(svc.get("activations")),
-                _cell(svc.get("queued")),
-                _cell(svc.get("active")),
-                _last_start(svc),
-                format_ms(svc.get("p50_ms")),
-                format_ms(svc.get("p90_ms")),
-            )
-        )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-             for row in rows]
-    for name, svc in services.items():
-        if svc.get("status"):
-            lines.append(f"{name}: {svc['status']}")
-    return "\n".join(lines)
 
 
 def _cmd_import(args: argparse.Namespace) -> int:

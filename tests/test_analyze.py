@@ -9,10 +9,10 @@ from typing import Any
 
 import trio
 
-from lazyd.cli import format_status, format_uptime
 from lazyd.core.lifecycle import Activation, Outcome
 from lazyd.core.starts import HISTORY, StartHistory, StartRecord
 from lazyd.observe.analyze import blame, format_blame, recent, render_svg
+from lazyd.observe.status import format_status, format_uptime
 from tests.conftest import PY, free_port, program, run_lazyd
 
 SVG = "{http://www.w3.org/2000/svg}"

@@ -878,8 +878,10 @@ class Walk:
         anchor = self.anchor()
         self.services = {"anchor": anchor}
         self.socks_dir.mkdir()
-        # lazyd, once it is nobody, binds new Unix sockets here on a reload.
-        self.socks_dir.chmod(0o777)
+        # lazyd, once it has dropped root, binds new Unix sockets here on a
+        # reload; as root it accepts only a directory others cannot rename
+        # files in: root's and sticky, as /tmp is.
+        self.socks_dir.chmod(0o1777)
         async with run_lazyd(self.tmp, render(self.services, self.mark)) as lz:
             self.lz = lz
             self.header = self.config_path.read_text().splitlines()[0]

@@ -77,7 +77,7 @@ def where(machine: Lifecycle) -> tuple[State, float | None]:
 
 def snapshot(machine: Lifecycle) -> tuple[object, ...]:
     return (
-        machine.state, machine.pid, machine.process, machine.watching,
+        machine.state, machine.instance, machine.process, machine.watching,
         machine.activations, machine.last, machine.deadline,
     )
 
@@ -89,12 +89,12 @@ def test_traffic_spawns_and_started_is_ready_at_spawned() -> None:
     """Traffic spawns at once; with ready=started the service is ready when it is executed."""
     machine = begun(config())
     assert machine.handle(Start(), 0.0) == [Spawn(), Unwatch()]
-    assert (machine.state, machine.process, machine.pid, machine.watching) == (
+    assert (machine.state, machine.process, machine.instance, machine.watching) == (
         State.STARTING, True, None, False)
     assert machine.activations == 1
     record = Activation(Outcome.READY, "traffic", trigger=0.0, spawned=0.003, ready=0.003)
     assert machine.handle(Spawned(42), 0.003) == [record, ReleaseHeld()]
-    assert (machine.state, machine.pid, machine.last, machine.deadline) == (
+    assert (machine.state, machine.instance, machine.last, machine.deadline) == (
         State.RUNNING, 42, record, None)
     assert record.total == 0.003
 
@@ -146,7 +146,7 @@ def test_start_timeout_stops_then_kills_the_group_then_idles() -> None:
     assert machine.handle(Exited(-9), 1.6) == [
         Log("stopped (start timeout): killed by SIGKILL"), Watch()]
     assert where(machine) == (State.IDLE, None)
-    assert (machine.process, machine.pid) == (False, None)
+    assert (machine.process, machine.instance) == (False, None)
 
 
 def test_stop_while_running_sends_stop_signal_and_idles_on_exit() -> None:
@@ -182,7 +182,7 @@ def test_exit_while_running_restarts_per_policy(
     machine = running(config(restart=restart))
     actions = machine.handle(Exited(returncode), 2.0)
     assert machine.state is State.IDLE and actions[-1] == Watch()
-    assert machine.process is False and machine.pid is None
+    assert machine.process is False and machine.instance is None
     if restarts:
         assert Log(f"restarting in 100 ms ({restart.value})") in actions
         assert where(machine) == (State.IDLE, 2.1)
@@ -367,7 +367,7 @@ def test_stop_during_spawn_kills_when_spawned_arrives() -> None:
         DropHeld("stopped before it was ready (shutdown)")]
     assert (machine.state, machine.deadline, machine.process) == (State.STOPPING, None, True)
     assert machine.handle(Spawned(42), 0.002) == [Kill(signal.SIGTERM)]
-    assert (machine.pid, machine.deadline) == (42, 2.002)
+    assert (machine.instance, machine.deadline) == (42, 2.002)
     assert machine.handle(Exited(-15), 0.01) == [
         Log("stopped (shutdown): killed by SIGTERM"), Watch()]
     assert machine.state is State.IDLE
@@ -746,7 +746,7 @@ class LifecycleWorld(RuleBasedStateMachine):
     @invariant()
     def one_process_known_to_the_machine(self) -> None:
         assert self.machine.process == (self.outside is not None)
-        assert self.machine.pid == (self.pid if self.outside == "alive" else None)
+        assert self.machine.instance == (self.pid if self.outside == "alive" else None)
 
     @invariant()
     def watching_exactly_while_idle(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import re
 import signal
 import socket
 import stat
@@ -16,7 +17,8 @@ import trio
 
 from lazyd import config as config_mod
 from lazyd.errors import ConfigError
-from tests.conftest import PY, alive, free_port, program, run_lazyd
+from lazyd.runtime.privileges import DYNAMIC_UIDS
+from tests.conftest import PY, LazydProcess, alive, free_port, program, run_lazyd
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
@@ -49,6 +51,12 @@ def _ask(port: int, line: bytes = b"ping\n") -> bytes:
         return s.makefile("rb").read()
 
 
+async def own_uid(lz: LazydProcess) -> int:
+    """The uid of its own the daemon dropped to (no user: and no lazyd account)."""
+    line = await lz.wait_line(r"^lazyd: dropped privileges: running as user \d+$")
+    return int(line.rsplit(" ", 1)[1])
+
+
 def _reload(control_path: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [PY, "-m", "lazyd", "reload", "--control", control_path],
@@ -67,19 +75,24 @@ def _proxy_service(name: str, port: int, upstream: int) -> str:
     )
 
 
-async def test_the_daemon_runs_as_nobody_and_still_proxies(tmp_path: Path) -> None:
-    """With no user: and no lazyd account, the daemon binds a privileged port, becomes nobody
-    in every thread with no capability left (saying so), and proxies through it."""
+async def test_the_daemon_runs_as_a_uid_of_its_own_and_still_proxies(tmp_path: Path) -> None:
+    """With no user: and no lazyd account, the daemon binds a privileged port, becomes a uid
+    that no account or group has, in every thread with no group and no capability left
+    (saying so), and proxies through it."""
     port, upstream = free_privileged_port(), free_port()
     async with run_lazyd(tmp_path, "services:\n" + _proxy_service("web", port, upstream)) as lz:
-        await lz.wait_line(r"^lazyd: no user: in the config and no lazyd account: running as "
-                           r"nobody; a dedicated account is safer")
-        await lz.wait_line(r"^lazyd: dropped privileges: running as user nobody$")
+        line = await lz.wait_line(r"^lazyd: no user: in the config and no lazyd account: "
+                                  r"running as uid \d+, which no account, group or process has$")
+        uid = await own_uid(lz)
+        assert line.split("uid ")[1].startswith(f"{uid},")
+        assert uid in DYNAMIC_UIDS
+        with pytest.raises(KeyError):
+            pwd.getpwuid(uid)
         for task in os.listdir(f"/proc/{lz.process.pid}/task"):
             status = proc_status(lz.process.pid, int(task))
-            assert status["Uid"].split() == [str(NOBODY.pw_uid)] * 4
-            assert status["Gid"].split() == [str(NOBODY.pw_gid)] * 4
-            assert status["Groups"].split() == [str(NOBODY.pw_gid)]
+            assert status["Uid"].split() == [str(uid)] * 4
+            assert status["Gid"].split() == [str(uid)] * 4
+            assert status["Groups"].split() == []
             assert int(status["CapEff"], 16) == int(status["CapPrm"], 16) == 0
         answer = await trio.to_thread.run_sync(_ask, port)
         assert answer.endswith(b" ping\n")
@@ -90,7 +103,8 @@ async def test_the_daemon_runs_as_nobody_and_still_proxies(tmp_path: Path) -> No
 
 
 async def test_services_still_start_as_their_own_users(tmp_path: Path) -> None:
-    """After the daemon dropped to nobody, one service starts as nobody and one as root."""
+    """After the daemon dropped its privileges, one service starts as nobody and one as
+    root."""
     config = "services:\n" + "".join(
         f"  {name}:\n"
         "    command: [/bin/sleep, '60']\n"
@@ -153,11 +167,13 @@ with socket.socket(socket.AF_UNIX) as s:
 
 
 async def test_the_control_socket_answers_only_lazyds_user_and_root(tmp_path: Path) -> None:
-    """The control socket is 0600 and nobody's; another uid cannot connect, and even with the
-    file opened up it gets an error line, and the log says so."""
+    """The control socket is 0600 and root's (lazyd runs as a uid of its own); another uid
+    cannot connect, and even with the file opened up it gets an error line, and the log
+    says so."""
     async with run_lazyd(tmp_path, "services:\n" + _proxy_service("web", free_port(), 1)) as lz:
+        uid = await own_uid(lz)
         st = os.stat(lz.control_path)
-        assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o600, NOBODY.pw_uid)
+        assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o600, 0, 0)
         assert "web" in await lz.status()  # root may
 
         def ask_as_uid_1() -> dict[str, object]:
@@ -172,7 +188,7 @@ async def test_the_control_socket_answers_only_lazyds_user_and_root(tmp_path: Pa
         os.chmod(lz.control_path, 0o666)
         assert await trio.to_thread.run_sync(ask_as_uid_1) == {
             "version": 1, "ok": False,
-            "error": f"uid 1 may not control lazyd (only uid {NOBODY.pw_uid} and root may)",
+            "error": f"uid 1 may not control lazyd (only uid {uid} and root may)",
         }
         await lz.wait_line(r"^lazyd: control: refused a request from uid 1$")
 
@@ -183,13 +199,14 @@ async def test_a_reload_cannot_add_a_privileged_port(tmp_path: Path) -> None:
     web, low, high = free_port(), free_privileged_port(), free_port()
     before = "services:\n" + _proxy_service("web", web, free_port())
     async with run_lazyd(tmp_path, before) as lz:
+        uid = await own_uid(lz)
         config = tmp_path / "lazyd.yaml"
         header = config.read_text().splitlines()[0]
         config.write_text(f"{header}\n{before}" + _proxy_service("low", low, free_port()))
         result = await trio.to_thread.run_sync(_reload, lz.control_path)
         assert result.returncode == 1
         assert (
-            f"services.low.sockets.http: cannot bind tcp://127.0.0.1:{low} as user nobody "
+            f"services.low.sockets.http: cannot bind tcp://127.0.0.1:{low} as user {uid} "
             "after dropping privileges; restart lazyd to add it"
         ) in result.stderr
         assert set(await lz.status()) == {"web"}
@@ -202,13 +219,14 @@ async def test_a_reload_cannot_add_a_privileged_port(tmp_path: Path) -> None:
 async def test_a_reload_of_a_config_only_root_can_read_says_so(tmp_path: Path) -> None:
     """A config file lazyd's user cannot read fails the reload, naming the file and the user."""
     async with run_lazyd(tmp_path, "services:\n" + _proxy_service("web", free_port(), 1)) as lz:
+        uid = await own_uid(lz)
         config = tmp_path / "lazyd.yaml"
         config.chmod(0o600)
         result = await trio.to_thread.run_sync(_reload, lz.control_path)
         assert result.returncode == 1
         assert (
-            f"{config}: cannot read it as user nobody, which lazyd runs as since it dropped its "
-            "privileges: make the file (and its directories) readable by nobody"
+            f"{config}: cannot read it as user {uid}, which lazyd runs as since it dropped its "
+            f"privileges: make the file (and its directories) readable by {uid}"
         ) in result.stderr
         assert set(await lz.status()) == {"web"}
 
@@ -273,11 +291,11 @@ async def test_the_daemons_user_cannot_ptrace_the_daemon_or_the_spawner(tmp_path
     root spawner (the kernel leaves the daemon non-dumpable after the drop)."""
     port, upstream = free_privileged_port(), free_port()
     async with run_lazyd(tmp_path, "services:\n" + _proxy_service("web", port, upstream)) as lz:
-        await lz.wait_line(r"^lazyd: dropped privileges: running as user nobody$")
+        uid = await own_uid(lz)
         await trio.to_thread.run_sync(_ask, port)
         backend = (await lz.status())["web"]["pid"]
         spawner = int(proc_status(backend)["PPid"])
-        code = _PTRACE_ATTACH.format(uid=NOBODY.pw_uid, gid=NOBODY.pw_gid)
+        code = _PTRACE_ATTACH.format(uid=uid, gid=uid)
         for pid in (lz.process.pid, spawner):
             result = subprocess.run([PY, "-c", code, str(pid)], capture_output=True, text=True,
                                     timeout=10, check=True)
@@ -289,11 +307,11 @@ async def test_a_config_lazyds_user_can_rewrite_is_not_reloaded(tmp_path: Path) 
     the reload fails, naming the file, and nothing changes."""
     marker = tmp_path / "ran-as-root"
     async with run_lazyd(tmp_path, "services:\n" + _proxy_service("web", free_port(), 1)) as lz:
-        await lz.wait_line(r"^lazyd: dropped privileges: running as user nobody$")
+        uid = await own_uid(lz)
         config = tmp_path / "lazyd.yaml"
-        os.chown(config, NOBODY.pw_uid, NOBODY.pw_gid)
+        os.chown(config, uid, uid)
         header = config.read_text().splitlines()[0]
-        # What a daemon taken over as nobody could write there.
+        # What a daemon taken over could write there.
         config.write_text(
             f"{header}\nservices:\n  evil:\n    command: [/bin/sh, -c, 'id -u > {marker}']\n"
             "    user: root\n"
@@ -337,7 +355,7 @@ def test_a_failed_drop_is_one_error_line_and_status_1(
                       + _proxy_service("web", free_port(), free_port()))
     assert cli.main(["run", "-c", str(config)]) == 1
     err = capsys.readouterr().err
-    assert "lazyd: cannot become user nobody: Operation not permitted" in err
+    assert re.search(r"^lazyd: cannot become user \d+: Operation not permitted$", err, re.M)
     assert "Traceback" not in err
 
 
@@ -349,5 +367,7 @@ def test_check_says_which_user_the_daemon_becomes(tmp_path: Path) -> None:
     result = subprocess.run([PY, "-m", "lazyd", "check", "-c", str(config)],
                             capture_output=True, text=True, timeout=10)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[-1] == "lazyd: binds as root, then runs as user nobody"
-    assert "no user: in the config and no lazyd account: running as nobody" in result.stderr
+    assert re.fullmatch(r"lazyd: binds as root, then runs as user \d+",
+                        result.stdout.splitlines()[-1])
+    assert re.search(r"no user: in the config and no lazyd account: running as uid \d+, which "
+                     "no account, group or process has", result.stderr)

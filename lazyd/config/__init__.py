@@ -13,6 +13,7 @@ from __future__ import annotations
 from lazyd.config.loader import (
     DEFAULT_BACKLOG,
     DEFAULT_SOCKET_MODE,
+    DEFAULT_USER,
     Activate,
     Config,
     Mode,
@@ -27,7 +28,7 @@ from lazyd.config.loader import (
 from lazyd.core.policy import Ready, ReadyKind, Restart
 
 __all__ = [
-    "DEFAULT_BACKLOG", "DEFAULT_SOCKET_MODE", "Activate", "Config", "Mode", "Ready",
+    "DEFAULT_BACKLOG", "DEFAULT_SOCKET_MODE", "DEFAULT_USER", "Activate", "Config", "Mode", "Ready",
     "ReadyKind", "Restart", "ServiceConfig", "SocketConfig", "load", "loads",
     "parse_duration", "parse_signal", "plan",
 ]

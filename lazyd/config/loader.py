@@ -29,6 +29,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.reader import ReaderError
 
+from lazyd.config.ownership import who_else_can_change
 from lazyd.core.policy import READY_STARTED, Policy, Ready, ReadyKind, Restart
 from lazyd.errors import ConfigError
 from lazyd.net.addresses import Address, Kind, Network, overlaps, parse_address, parse_network
@@ -36,6 +37,9 @@ from lazyd.net.addresses import Address, Kind, Network, overlaps, parse_address,
 # Defaults for the values that are not plain field defaults.
 DEFAULT_BACKLOG = 65535  # the kernel caps it at net.core.somaxconn
 DEFAULT_SOCKET_MODE = 0o666
+# The account the daemon drops to when the config names no top-level user (if
+# it exists; else a uid of its own, see lazyd.runtime.privileges).
+DEFAULT_USER = "lazyd"
 
 
 class Mode(enum.Enum):
@@ -123,6 +127,7 @@ class Config:
     control: str | None = None  # control socket path (from `control: unix:PATH`)
     metrics: Address | None = None
     user: str | None = None  # the unprivileged user lazyd drops to after binding
+    allow_shared_user: bool = False  # may a service run as the user the daemon drops to?
 
 
 # --- Loading ------------------------------------------------------------------------
@@ -137,7 +142,7 @@ _MAP, _SEQ, _STR, _NULL = (f"tag:yaml.org,2002:{t}" for t in ("map", "seq", "str
 _MERGE = "tag:yaml.org,2002:merge"
 _MAX_INT = 2**31 - 1  # what a C int (listen()'s backlog, ...) holds
 
-_TOP_KEYS = ("control", "metrics", "user", "services")
+_TOP_KEYS = ("control", "metrics", "user", "allow_shared_user", "services")
 _SERVICE_KEYS = (
     "command", "mode", "user", "group", "sockets", "ready", "environment", "workdir",
     "start_timeout", "stop_signal", "stop_timeout", "restart", "start_limit",
@@ -218,6 +223,7 @@ class _Reader:
         self.loader = loader
         self.problems: list[tuple[int, int, str]] = []
         self.find_programs = True  # see loads()
+        self.as_root = False  # see loads(): whether root will act on what is read
 
     def problem(self, node: Node, path: str, message: str) -> None:
         line, col = node.start_mark.line + 1, node.start_mark.column + 1
@@ -435,6 +441,7 @@ _TOP_VALUES: _Converters = {
     "control": (_control, "unix:/PATH"),
     "metrics": (_metrics, "a TCP address"),
     "user": (_user, "a user name"),
+    "allow_shared_user": (_flag, "true or false"),
 }
 _SERVICE_VALUES: _Converters = {
     "mode": (_choice(Mode), "pass or proxy"),
@@ -496,6 +503,8 @@ def _config(r: _Reader, root: Node, as_root: bool) -> Config | None:
     claimed: _Claimed = [(args["metrics"], "metrics")] if "metrics" in args else []
     if "control" in args:
         claimed.append((Address(Kind.UNIX, path=args["control"]), "control"))
+        if as_root:
+            _check_socket_directory(r, args["control"], keys["control"].value, "control")
     if "services" not in keys:
         r.problem(root, "", "missing required key 'services'")
         return None
@@ -513,6 +522,8 @@ def _config(r: _Reader, root: Node, as_root: bool) -> Config | None:
                       "'-', '_' and '.', starting with a letter or digit")
         if service := _service(r, name, entry, as_root, claimed, requires):
             services[name] = service
+    if as_root and not args.get("allow_shared_user", False):
+        _check_shared_user(r, args.get("user"), entries, services)
     _check_requires(r, entries.keys(), requires)
     return Config(path=r.filename, services=services, **args)
 
@@ -693,6 +704,9 @@ def _socket(
         args["mode"] = r.convert(keys["mode"].value, _join(path, "mode"), convert, "a file mode")
     if listen is not None:
         _claim(r, listen, keys["listen"].value, path, claimed)
+        if r.as_root and listen.is_unix and not listen.is_abstract:
+            assert listen.path is not None
+            _check_socket_directory(r, listen.path, keys["listen"].value, path)
         for key in ("mode", "owner", "group"):
             if key in keys and not (listen.is_unix and not listen.is_abstract):
                 r.problem(keys[key].value, _join(path, key), f"{key} only applies to a Unix "
@@ -747,6 +761,46 @@ def _access_list(
                   "list who may connect, or leave allow out")
         return None
     return tuple(networks)
+
+
+def _check_socket_directory(r: _Reader, socket_path: str, node: Node, path: str) -> None:
+    """As root, a socket file goes only where no one else can swap it (`lazyd.config.ownership`)."""
+    if problem := who_else_can_change(socket_path, directories_only=True):
+        r.problem(node, path, f"{problem}: lazyd, as root, creates socket files only in "
+                  "directories that only root can change (or root's sticky ones, such as /tmp), "
+                  "as anyone who can rename files there can swap the socket file for a symlink")
+
+
+def _check_shared_user(
+    r: _Reader, top_user: str | None, entries: Mapping[str, _Entry],
+    services: Mapping[str, ServiceConfig],
+) -> None:
+    """No service may run as the user the daemon drops to, unless allow_shared_user says so.
+
+    A process of the daemon's own uid can signal it, lower its limits with
+    prlimit(2) and pass the control socket's peer check. A daemon with a uid
+    of its own (no user:, no lazyd account) shares it with no service.
+    """
+    name = top_user if top_user is not None else DEFAULT_USER
+    try:
+        uid = pwd.getpwnam(name).pw_uid
+    except KeyError:
+        return  # no such account: the daemon runs as a uid of its own
+    if uid == 0:
+        return  # user: root: the daemon keeps root, and said so
+    which = "the top-level user:" if top_user is not None else (
+        f"the {DEFAULT_USER} account, which it becomes when the config names no user:")
+    for service in services.values():
+        if service.user is None or pwd.getpwnam(service.user).pw_uid != uid:
+            continue
+        entry = entries[service.name]
+        node = next((value for key, value in entry.value.value
+                     if isinstance(key, ScalarNode) and key.value == "user"), entry.key)
+        r.problem(node, _join(_join("services", service.name), "user"),
+                  f"{service.user} is the user lazyd itself runs as ({which}); a service "
+                  "running as it could signal lazyd, lower its limits and use its control "
+                  "socket: give the service an account of its own, or write "
+                  "allow_shared_user: true at the top level to accept that")
 
 
 def _claim(r: _Reader, address: Address, node: Node, path: str, claimed: _Claimed) -> None:
@@ -839,6 +893,7 @@ def loads(
         raise ConfigError([f"{filename}:1:1: the config is empty; it needs at least services:"])
     reader = _Reader(filename, loader)
     reader.find_programs = find_programs
+    reader.as_root = as_root
     config = _config(reader, root, as_root)
     if reader.problems or config is None:
         # In file order; problems at one position keep the order they were found in.

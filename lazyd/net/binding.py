@@ -13,6 +13,15 @@ not a socket at all is never touched. lazyd removes on release only the files
 it created itself, and only while they are still the very file it created: a
 file inherited from a service manager, or one another process has bound since,
 stays.
+
+Nothing here follows a symlink someone could have planted. Between bind()
+and setting the file's owner and mode, whoever can write to the directory
+could swap the new socket file for a symlink to /etc/shadow; changing owner
+or mode by path would then change the shadow file. So the file is created
+with its mode already (as tight as configured, never looser), then opened
+without following a symlink, checked to be the very file the socket is bound
+to (the kernel says which, through sock_diag), and changed only through that
+open file. The config check (as root) keeps such directories out anyway.
 """
 
 from __future__ import annotations
@@ -49,19 +58,23 @@ class _CannotBind(Exception):
     """Why one socket could not be bound; `bind_socket` says which socket."""
 
 
-def bind_socket(sc: SocketConfig, *, service: str | None = None) -> socket.socket:
+def bind_socket(
+    sc: SocketConfig, *, service: str | None = None, ids: tuple[int, int] | None = None
+) -> socket.socket:
     """Bind (and, for stream kinds, listen on) one configured socket.
 
     The socket is blocking and close-on-exec; TCP sockets have SO_REUSEADDR,
     SO_REUSEPORT is set on IP sockets when `sc.reuse_port`, and IPv6 sockets
     take IPv4 too only for a dual-stack address. A Unix socket file gets
-    `sc.mode` and, when given, `sc.owner` / `sc.group`.
+    `sc.mode` and, when given, `sc.owner` / `sc.group`; `ids` (uid, gid, -1
+    for unchanged) gives numeric ones instead, for an account that may have
+    no name.
 
     Raises BindError naming the socket (``services.SERVICE.sockets.NAME`` when
     `service` is given) and its address.
     """
     try:
-        return _bind(sc)
+        return _bind(sc, ids)
     except _CannotBind as exc:
         where = f"services.{service}.sockets.{sc.name}" if service else f"sockets.{sc.name}"
         raise BindError(f"{where} ({sc.listen}): cannot bind: {exc}") from exc
@@ -162,11 +175,11 @@ def accept_queue_length(sock: socket.socket) -> int | None:
 # --- the core -----------------------------------------------------------------
 
 
-def _bind(sc: SocketConfig) -> socket.socket:
+def _bind(sc: SocketConfig, ids: tuple[int, int] | None = None) -> socket.socket:
     addr = sc.listen
     path = addr.path if addr.is_unix and not addr.is_abstract else None
     # Resolve names before touching anything, so a typo costs no socket file.
-    uid, gid = _owner_ids(sc) if path is not None else (-1, -1)
+    uid, gid = (ids or _owner_ids(sc)) if path is not None else (-1, -1)
     if path is not None:
         _clear_stale(addr, path)
     sock = socket.socket(addr.family, addr.type)
@@ -175,14 +188,17 @@ def _bind(sc: SocketConfig) -> socket.socket:
         # file description the service shares, so lazyd must not set it here.
         sock.setblocking(True)
         _set_options(sock, sc)
+        if path is not None:
+            # Linux creates the file with the mode of the socket's own inode,
+            # less the umask (unix_bind): so it is born no looser than `sc.mode`,
+            # and nobody the mode keeps out can connect before it is final.
+            os.fchmod(sock.fileno(), sc.mode & 0o777)
         try:
             sock.bind(addr.sockaddr())
         except OSError as exc:
             raise _CannotBind(_bind_failure(addr, exc)) from exc
         if path is not None:
-            st = os.lstat(path)
-            _created[sock] = (path, st.st_dev, st.st_ino)
-            _apply_owner_and_mode(path, sc, uid, gid)
+            _finish_file(sock, path, sc.mode, uid, gid)
         if addr.is_stream:
             try:
                 sock.listen(sc.backlog)
@@ -274,14 +290,89 @@ def _owner_ids(sc: SocketConfig) -> tuple[int, int]:
     return uid, gid
 
 
-def _apply_owner_and_mode(path: str, sc: SocketConfig, uid: int, gid: int) -> None:
+def _finish_file(sock: socket.socket, path: str, mode: int, uid: int, gid: int) -> None:
+    """Give the file `sock` was just bound to its owner and exact mode, and record it.
+
+    The file at `path` is opened without following a symlink and changed only
+    through that fd, and only once it is known to be the file the socket is
+    bound to: whatever else someone may have put at `path` is left as it is.
+    """
     try:
-        if uid != -1 or gid != -1:
-            os.lchown(path, uid, gid)
-        # After chown, which may clear mode bits; chmod also undoes the umask.
-        os.chmod(path, sc.mode)
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
-        raise _CannotBind(f"setting owner and mode of {path}: {exc.strerror}") from exc
+        raise _CannotBind(f"{path} went away right after bind: {exc.strerror}") from exc
+    try:
+        st = os.fstat(fd)
+        try:
+            bound = bound_file(sock)
+        except OSError as exc:
+            raise _CannotBind(f"cannot tell whether {path} is the socket's file "
+                              f"(sock_diag): {exc.strerror}") from exc
+        # The kernel reports 32 bits of the inode number.
+        if not stat.S_ISSOCK(st.st_mode) or bound != (st.st_dev, st.st_ino & 0xFFFFFFFF):
+            raise _CannotBind(f"{path} was replaced by another file right after bind; "
+                              "its owner and mode are left alone")
+        _created[sock] = (path, st.st_dev, st.st_ino)
+        # An O_PATH fd takes neither fchown nor fchmod; its /proc/self/fd link
+        # leads to exactly the inode it holds, whatever happens to `path`.
+        through = f"/proc/self/fd/{fd}"
+        try:
+            if uid != -1 or gid != -1:
+                os.chown(through, uid, gid)
+            # After chown, which may clear mode bits; chmod also undoes the umask.
+            os.chmod(through, mode)
+        except OSError as exc:
+            raise _CannotBind(f"setting owner and mode of {path}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+
+
+# sock_diag for AF_UNIX (include/uapi/linux/unix_diag.h): ask for one socket,
+# by the inode number of its socket (fstat of the fd), with UDIAG_SHOW_VFS,
+# and the answer carries UNIX_DIAG_VFS: the inode and device of its file.
+_NETLINK_SOCK_DIAG = 4
+_SOCK_DIAG_BY_FAMILY = 20
+_NLM_F_REQUEST = 1
+_NLMSG_ERROR = 2
+_UDIAG_SHOW_VFS = 0x02
+_UNIX_DIAG_VFS = 1
+_NLMSG_HEADER = struct.Struct("=IHHII")  # length, type, flags, seq, pid
+_UNIX_DIAG_REQ = struct.Struct("=BBHIII2I")  # family, protocol, pad, states, ino, show, cookie
+_UNIX_DIAG_MSG_SIZE = 16  # family, type, state, pad, ino, cookie[2]
+_ATTR = struct.Struct("=HH")  # length, type
+_NO_COOKIE = 0xFFFFFFFF
+
+
+def bound_file(sock: socket.socket) -> tuple[int, int] | None:
+    """(st_dev, st_ino & 0xFFFFFFFF) of the file a Unix socket is bound to, per the kernel.
+
+    None when it is bound to no file (abstract, unbound). The socket's
+    address alone cannot tell: it is a path, and the file there may have
+    been replaced since.
+    """
+    sock_ino = os.fstat(sock.fileno()).st_ino
+    request = _UNIX_DIAG_REQ.pack(socket.AF_UNIX, 0, 0, 0xFFFFFFFF, sock_ino, _UDIAG_SHOW_VFS,
+                                  _NO_COOKIE, _NO_COOKIE)
+    header = _NLMSG_HEADER.pack(_NLMSG_HEADER.size + len(request), _SOCK_DIAG_BY_FAMILY,
+                                _NLM_F_REQUEST, 1, 0)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as netlink:
+        netlink.sendto(header + request, (0, 0))
+        answer = netlink.recv(8192)
+    length, kind, _flags, _seq, _pid = _NLMSG_HEADER.unpack_from(answer)
+    if kind == _NLMSG_ERROR:
+        (err,) = struct.unpack_from("=i", answer, _NLMSG_HEADER.size)
+        raise OSError(-err, f"sock_diag: {os.strerror(-err)}")
+    offset = _NLMSG_HEADER.size + _UNIX_DIAG_MSG_SIZE
+    while offset + _ATTR.size <= min(length, len(answer)):
+        attr_length, attr_type = _ATTR.unpack_from(answer, offset)
+        if attr_length < _ATTR.size:
+            break
+        if attr_type == _UNIX_DIAG_VFS:
+            ino, dev = struct.unpack_from("=II", answer, offset + _ATTR.size)
+            # The kernel's dev_t: 12 bits of major above 20 bits of minor.
+            return os.makedev(dev >> 20, dev & 0xFFFFF), ino
+        offset += (attr_length + 3) & ~3
+    return None
 
 
 def _unlink_created(sock: socket.socket) -> None:

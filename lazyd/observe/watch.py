@@ -34,7 +34,7 @@ _QUIT_KEYS = (b"q", b"Q")
 
 def frame(path: str, interval: float) -> list[str]:
     """The lines of one refresh: a heading, then the table (or why there is none)."""
-    from lazyd.cli import format_status
+    from lazyd.observe.status import format_status
 
     heading = f"lazyd status at {path}, every {interval:g}s: {time.strftime('%H:%M:%S')}"
     try:

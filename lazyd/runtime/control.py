@@ -9,7 +9,8 @@ One JSON object per line each way; one request per connection.
 `version` is the protocol version.  A daemon answers any request whose
 version it knows; a request from a newer client carries a version the daemon
 does not know, and the daemon says so (with the versions it speaks) instead of
-guessing, so the client can explain the mismatch.  The socket is mode 0600:
+guessing, so the client can explain the mismatch.  The socket is mode 0600,
+root's when lazyd runs as a uid of its own, else the account's it runs as:
 only lazyd's own user (and root) may talk to it.
 """
 
@@ -26,6 +27,7 @@ from typing import Any
 import trio
 
 from lazyd.config import Config, SocketConfig
+from lazyd.config.ownership import who_else_can_change
 from lazyd.errors import ControlError
 from lazyd.net.addresses import Address, Kind
 from lazyd.net.binding import bind_socket
@@ -64,18 +66,20 @@ def control_path(config: Config | None = None, explicit: str | None = None) -> s
     )
 
 
-def bind_control(path: str) -> socket.socket:
-    """Bind the control socket (replacing a stale one), mode 0600."""
+def bind_control(path: str, uid: int = -1, gid: int = -1) -> socket.socket:
+    """Bind the control socket (replacing a stale one), mode 0600, owned by uid:gid.
+
+    The file is created 0600 and given to its owner through the bound file
+    itself, never by path (see `lazyd.sockets`), so a symlink swapped in
+    after bind() cannot turn the chown onto another file.
+    """
+    if os.geteuid() == 0 and (problem := who_else_can_change(path, directories_only=True)):
+        # The config check says this for `control:`; the path may come from elsewhere.
+        raise ControlError(f"{problem}: lazyd, as root, creates its control socket only in a "
+                           "directory that only root can change")
     listen = Address(Kind.UNIX, path=path)
-    return bind_socket(SocketConfig(name="control", listen=listen, backlog=64, mode=0o600))
-
-
-def give_control(path: str, uid: int, gid: int) -> None:
-    """Make the control socket file the user's that lazyd is about to become."""
-    try:
-        os.chown(path, uid, gid)
-    except OSError as exc:
-        raise ControlError(f"{path}: cannot give it to uid {uid}: {exc.strerror}") from None
+    sc = SocketConfig(name="control", listen=listen, backlog=64, mode=0o600)
+    return bind_socket(sc, ids=(uid, gid))
 
 
 async def serve_control(

@@ -3,7 +3,6 @@ requests, and stop cleanly on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import dataclasses
 import os
@@ -392,10 +391,6 @@ async def _serve(
     metrics: lazyd.observe.metrics.Metrics | None = None
     daemon: Daemon | None = None
     try:
-        try:
-            control_sock = control.bind_control(control.control_path(config))
-        except LazydError as exc:
-            raise type(exc)(f"control socket: {exc}") from None
         if config.metrics is not None:
             # Imported only when asked for: prometheus-client is ~3 MB of an
             # idle daemon's memory.
@@ -408,10 +403,16 @@ async def _serve(
             options = dataclasses.replace(
                 options, on_activation=_both(options.on_activation, metrics.observe)
             )
-        # Everything is bound: who the daemon becomes now (see lazyd.runtime.privileges).
+        # Who the daemon becomes once everything is bound (see lazyd.runtime.privileges):
+        # the control socket is created as that account's, never chown'ed later
+        # by path. A uid of its own gets none: nobody else runs as it.
         user = privileges.daemon_user(config.user, options.log) if drop_privileges else None
+        owner = (user.uid, user.gid) if user is not None and not user.dynamic else (-1, -1)
+        try:
+            control_sock = control.bind_control(control.control_path(config), *owner)
+        except LazydError as exc:
+            raise type(exc)(f"control socket: {exc}") from None
         if user is not None:
-            control.give_control(control.control_path(config), user.uid, user.gid)
             privileges.preload(metrics=metrics is not None)
         # The spawner starts every service's process; it lives until the
         # services are stopped (see lazyd.privileged.spawnerd). It is told once which
@@ -456,8 +457,8 @@ async def _serve(
             sockets = {name: r.sockets for name, r in daemon.runners.items()}
         release(config, sockets)
         if control_sock is not None:
-            control_sock.close()
-            _unlink_quietly(control.control_path(config))
+            # Removes the file only while it is still the one bound here.
+            release_socket(control_sock)
         if metrics_sock is not None:
             metrics_sock.close()
     options.log("lazyd: stopped")
@@ -542,11 +543,6 @@ def _task_count() -> int:
 
 def _plural(count: int, noun: str) -> str:
     return f"{count} {noun}{'' if count == 1 else 's'}"
-
-
-def _unlink_quietly(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)
 
 
 __all__ = ["Daemon", "serve", "stderr_log"]

@@ -12,24 +12,36 @@ Afterwards the daemon can read nothing that only root can, and that includes
 the Python interpreter's own library when it lives under a root-only home
 directory: every module the daemon may still import later is imported before
 the drop (`preload`).
+
+With no `user:` in the config and no `lazyd` account, the daemon becomes a
+uid of its own, as systemd's DynamicUser= does: one that no account, no
+group and no running process has, from DYNAMIC_UIDS. No service can run as
+it (a service must name an account), so no service can signal the daemon,
+lower its limits or pass the control socket's peer check; it owns no file,
+and the control socket stays root's.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import grp
 import importlib
 import os
 import pwd
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
+# The account lazyd drops to when the config names none, if the system has it.
+from lazyd.config import DEFAULT_USER
 from lazyd.errors import LazydError
 from lazyd.observe.logs import Level, log_at
 
-# The account lazyd drops to when the config names none, if the system has it.
-DEFAULT_USER = "lazyd"
-FALLBACK_USER = "nobody"
+# Else a uid of its own from here: the top of 65536-524287, which systemd
+# leaves unused (below its container ranges, above its DynamicUser= range
+# 61184-65519 and nobody), and which useradd does not hand out.
+DYNAMIC_UIDS = range(0x70000, 0x80000)
 
 # Modules imported lazily somewhere below the daemon (by the standard library,
 # trio, or lazyd itself) once it runs, found by recording which modules were
@@ -45,10 +57,11 @@ PRELOAD_METRICS = ("lazyd.observe.metrics",)
 class User:
     """Who the daemon becomes."""
 
-    name: str
+    name: str  # the account's name; for a uid of its own, the number
     uid: int
     gid: int
     groups: tuple[int, ...]
+    dynamic: bool = False  # a uid of its own, that no account has
 
 
 def daemon_user(configured: str | None, log: Callable[[str], None]) -> User | None:
@@ -56,7 +69,7 @@ def daemon_user(configured: str | None, log: Callable[[str], None]) -> User | No
 
     Not root: nothing changes (a `user:` naming someone else is ignored, with
     a warning: only root can become another user). Root: `configured`, else
-    DEFAULT_USER when it exists, else FALLBACK_USER with a warning; `user:
+    DEFAULT_USER when it exists, else a uid of its own (`unused_uid`); `user:
     root` keeps root, with a warning.
     """
     if os.geteuid() != 0:
@@ -75,10 +88,10 @@ def daemon_user(configured: str | None, log: Callable[[str], None]) -> User | No
             pwd.getpwnam(DEFAULT_USER)
             name = DEFAULT_USER
         except KeyError:
-            name = FALLBACK_USER
-            log_at(log, Level.WARNING, f"lazyd: no user: in the config and no {DEFAULT_USER} "
-                   f"account: running as {FALLBACK_USER}; a dedicated account is safer, as "
-                   f"services running as {FALLBACK_USER} could signal lazyd")
+            uid = unused_uid()
+            log(f"lazyd: no user: in the config and no {DEFAULT_USER} account: running as "
+                f"uid {uid}, which no account, group or process has")
+            return User(str(uid), uid, uid, (), dynamic=True)
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
@@ -87,6 +100,50 @@ def daemon_user(configured: str | None, log: Callable[[str], None]) -> User | No
         return None  # another name for root: nothing to drop
     groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
     return User(entry.pw_name, entry.pw_uid, entry.pw_gid, groups)
+
+
+def unused_uid() -> int:
+    """A uid from DYNAMIC_UIDS that no account, no group (as a gid) and no process has.
+
+    Picked at random, so that two daemons started together are unlikely to
+    pick the same one; each then sees the other's in /proc.
+    """
+    taken = _uids_in_use()
+    taken.update(entry.pw_uid for entry in pwd.getpwall())
+    taken.update(entry.gr_gid for entry in grp.getgrall())
+    for _ in range(64):
+        uid = secrets.choice(DYNAMIC_UIDS)
+        # Asked one by one too: a directory service need not list every account.
+        if uid not in taken and not _has_account(uid):
+            return uid
+    raise LazydError(f"found no uid in {DYNAMIC_UIDS.start}-{DYNAMIC_UIDS.stop - 1} that no "
+                     "account or process has: create a lazyd account")
+
+
+def _has_account(uid: int) -> bool:
+    for lookup in (pwd.getpwuid, grp.getgrgid):
+        try:
+            lookup(uid)
+            return True
+        except KeyError:
+            pass
+    return False
+
+
+def _uids_in_use() -> set[int]:
+    """Every uid and gid (real, effective, saved, file system) of every process."""
+    ids: set[int] = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as f:
+                for line in f:
+                    if line.startswith(("Uid:", "Gid:")):
+                        ids.update(int(n) for n in line.split()[1:])
+        except OSError:
+            continue  # a process that has just ended
+    return ids
 
 
 def _name(uid: int) -> str:

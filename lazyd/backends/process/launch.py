@@ -22,7 +22,6 @@ import os
 import pwd
 import shutil
 import socket
-import stat
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ import trio
 
 from lazyd.backends.process.handoff import service_environment, socket_identity
 from lazyd.backends.process.spawner import ServiceProcess, Spawner, SpawnError, current_spawner
-from lazyd.config import Config, ReadyKind, ServiceConfig
+from lazyd.config import Config, ReadyKind, ServiceConfig, ownership
 from lazyd.errors import ConfigError, LaunchError
 from lazyd.net.addresses import Address
 from lazyd.readiness.notify import NotifySocket
@@ -256,30 +255,17 @@ def print_table(config_path: str, nofile_soft: int) -> None:
 def _check_root_only(path: str) -> None:
     """Raise ConfigError unless only root can change `path` and every directory above it.
 
+    Owner, mode bits and POSIX ACLs all count (`lazyd.config.ownership`): an ACL
+    entry letting another user write is as good as the mode letting them.
     Group write is allowed for group root; a directory with the sticky bit
     (/tmp) may be writable by all, as others cannot replace what root owns there.
     """
-    current = path
-    while True:
-        try:
-            st = os.lstat(current)
-        except OSError as exc:
-            raise ConfigError([f"{current}: {exc.strerror}"]) from None
-        directory = current != path
-        shared = directory and st.st_mode & stat.S_ISVTX
-        if st.st_uid != 0 or (not shared and (
-            st.st_mode & stat.S_IWOTH or (st.st_mode & stat.S_IWGRP and st.st_gid != 0)
-        )):
-            raise ConfigError([
-                f"{path}: not reloaded: {current} can be changed by a user other than root "
-                f"(owner uid {st.st_uid}, group gid {st.st_gid}, "
-                f"mode {stat.S_IMODE(st.st_mode):o}); "
-                "lazyd, as root, reloads only a config that only root can change"
-            ])
-        parent = os.path.dirname(current)
-        if parent == current:
-            return
-        current = parent
+    problem = ownership.who_else_can_change(path)
+    if problem is not None:
+        raise ConfigError([
+            f"{path}: not reloaded: {problem}; "
+            "lazyd, as root, reloads only a config that only root can change"
+        ])
 
 
 async def open_service_process(spec: LaunchSpec, spawner: Spawner | None = None) -> ServiceProcess:
