@@ -22,7 +22,10 @@ is `lazyd.privileged.protocol`'s; the table of services is made of
 it by `lazyd.privileged.checks`; the forked child becomes the service in
 `lazyd.privileged.child`. This module is the rest: the poll loop, the state
 (the table, the children, the spawns in flight, a reload under way) and the
-reaper.
+reaper. It is longer than most (about 420 lines) because they are one
+thing: every handler reads and changes the same state between two polls,
+and the order in which a spawn reply, an exit notice and a reap happen is
+only visible when they sit together.
 
 A reload reads the table anew from the config file with lazyd's own config
 loader, in a fresh interpreter (`lazyd.privileged.read_table`), as this
