@@ -31,7 +31,7 @@ from lazyd.backends.process.spawner import (
 )
 from lazyd.errors import LaunchError
 from lazyd.net.binding import bind_socket
-from lazyd.privileged import spawnerd
+from lazyd.privileged import child, protocol, spawnerd
 from lazyd.readiness.notify import open_notify_socket
 from tests.conftest import free_port, yaml_quote
 
@@ -62,7 +62,7 @@ class Raw:
         data, ancdata, _, _ = await self.sock.recvmsg(65536, socket.CMSG_SPACE(64))
         assert data, "the spawner closed its end"
         message: dict[str, Any] = json.loads(data)
-        return message, spawnerd.received_fds(ancdata)
+        return message, protocol.received_fds(ancdata)
 
     async def reply(self, request_id: int | None) -> tuple[dict[str, Any], list[int]]:
         """The next reply to `request_id`; exit notices on the way are kept in `exits`."""
@@ -294,7 +294,7 @@ MALFORMED: list[bytes | dict[str, Any]] = [
     {"id": 1, "op": "signal", "pid": 1, "signal": 0, "group": False},
     {"id": 1, "op": "signal", "pid": 1, "signal": 9, "group": "yes"},
     b"[" * 50000 + b"]" * 10000,
-    b" " * (spawnerd.MAX_MESSAGE + 1),
+    b" " * (protocol.MAX_MESSAGE + 1),
 ]
 
 
@@ -587,7 +587,7 @@ def test_child_fds_with_sources_in_the_range_and_at_stdio(
                     os.dup2(fd, number)
                 if squatter is not None:  # something else in the range is overwritten
                     os.dup2(high["devnull"], squatter)
-                spawnerd.prepare_child_fds(
+                child.prepare_child_fds(
                     sources, high["devnull"], high["out_w"], high["keep"], 1024
                 )
                 os.write(high["keep"], json.dumps(_fd_report()).encode())

@@ -1,6 +1,15 @@
 """The one part of lazyd that stays root once the daemon has dropped its
 privileges: a small helper process that starts and signals the configured
 services, as its sealed table says, and nothing else.  Standard library
-only (and `lazyd.backends.process.handoff`, which is too): it imports nothing
-a non-root user could have changed.
+only (and `lazyd.backends.process.handoff`, which is too), and not even
+`typing`: it imports nothing a non-root user could have changed
+(tests/test_protocol.py checks each module under ``python -I -S``).
+
+`protocol` is every message between the daemon and the helper, built and
+checked by both sides; `entries` the table's entries (kinds: ``process``)
+and `fields` the checks of one field; `boot` starts the helper (``python -I
+-S``), `spawnerd` is its poll loop and reaper, `checks` what a spawn may hand
+a service, `child` the forked child up to exec, `reloading` a reload's table
+reader, which runs `read_table` in a fresh interpreter of its own (the one
+module here that imports lazyd's config loader, in that interpreter only).
 """

@@ -11,72 +11,38 @@ every field of every request, and answers anything else with an error instead
 of failing. A daemon taken over after the drop can start and signal the
 configured services, and nothing else.
 
-It is started by `lazyd.backends.process.spawner.open_spawner` as ``python -I -S`` (no site,
-no environment, nothing from the current directory on sys.path: it imports only
-the standard library and `lazyd.backends.process.handoff`, and not even `typing`, to stay
-small). Its fd 0 is one end of an AF_UNIX SOCK_SEQPACKET socketpair, the
-daemon holds the other. Every message is one
-JSON object (at most MAX_MESSAGE bytes) and may carry fds (SCM_RIGHTS).
+It is started by `lazyd.backends.process.spawner.open_spawner` through
+`lazyd.privileged.boot`, as ``python -I -S`` (no site, no environment,
+nothing from the current directory on sys.path): it imports only the
+standard library, `lazyd.backends.process.handoff` and its own modules, and
+not even `typing`, to stay small. Its fd 0 is one end of an AF_UNIX
+SOCK_SEQPACKET socketpair, the daemon holds the other. What goes through it
+is `lazyd.privileged.protocol`'s; the table of services is made of
+`lazyd.privileged.entries`; a spawn's fds and variables are checked against
+it by `lazyd.privileged.checks`; the forked child becomes the service in
+`lazyd.privileged.child`. This module is the rest: the poll loop, the state
+(the table, the children, the spawns in flight, a reload under way) and the
+reaper. It is longer than most (about 420 lines) because they are one
+thing: every handler reads and changes the same state between two polls,
+and the order in which a spawn reply, an exit notice and a reap happen is
+only visible when they sit together.
 
-Requests (daemon → spawner), each with an integer ``id`` echoed in its reply:
+A reload reads the table anew from the config file with lazyd's own config
+loader, in a fresh interpreter (`lazyd.privileged.read_table`), as this
+process's user, so that the daemon never says what is to be run; as root,
+only a file that only root can change (directories above it included) is
+read. The table read takes effect with a commit.
 
-``{"op": "define", "id", "services": {NAME: ENTRY}, "config", "path",
-"nofile_soft", "seal"}``: add entries to the table of services, which says
-how each may be started. ENTRY is ``{"executable", "argv", "env", "uid",
-"gid", "groups", "workdir", "nofile_soft", "sockets", "notify"}``
-(``executable`` absolute; ``env`` complete but for LISTEN_* and
-NOTIFY_SOCKET; ``uid``/``gid``/``groups`` all three or none, they,
-``workdir`` and ``nofile_soft`` may be null: "as is"; ``sockets`` the fds a
-spawn must pass, in order, each ``{"name", "family", "type", "address",
-"listening", "connected"}`` as `lazyd.backends.process.handoff.socket_identity` describes a
-socket, empty (the default) for a service that binds its own (proxy mode);
-``notify`` true for a ``ready: notify`` service, false by default), or
-``{"error"}`` for a service that cannot be started (its program is missing),
-whose spawn is answered with that error. ``config`` (an
-absolute path), ``path`` (lazyd's PATH) and ``nofile_soft`` are kept for
-reloads. With ``"seal": true`` no further define is accepted: the daemon
-defines everything and seals before it drops its privileges. Reply
-``{"id", "ok": true}``.
+A spawn's child calls setsid(2), gets /dev/null as stdin and one pipe as
+stdout and stderr, its sockets at 3.., default signal dispositions, its
+credentials, its workdir, its RLIMIT_NOFILE soft limit and LISTEN_PID (when
+it has sockets), and nothing else open. It is answered once exec has
+succeeded (or failed).
 
-``{"op": "reload", "id"}``: read the table anew from the ``config`` file, as
-this process's user, with lazyd's own config loader in a fresh interpreter
-(`lazyd.backends.process.launch.print_table`, with site packages: it needs PyYAML), so that
-the daemon never says what is to be run; as root, only a file that only root
-can change (directories above it included) is read. Reply, once read, ``{"id", "ok":
-true, "services": [NAMES]}``, or an error with stage "reload" (and the
-config's ``problems`` when it has errors). ``{"op": "commit", "id"}`` then
-makes the table read the one in force: the daemon commits only once the rest
-of its reload has succeeded, so a failed reload changes nothing.
-
-``{"op": "spawn", "id", "service", "env"}`` + the service's sockets as fds,
-in LISTEN_FDS order: start a service of the table. Each fd must be the socket
-the table says (its family, type, the address it is bound to, listening or
-not, unconnected), and there must be as many as the table lists. ``env`` may
-add only LISTEN_FDS and LISTEN_FDNAMES (which must be the table's count and
-names) and, for a ``notify`` service, NOTIFY_SOCKET: only lazyd's own
-notify socket for that service, ``@`` + `lazyd.backends.process.handoff.notify_socket_name`
-with the daemon's pid (this process's parent), and the socket itself goes
-as one more fd after the sockets, as proof that the daemon holds it (it is
-not passed on). So a daemon taken over after the drop can neither hand a
-service any other socket nor point its notifications anywhere else, such as
-systemd's own notify socket.
-The child calls setsid(2), gets /dev/null as stdin and one pipe as stdout and
-stderr, its sockets at 3.., default signal dispositions, its credentials, its
-workdir, its RLIMIT_NOFILE soft limit and LISTEN_PID (when it has sockets),
-and nothing else open. Reply once exec has succeeded: ``{"id", "pid"}`` with
-the read end of the output pipe as fd; or ``{"id", "error", "stage", "errno"}``
-(``stage`` names the step that failed: "exec", "chdir", "setuid", ...).
-
-``{"op": "signal", "id", "pid", "signal", "group"}``: kill(2), or killpg(2)
-when ``group`` is true, for a pid this spawner started, reported to the daemon,
-and has not reaped yet. Reply ``{"id", "ok": true}`` or ``{"id", "error"}``.
-
-Notices (spawner → daemon): ``{"exited": pid, "returncode": rc}`` once a
-service's process was reaped (rc negative for a signal, as in `subprocess`).
-It always follows the spawn reply of that pid. Before reaping a service's main
-process, while its pid (and so its process group id) is still reserved by the
-zombie, the spawner sends SIGKILL to the process group: whatever the service
-left behind goes with it, and no pid can have been reused in between.
+Exits: before reaping a service's main process, while its pid (and so its
+process group id) is still reserved by the zombie, the spawner sends SIGKILL
+to the process group: whatever the service left behind goes with it, and no
+pid can have been reused in between. Then the daemon gets the exit notice.
 
 Lifetime: the spawner outlives nothing. When the daemon's end closes (lazyd
 exits, cleanly or not) it sends SIGKILL to the process group of every process
@@ -92,13 +58,10 @@ signal, PR_SET_PDEATHSIG), so that none outlives it unsupervised.
 
 from __future__ import annotations
 
-import array
 import contextlib
-import ctypes
 import errno
 import fcntl
 import gc
-import json
 import os
 import resource
 import select
@@ -107,282 +70,39 @@ import socket
 import stat
 import sys
 
-from lazyd.backends.process.handoff import (
-    LISTEN_FDS_START,
-    NOTIFY_TOKEN_LENGTH,
-    PROTOCOL_VARIABLES,
-    arrange_fds,
-    notify_socket_name,
-    socket_identity,
-)
+from lazyd.backends.process.handoff import LISTEN_FDS_START
+from lazyd.privileged import protocol
+from lazyd.privileged.checks import spawn_env
+from lazyd.privileged.child import MAX_ERROR, Credentials, ForkError, fork_child, read_failure
+from lazyd.privileged.entries import MAX_SERVICES, BrokenEntry
+from lazyd.privileged.fields import ProtocolError
+from lazyd.privileged.protocol import MAX_FDS, MAX_MESSAGE, received_fds
+from lazyd.privileged.reloading import TableReader
 
-# Not `from typing import TYPE_CHECKING`: importing typing would cost this small
-# process time and memory, and every fork copies its page tables.
-TYPE_CHECKING = False
+TYPE_CHECKING = False  # not from typing, which this process would have to import
 if TYPE_CHECKING:
     from collections.abc import Sequence
-    from typing import Any, NoReturn
+    from typing import Any
+
+    from lazyd.privileged.entries import Entry
 
 CONTROL_FD = 0
-MAX_MESSAGE = 64 * 1024  # bytes of JSON in one message, either way
-MAX_FDS = 253  # fds in one message: Linux's SCM_MAX_FD
 MAX_IN_FLIGHT = 64  # spawns whose exec is not confirmed yet
 MAX_CHILDREN = 4096  # processes started and not yet reaped
-MAX_SERVICES = 65536  # entries in the table of services
-MAX_TABLE = 64 * 1024 * 1024  # bytes of JSON the table reader may print
-MAX_ID = 2**53  # request ids stay exact in every JSON implementation
-MAX_ERROR = 512  # bytes a failed child writes to its error pipe, at most
-_ID_BITS = 0xFFFFFFFE  # uid_t/gid_t: (uid_t)-1 means "unchanged" to the kernel, so refused
-_FD_BYTES = array.array("i").itemsize
 
 # The only signals the spawner does not leave at their default. It handles
 # them (with a no-op) rather than ignoring them, because exec resets handled
 # signals to the default but keeps ignored ones ignored: so a child has no
-# signal to reset before exec, which saves it time (see `_child`).
+# signal to reset before exec, which saves it time (see `child.run_child`).
 _HANDLED = (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-# The table reader: lazyd's config loader in a full interpreter (with its site
-# packages: it needs PyYAML), run by the spawner with the spawner's credentials.
-_READ_TABLE = (
-    "import sys; sys.path.insert(0, sys.argv[1]); "
-    "from lazyd.backends.process.launch import print_table; "
-    "print_table(sys.argv[2], int(sys.argv[3]))"
-)
 # How long the spawner waits for an exec before it turns back to its other
 # work by default; a child that takes longer (a workdir on a hung network
 # mount) is then followed from the poll loop.
 EXEC_WAIT_MS = 100
 
 
-class BadRequest(Exception):
-    """A request the spawner refuses; its message goes back in the error reply."""
-
-
 class _Gone(Exception):
     """The daemon's end of the socket is closed."""
-
-
-def _int(header: dict[str, Any], key: str, low: int, high: int) -> int:
-    value = header.get(key)
-    # bool is an int subclass; true must not pass for 1.
-    if type(value) is not int or not low <= value <= high:
-        raise BadRequest(f"{key} must be an integer in {low}..{high}")
-    return value
-
-
-def _optional_int(header: dict[str, Any], key: str, low: int, high: int) -> int | None:
-    return None if header.get(key) is None else _int(header, key, low, high)
-
-
-def _text(value: object, what: str) -> str:
-    if not isinstance(value, str) or not value or "\0" in value:
-        raise BadRequest(f"{what} must be a non-empty string without NUL")
-    return value
-
-
-class _Launch:
-    """One checked entry of the table: how one service is started."""
-
-    __slots__ = ("argv", "env", "error", "executable", "gid", "groups", "nofile_soft", "notify",
-                 "sockets", "uid", "workdir")
-
-    def __init__(self, entry: object) -> None:
-        if not isinstance(entry, dict):
-            raise BadRequest("each service must be an object")
-        if "error" in entry:
-            # A service that cannot be started (its program was not found): a
-            # spawn of it is answered with this error.
-            if set(entry) != {"error"}:
-                raise BadRequest("an entry with an error has nothing else")
-            self.error: str | None = _text(entry["error"], "error")
-            return
-        self.error = None
-        unknown = set(entry) - set(self.__slots__)
-        if unknown:
-            raise BadRequest(f"unknown field {sorted(unknown)[0]!r}")
-        self.executable = _text(entry.get("executable"), "executable")
-        if not self.executable.startswith("/"):
-            raise BadRequest("executable must be an absolute path")
-        argv = entry.get("argv")
-        if not isinstance(argv, list) or not argv:
-            raise BadRequest("argv must be a non-empty list")
-        for arg in argv:
-            if not isinstance(arg, str) or "\0" in arg:
-                raise BadRequest("each argument must be a string without NUL")
-        self.argv: list[str] = argv
-        env = entry.get("env")
-        if not isinstance(env, dict):
-            raise BadRequest("env must be an object")
-        for key, value in env.items():
-            if "=" in _text(key, "each variable name") or not isinstance(value, str):
-                raise BadRequest(f"environment variable {key!r} cannot be set")
-            if "\0" in value or key in PROTOCOL_VARIABLES:
-                raise BadRequest(f"environment variable {key!r} cannot be set")
-        self.env: dict[str, str] = env
-        self.uid = _optional_int(entry, "uid", 0, _ID_BITS)
-        self.gid = _optional_int(entry, "gid", 0, _ID_BITS)
-        groups = entry.get("groups")
-        if groups is not None:
-            if not isinstance(groups, list) or len(groups) > 65536:  # NGROUPS_MAX
-                raise BadRequest("groups must be a list of at most 65536 group ids")
-            for group in groups:
-                if type(group) is not int or not 0 <= group <= _ID_BITS:
-                    raise BadRequest(f"groups must be integers in 0..{_ID_BITS}")
-        self.groups: list[int] | None = groups
-        workdir = entry.get("workdir")
-        self.workdir = None if workdir is None else _text(workdir, "workdir")
-        self.nofile_soft = _optional_int(entry, "nofile_soft", 0, 2**63 - 1)
-        # All or nothing: a uid without its gid and groups would leave the
-        # service with the spawner's own, which may be root's.
-        if (self.uid is None) != (self.gid is None) or (self.uid is None) != (groups is None):
-            raise BadRequest("uid, gid and groups are given together or not at all")
-        self.sockets = _sockets(entry.get("sockets", []))
-        notify = entry.get("notify", False)
-        if not isinstance(notify, bool):
-            raise BadRequest("notify must be true or false")
-        self.notify: bool = notify
-
-
-_SOCKET_FIELDS = frozenset(("name", "family", "type", "address", "listening", "connected"))
-
-
-def _sockets(value: object) -> list[dict[str, Any]]:
-    """A checked ``sockets`` of a table entry: what each fd of a spawn must be."""
-    if not isinstance(value, list) or len(value) > MAX_FDS:
-        raise BadRequest(f"sockets must be a list of at most {MAX_FDS}")
-    for sock in value:
-        if not isinstance(sock, dict) or set(sock) != _SOCKET_FIELDS:
-            raise BadRequest(f"each socket must have exactly {sorted(_SOCKET_FIELDS)}")
-        name = _text(sock["name"], "socket name")
-        # As sd_listen_fds_with_names(3) can read them back (see lazyd.backends.process.handoff).
-        if ":" in name or len(name) > 255 or not name.isprintable():
-            raise BadRequest(f"socket name {name!r} cannot be passed in LISTEN_FDNAMES")
-        for key in ("family", "type"):
-            if type(sock[key]) is not int:
-                raise BadRequest(f"socket {key} must be an integer")
-        for key in ("listening", "connected"):
-            if not isinstance(sock[key], bool):
-                raise BadRequest(f"socket {key} must be true or false")
-        address = sock["address"]
-        ip = (isinstance(address, list) and len(address) == 2 and isinstance(address[0], str)
-              and type(address[1]) is int)
-        if not ip and not isinstance(address, str):
-            raise BadRequest("socket address must be [host, port] or a path")
-    return value
-
-
-def _describe(identity: dict[str, Any]) -> str:
-    """A socket's identity as people read it: ``AF_INET/SOCK_STREAM 0.0.0.0:80 listening``."""
-    try:
-        kind = f"{socket.AddressFamily(identity['family']).name}/"
-        kind += socket.SocketKind(identity["type"]).name
-    except ValueError:
-        kind = f"family {identity['family']}/type {identity['type']}"
-    address = identity["address"]
-    where = f"{address[0]}:{address[1]}" if isinstance(address, list) else repr(address)
-    state = "listening" if identity["listening"] else "connected" if identity["connected"] else ""
-    return f"{kind} {where} {state}".rstrip()
-
-
-def _table(services: object) -> dict[str, _Launch]:
-    """A checked table of services: name -> _Launch."""
-    if not isinstance(services, dict) or len(services) > MAX_SERVICES:
-        raise BadRequest(f"services must be an object of at most {MAX_SERVICES} entries")
-    table = {}
-    for name, entry in services.items():
-        try:
-            table[_text(name, "service name")] = _Launch(entry)
-        except BadRequest as exc:
-            raise BadRequest(f"service {name!r}: {exc}") from None
-    return table
-
-
-def _spawn_env(
-    name: str, launch: _Launch, env: object, fds: list[int], lazyd_pid: int
-) -> tuple[dict[str, str], list[int]]:
-    """Check a spawn's `env` and `fds` against the table; the variables it adds
-    (LISTEN_FDS, LISTEN_FDNAMES, NOTIFY_SOCKET) and the fds the service gets."""
-    if not isinstance(env, dict):
-        raise BadRequest("env must be an object")
-    unknown = set(env) - {"LISTEN_FDS", "LISTEN_FDNAMES", "NOTIFY_SOCKET"}
-    if unknown:
-        raise BadRequest(f"environment variable {sorted(unknown)[0]!r} cannot be set")
-    for key, value in env.items():
-        _text(value, key)
-    notify = env.get("NOTIFY_SOCKET")
-    if notify is not None:
-        if not launch.notify:
-            raise BadRequest(f"service {name!r} is not ready: notify; NOTIFY_SOCKET cannot be set")
-        if not fds:
-            raise BadRequest("NOTIFY_SOCKET comes with the notify socket itself, as the last fd")
-        _check_notify(name, notify, fds[-1], lazyd_pid)
-        fds = fds[:-1]  # the proof; not the service's
-    expected = launch.sockets
-    names = ":".join(sock["name"] for sock in expected)
-    if len(fds) != len(expected):
-        if not expected:
-            raise BadRequest(f"service {name!r} is handed no sockets (it binds its own), "
-                             f"but {len(fds)} fds were sent")
-        raise BadRequest(f"service {name!r} takes its {len(expected)} configured sockets "
-                         f"({names}), but {len(fds)} fds were sent")
-    for number, (fd, want) in enumerate(zip(fds, expected, strict=True), start=LISTEN_FDS_START):
-        got = socket_identity(fd)
-        if any(got[key] != want[key] for key in got):
-            raise BadRequest(f"fd {number} ({want['name']}) is {_describe(got)}, "
-                             f"not the configured {_describe(want)}")
-    if fds:
-        if env.get("LISTEN_FDS") != str(len(fds)) or env.get("LISTEN_FDNAMES") != names:
-            raise BadRequest(f"LISTEN_FDS and LISTEN_FDNAMES must be {len(fds)} and {names!r}, "
-                             "as the table says")
-    elif "LISTEN_FDS" in env or "LISTEN_FDNAMES" in env:
-        raise BadRequest("LISTEN_FDS and LISTEN_FDNAMES go with fds")
-    return env, fds
-
-
-def _check_notify(name: str, notify: str, proof: int, lazyd_pid: int) -> None:
-    """Refuse a NOTIFY_SOCKET that is not the daemon's own notify socket for `name`.
-
-    The name must be the one lazyd gives that service's socket, and `proof`
-    (sent by the daemon) a datagram socket bound to it: an abstract name
-    belongs to one socket only, so the service's messages reach the daemon
-    and nobody else.
-    """
-    token = notify.rsplit("/", 1)[-1]
-    pattern = "@" + notify_socket_name(name, lazyd_pid, "X" * NOTIFY_TOKEN_LENGTH)
-    if (
-        len(token) != NOTIFY_TOKEN_LENGTH
-        or any(c not in "0123456789abcdef" for c in token)
-        or notify != "@" + notify_socket_name(name, lazyd_pid, token)
-    ):
-        raise BadRequest(f"NOTIFY_SOCKET {notify[:120]!r} is not lazyd's notify socket "
-                         f"for {name!r} ({pattern})")
-    got = socket_identity(proof)
-    datagram = got["family"] == socket.AF_UNIX and got["type"] == socket.SOCK_DGRAM
-    if not datagram or got["address"] != notify:
-        raise BadRequest(f"the socket sent with NOTIFY_SOCKET is {_describe(got)}, "
-                         f"not bound to {notify}")
-
-
-class _Credentials:
-    """What a child must change: None for what it keeps."""
-
-    __slots__ = ("gid", "groups", "uid")
-
-    def __init__(self, uid: int | None, gid: int | None, groups: list[int] | None) -> None:
-        self.uid = uid
-        self.gid = gid
-        self.groups = groups
-
-
-class _Reader:
-    """A table reader started by a reload, and what it printed so far."""
-
-    __slots__ = ("data", "fd", "pid", "request_id")
-
-    def __init__(self, request_id: int, pid: int, fd: int) -> None:
-        self.request_id = request_id
-        self.pid = pid
-        self.fd = fd
-        self.data = b""
 
 
 class _InFlight:
@@ -395,95 +115,6 @@ class _InFlight:
         self.pid = pid
         self.out_r = out_r
         self.err_r = err_r
-
-
-def prepare_child_fds(
-    fds: Sequence[int], devnull: int, out_w: int, keep: int, fd_limit: int
-) -> None:
-    """In a forked child: sockets at 3.., /dev/null at 0, `out_w` at 1 and 2.
-
-    `devnull`, `out_w` and `keep` must be at or above 3+len(fds) (the parent
-    puts them there), so that nothing below overwrites them. The sockets are
-    arranged before stdio is touched, so a socket that sits at 0-2 is copied
-    first. Afterwards every fd from 3+len(fds) up to `fd_limit` is closed
-    except `keep` (the error pipe, which is close-on-exec).
-    """
-    end = LISTEN_FDS_START + len(fds)
-    arrange_fds(fds)
-    os.dup2(devnull, 0)
-    os.dup2(out_w, 1)
-    os.dup2(out_w, 2)
-    # close_range(2) where the interpreter has it: one call, whatever the limit.
-    os.closerange(end, keep)
-    os.closerange(keep + 1, max(fd_limit, keep + 1))
-
-
-_PR_SET_PDEATHSIG = 1
-_prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-
-def _child(
-    launch: _Launch,
-    env: dict[str, str],
-    creds: _Credentials,
-    fds: Sequence[int],
-    devnull: int,
-    out_w: int,
-    err_w: int,
-    fd_limit: int,
-    nofile: tuple[int, int] | None,
-    parent: int,
-) -> NoReturn:
-    """Between fork and exec: turn this child into the service. Never returns.
-
-    Everything that can be done in the parent is done there: on a fork, every
-    page this code writes to is copied first, and that is most of its cost.
-    Signal dispositions need no work (see _HANDLED); the mask is empty.
-    """
-    stage = "setsid"
-    try:
-        # A signal arriving before exec runs the spawner's C handler, which
-        # writes to the wakeup fd: detach it, as its number is about to be
-        # closed and could be reused.
-        signal.set_wakeup_fd(-1)
-        os.setsid()
-        stage = "fds"
-        prepare_child_fds(fds, devnull, out_w, err_w, fd_limit)
-        # Only what differs from the spawner's own (see Spawnerd.spawn).
-        if creds.groups is not None:
-            stage = "setgroups"
-            os.setgroups(creds.groups)
-        if creds.gid is not None:
-            stage = "setgid"
-            os.setresgid(creds.gid, creds.gid, creds.gid)
-        if creds.uid is not None:
-            stage = "setuid"
-            os.setresuid(creds.uid, creds.uid, creds.uid)
-        stage = "prctl"
-        # Should the spawner itself be killed, the service dies with it
-        # instead of outliving it unsupervised, holding lazyd's sockets. Only
-        # after the credentials: changing them clears the parent-death signal.
-        if _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
-        if os.getppid() != parent:  # killed already, before the prctl
-            raise OSError(errno.ESRCH, "the spawner is gone")
-        if launch.workdir is not None:
-            stage = "chdir"
-            os.chdir(launch.workdir)
-        if nofile is not None:
-            stage = "rlimit"
-            resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
-        if fds:
-            # As systemd's activate.c does: set in the process that execs, so it
-            # equals the pid the service sees as its own.
-            env["LISTEN_PID"] = str(os.getpid())
-        stage = "exec"
-        os.execve(launch.executable, launch.argv, env)
-    except BaseException as exc:
-        code = exc.errno if isinstance(exc, OSError) and exc.errno else 0
-        os.write(err_w, f"{code} {stage} {type(exc).__name__}".encode()[:MAX_ERROR])
-    finally:
-        os._exit(127)
 
 
 class Spawnerd:
@@ -503,7 +134,7 @@ class Spawnerd:
         # No fd of ours is above the soft limit: every one was opened under it.
         self.fd_limit = soft if 0 <= soft < 2**31 else 2**31 - 1
         # Above every fd range a request can ask for if the limit allows, so
-        # that no spawn needs a temporary copy of it (see _above).
+        # that no spawn needs a temporary copy of it (see `child.fork_child`).
         self.devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         with contextlib.suppress(OSError):
             high = fcntl.fcntl(self.devnull, fcntl.F_DUPFD_CLOEXEC, LISTEN_FDS_START + MAX_FDS)
@@ -514,7 +145,6 @@ class Spawnerd:
         self.exec_poller = select.poll()
         self.poller.register(self.control.fileno(), select.POLLIN)
         self.poller.register(self.wake_r, select.POLLIN)
-        self.signal_numbers = frozenset(int(s) for s in signal.valid_signals())
         # The daemon: it started this process. Its notify sockets carry its pid.
         self.lazyd_pid = os.getppid()
         # Our credentials never change.
@@ -523,13 +153,13 @@ class Spawnerd:
         self.own_gids = os.getresgid()
         # What may be started: service name -> how. Once sealed, only a reload
         # (which reads `config` itself, as this process's user) changes it.
-        self.table: dict[str, _Launch] = {}
+        self.table: dict[str, Entry] = {}
         self.sealed = False
         self.config: str | None = None  # the config file a reload reads
         self.path = os.defpath  # PATH for the table reader, as lazyd's own
         self.nofile_soft: int | None = None
-        self.reading: _Reader | None = None  # the table reader of a reload under way
-        self.pending: dict[str, _Launch] | None = None  # read by a reload, not committed
+        self.reading: TableReader | None = None  # the table reader of a reload under way
+        self.pending: dict[str, Entry] | None = None  # read by a reload, not committed
 
     def run(self) -> None:
         """Serve requests until the daemon's end closes; then kill what is left."""
@@ -561,7 +191,9 @@ class Spawnerd:
         """Read and answer one request; False once the daemon's end is closed."""
         try:
             data, ancdata, flags, _ = self.control.recvmsg(
-                MAX_MESSAGE, socket.CMSG_SPACE(MAX_FDS * _FD_BYTES), socket.MSG_CMSG_CLOEXEC
+                MAX_MESSAGE,
+                socket.CMSG_SPACE(MAX_FDS * protocol.FD_BYTES),
+                socket.MSG_CMSG_CLOEXEC,
             )
         except (ConnectionResetError, BrokenPipeError):
             return False
@@ -570,219 +202,124 @@ class Spawnerd:
             return False  # EOF (lazyd never sends an empty message)
         request_id: int | None = None
         try:
-            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-                raise BadRequest(f"message too long (limit {MAX_MESSAGE} bytes, {MAX_FDS} fds)")
-            try:
-                header = json.loads(data)
-            except (ValueError, RecursionError):
-                raise BadRequest("not a JSON message") from None
-            if not isinstance(header, dict):
-                raise BadRequest("not a JSON object")
-            request_id = _int(header, "id", 0, MAX_ID)
-            op = header.get("op")
-            if op == "spawn":
-                self.spawn(request_id, header, fds)
-                return True  # answered once exec succeeds or fails
-            if op == "signal":
-                if fds:
-                    raise BadRequest("signal takes no fds")
-                self.signal(header)
-                self.send({"id": request_id, "ok": True})
-                return True
-            if fds and op in ("define", "reload", "commit"):
-                raise BadRequest(f"{op} takes no fds")
-            if op == "define":
-                self.define(header)
-                self.send({"id": request_id, "ok": True})
-                return True
-            if op == "reload":
-                self.reload(request_id, header)
-                return True  # answered once the table is read
-            if op == "commit":
-                if set(header) - {"op", "id"}:
-                    raise BadRequest("commit takes no fields")
+            truncated = bool(flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC))
+            request = protocol.parse_request(data, len(fds), truncated=truncated)
+            request_id = request.id
+            if isinstance(request, protocol.Spawn):
+                self.spawn(request, fds)  # answered once exec succeeds or fails
+            elif isinstance(request, protocol.Signal):
+                self.signal(request)
+                self.send(protocol.ok_reply(request_id))
+            elif isinstance(request, protocol.Define):
+                self.define(request)
+                self.send(protocol.ok_reply(request_id))
+            elif isinstance(request, protocol.Reload):
+                self.reload(request_id)  # answered once the table is read
+            else:
                 if self.pending is None:
-                    raise BadRequest("no table read by a reload to commit")
+                    raise ProtocolError("no table read by a reload to commit")
                 self.table, self.pending = self.pending, None
-                self.send({"id": request_id, "ok": True})
-                return True
-            raise BadRequest(f"unknown op {op!r}")
+                self.send(protocol.ok_reply(request_id))
         except _Gone:
             raise
-        except BadRequest as exc:
-            self.fail(request_id, "request", 0, str(exc))
+        except ProtocolError as exc:
+            reply_to = request_id if exc.request_id is None else exc.request_id
+            self.fail(reply_to, protocol.REQUEST_STAGE, 0, str(exc))
         except Exception as exc:  # never crash on one request: say what went wrong
-            self.fail(request_id, "request", 0, f"{type(exc).__name__}: {exc}")
+            self.fail(request_id, protocol.REQUEST_STAGE, 0, f"{type(exc).__name__}: {exc}")
         finally:
             for fd in fds:
                 os.close(fd)
         return True
 
-    def define(self, header: dict[str, Any]) -> None:
+    def define(self, request: protocol.Define) -> None:
         """Add services to the table; with ``seal``, accept no more definitions."""
         if self.sealed:
-            raise BadRequest("the table of services is sealed; only a reload changes it")
-        unknown = set(header) - {"op", "id", "services", "config", "path", "nofile_soft", "seal"}
-        if unknown:
-            raise BadRequest(f"unknown field {sorted(unknown)[0]!r}")
-        table = _table(header.get("services"))
-        config = header.get("config")
-        path = header.get("path")
-        seal = header.get("seal", False)
-        if not isinstance(seal, bool):
-            raise BadRequest("seal must be true or false")
-        if len(self.table.keys() | table.keys()) > MAX_SERVICES:
-            raise BadRequest(f"more than {MAX_SERVICES} services")
-        self.table.update(table)
-        if config is not None:
-            self.config = _text(config, "config")
-        if path is not None:
-            self.path = _text(path, "path")
-        self.nofile_soft = _optional_int(header, "nofile_soft", 0, 2**63 - 1)
-        self.sealed = seal
+            raise ProtocolError("the table of services is sealed; only a reload changes it")
+        if len(self.table.keys() | request.services.keys()) > MAX_SERVICES:
+            raise ProtocolError(f"more than {MAX_SERVICES} services")
+        self.table.update(request.services)
+        if request.config is not None:
+            self.config = request.config
+        if request.path is not None:
+            self.path = request.path
+        self.nofile_soft = request.nofile_soft
+        self.sealed = request.seal
 
-    def reload(self, request_id: int, header: dict[str, Any]) -> None:
-        """Start reading the table anew from the config file, in a fresh interpreter.
-
-        Not from the daemon: after it dropped its privileges, what it says
-        about commands and users is not to be trusted. The reader prints the
-        table as JSON (see `lazyd.backends.process.launch.print_table`); `read_table` takes it.
-        """
-        if set(header) - {"op", "id"}:
-            raise BadRequest("reload takes no fields")
+    def reload(self, request_id: int) -> None:
+        """Start reading the table anew from the config file (`reloading.TableReader`)."""
         if self.config is None:
-            raise BadRequest("no config file to reload from")
+            raise ProtocolError("no config file to reload from")
         if self.reading is not None:
             # The daemon gave up waiting for it (a config on a hung mount):
             # this request replaces it.
             stale, self.reading = self.reading, None
             self.poller.unregister(stale.fd)
-            os.close(stale.fd)
-            if stale.pid:  # not reaped yet: the pid is still that reader's
-                _quietly(os.kill, stale.pid, signal.SIGKILL)
-            self.fail(stale.request_id, "reload", 0, "replaced by a newer reload")
-        # The directory that holds the lazyd package (lazyd/privileged/ is here).
-        package = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        nofile = -1 if self.nofile_soft is None else self.nofile_soft
-        argv = [sys.executable, "-I", "-c", _READ_TABLE, package, self.config, str(nofile)]
-        read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-        try:
-            actions = [(os.POSIX_SPAWN_DUP2, self.devnull, 0), (os.POSIX_SPAWN_DUP2, write_fd, 1)]
-            pid = os.posix_spawn(sys.executable, argv, {"PATH": self.path}, file_actions=actions)
-        except BaseException:
-            os.close(read_fd)
-            raise
-        finally:
-            os.close(write_fd)
+            stale.abandon()
+            self.fail(stale.request_id, protocol.RELOAD_STAGE, 0, "replaced by a newer reload")
         self.pending = None
-        self.reading = _Reader(request_id, pid, read_fd)
-        self.poller.register(read_fd, select.POLLIN)
+        self.reading = TableReader(
+            request_id, self.config, self.nofile_soft, self.path, self.devnull
+        )
+        self.poller.register(self.reading.fd, select.POLLIN)
 
-    def read_table(self, reading: _Reader) -> None:
+    def read_table(self, reading: TableReader) -> None:
         """The reader's output is readable: at its end, replace the table and reply."""
-        chunk = _read_some(reading.fd)
-        reading.data += chunk
-        if chunk and len(reading.data) <= MAX_TABLE:
+        if not reading.feed():
             return
         self.poller.unregister(reading.fd)
         os.close(reading.fd)
         self.reading = None  # the reader itself is reaped like any child
-        try:
-            if len(reading.data) > MAX_TABLE:
-                raise BadRequest(f"the table exceeds {MAX_TABLE} bytes")
-            try:
-                answer = json.loads(reading.data)
-            except (ValueError, RecursionError):
-                raise BadRequest("the table reader failed (see lazyd's log)") from None
-            if not isinstance(answer, dict):
-                raise BadRequest("the table reader printed no object")
-            if "problems" in answer:
-                problems = answer["problems"]
-                if not isinstance(problems, list) or not all(isinstance(p, str) for p in problems):
-                    raise BadRequest("the table reader printed bad problems")
-                self.send({"id": reading.request_id, "error": "reload: the config has errors",
-                           "stage": "reload", "errno": 0, "problems": problems})
-                return
-            table = _table(answer.get("services"))
-        except BadRequest as exc:
-            self.fail(reading.request_id, "reload", 0, str(exc))
-            return
-        self.pending = table
-        self.send({"id": reading.request_id, "ok": True, "services": sorted(table)})
+        table, reply = reading.answer()
+        if table is not None:
+            self.pending = table
+        self.send(reply)
 
-    def spawn(self, request_id: int, header: dict[str, Any], fds: list[int]) -> None:
-        unknown = set(header) - {"op", "id", "service", "env"}
-        if unknown:
-            raise BadRequest(f"unknown field {sorted(unknown)[0]!r}")
-        name = header.get("service")
-        request = self.table.get(name) if isinstance(name, str) else None
-        if request is None:
-            raise BadRequest(f"unknown service {name!r}")
+    def spawn(self, request: protocol.Spawn, fds: list[int]) -> None:
+        """Fork a child for a spawn request (checked against the table) and wait briefly
+        for its exec; the reply goes out from `confirm`."""
+        name = request.service
+        entry = self.table.get(name)
+        if entry is None:
+            raise ProtocolError(f"unknown service {name!r}")
         if len(fds) > MAX_FDS:
-            raise BadRequest(f"more than {MAX_FDS} fds")
+            raise ProtocolError(f"more than {MAX_FDS} fds")
         for number, fd in enumerate(fds, start=LISTEN_FDS_START):
             # A service is owed sockets only: not a file, pipe or directory
             # the daemon happens to hold, handed to a process that may be root.
             if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-                raise BadRequest(f"fd {number} is not a socket")
-        if request.error is not None:
-            self.fail(request_id, "resolve", errno.ENOENT, request.error)
+                raise ProtocolError(f"fd {number} is not a socket")
+        if isinstance(entry, BrokenEntry):
+            self.fail(request.id, "resolve", errno.ENOENT, entry.error)
             return
-        extra, fds = _spawn_env(str(name), request, header.get("env"), fds, self.lazyd_pid)
-        env = {**request.env, **extra}
+        # (A spawn acts on a process entry: the only kind there is so far.)
+        extra, fds = spawn_env(name, entry, request.env, fds, self.lazyd_pid)
+        env = {**entry.env, **extra}
         if len(self.in_flight_pids) >= MAX_IN_FLIGHT:
-            raise BadRequest(f"more than {MAX_IN_FLIGHT} spawns in flight")
+            raise ProtocolError(f"more than {MAX_IN_FLIGHT} spawns in flight")
         if len(self.children) >= MAX_CHILDREN:
-            raise BadRequest(f"more than {MAX_CHILDREN} processes running")
+            raise ProtocolError(f"more than {MAX_CHILDREN} processes running")
         nofile: tuple[int, int] | None = None
-        if request.nofile_soft is not None:
-            soft, hard = request.nofile_soft, self.nofile_hard
+        if entry.nofile_soft is not None:
+            soft, hard = entry.nofile_soft, self.nofile_hard
             if hard != resource.RLIM_INFINITY and soft > hard:
                 soft = hard  # a soft limit above the hard one would make setrlimit fail
             nofile = (soft, hard)
         # Only what differs from ours is changed (decided here, where it costs
         # less than in the child): an unprivileged spawner may still start a
         # service as its own user, which setgroups would refuse (EPERM).
-        creds = _Credentials(None, None, None)
-        if request.groups is not None and sorted(set(request.groups)) != self.own_groups:
-            creds.groups = request.groups
-        if request.gid is not None and (request.gid,) * 3 != self.own_gids:
-            creds.gid = request.gid
-        if request.uid is not None and (request.uid,) * 3 != self.own_uids:
-            creds.uid = request.uid
-        end = LISTEN_FDS_START + len(fds)
-        out_r = err_r = -1
-        # The child's pipe ends, and temporary copies: ours are closed after the
-        # fork (the error pipe's must be, for its EOF to mean "exec'd").
-        ours: list[int] = []
+        creds = Credentials(None, None, None)
+        if entry.groups is not None and sorted(set(entry.groups)) != self.own_groups:
+            creds.groups = entry.groups
+        if entry.gid is not None and (entry.gid,) * 3 != self.own_gids:
+            creds.gid = entry.gid
+        if entry.uid is not None and (entry.uid,) * 3 != self.own_uids:
+            creds.uid = entry.uid
         try:
-            out_r, out_w = os.pipe2(os.O_CLOEXEC)
-            ours.append(out_w)
-            err_r, err_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-            ours.append(err_w)
-            # The child first fills 3..end-1; what it needs after that lives above.
-            out_w, err_w, devnull = (_above(fd, end, ours) for fd in (out_w, err_w, self.devnull))
-            parent = os.getpid()
-            try:
-                pid = os.fork()
-            except OSError as exc:
-                self.fail(request_id, "fork", exc.errno or 0, os.strerror(exc.errno or 0))
-                pid = -1
-            if pid == 0:
-                _child(
-                    request, env, creds, fds, devnull, out_w, err_w, self.fd_limit, nofile, parent
-                )
-        except BaseException:
-            pid = -1
-            raise
-        finally:
-            for fd in ours:
-                os.close(fd)
-            if pid < 0:
-                for fd in (out_r, err_r):
-                    if fd >= 0:
-                        os.close(fd)
-        if pid < 0:
+            pid, out_r, err_r = fork_child(entry, env, creds, fds, self.devnull, self.fd_limit,
+                                           nofile)
+        except ForkError as exc:
+            self.fail(request.id, "fork", exc.errno, os.strerror(exc.errno))
             return
         # Sleep until the child has exec'd (or failed), before any bookkeeping:
         # with one CPU, that lets the child run at once rather than after us.
@@ -791,7 +328,7 @@ class Spawnerd:
         exec_done = self.exec_poller.poll(self.exec_wait_ms)
         self.exec_poller.unregister(err_r)
         self.children[pid] = False
-        spawned = _InFlight(request_id, pid, out_r, err_r)
+        spawned = _InFlight(request.id, pid, out_r, err_r)
         self.in_flight_pids[pid] = spawned
         if exec_done:
             self.confirm(spawned)
@@ -811,37 +348,30 @@ class Spawnerd:
         del self.in_flight_pids[spawned.pid]
         try:
             if report:
-                # "ERRNO STAGE EXCEPTION", as written by _child.
-                code, stage, name = [*report.decode(errors="replace").split(" ", 2), "", ""][:3]
-                errno = int(code) if code.isdigit() else 0
-                self.fail(spawned.request_id, stage, errno, os.strerror(errno) if errno else name)
+                stage, number, reason = read_failure(report)
+                self.fail(spawned.request_id, stage, number, reason)
             else:
-                self.send({"id": spawned.request_id, "pid": spawned.pid}, [spawned.out_r])
+                self.send(protocol.spawned_reply(spawned.request_id, spawned.pid),
+                          [spawned.out_r])
                 if spawned.pid in self.children:
                     self.children[spawned.pid] = True
         finally:
             os.close(spawned.out_r)
 
-    def signal(self, header: dict[str, Any]) -> None:
-        pid = _int(header, "pid", 1, 2**31 - 1)
-        sig = _int(header, "signal", 1, 255)
-        group = header.get("group")
-        if sig not in self.signal_numbers:
-            raise BadRequest(f"no signal {sig}")
-        if not isinstance(group, bool):
-            raise BadRequest("group must be true or false")
+    def signal(self, request: protocol.Signal) -> None:
+        pid = request.pid
         # Only processes the daemon knows from us and that we have not reaped:
         # such a pid (and, since each leads its own group, that group id) cannot
         # belong to anyone else yet.
         if not self.children.get(pid, False):
-            raise BadRequest(f"pid {pid} is not a running process of this spawner")
+            raise ProtocolError(f"pid {pid} is not a running process of this spawner")
         try:
-            if group:
-                os.killpg(pid, sig)
+            if request.group:
+                os.killpg(pid, request.signal)
             else:
-                os.kill(pid, sig)
+                os.kill(pid, request.signal)
         except OSError as exc:
-            raise BadRequest(f"pid {pid}: {os.strerror(exc.errno or 0)}") from None
+            raise ProtocolError(f"pid {pid}: {os.strerror(exc.errno or 0)}") from None
 
     # -- children ----------------------------------------------------------
 
@@ -859,16 +389,15 @@ class Spawnerd:
             if pid in self.children:
                 _quietly(os.killpg, pid, signal.SIGKILL)  # what the service left behind
             _, status = os.waitpid(pid, 0)
-            if self.reading is not None and self.reading.pid == pid:
-                # Its output may still be unread; its pid is free for anyone now.
-                self.reading.pid = 0
+            if self.reading is not None:
+                self.reading.reaped(pid)  # its output may still be unread
             spawned = self.in_flight_pids.get(pid)
             if spawned is not None:
                 # The child is gone, so its error pipe is at EOF or holds its error:
                 # the spawn reply goes out before the exit notice.
                 self.confirm(spawned)
             if self.children.pop(pid, False):
-                self.send({"exited": pid, "returncode": os.waitstatus_to_exitcode(status)})
+                self.send(protocol.exited_notice(pid, os.waitstatus_to_exitcode(status)))
 
     def kill_all(self) -> None:
         """SIGKILL every process group started here; reap them all."""
@@ -882,38 +411,16 @@ class Spawnerd:
     # -- replies -----------------------------------------------------------
 
     def fail(self, request_id: int | None, stage: str, errno: int, message: str) -> None:
-        self.send(
-            {"id": request_id, "error": f"{stage}: {message}", "stage": stage, "errno": errno}
-        )
+        self.send(protocol.error_reply(request_id, stage, errno, message))
 
     def send(self, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
-        data = json.dumps(message, separators=(",", ":")).encode()
-        ancdata = []
-        if fds:
-            ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
         try:
             # Blocking: the daemon always reads; should it hang, so may we.
-            self.control.sendmsg([data], ancdata, socket.MSG_NOSIGNAL)
+            self.control.sendmsg(
+                [protocol.encode(message)], protocol.fds_ancillary(fds), socket.MSG_NOSIGNAL
+            )
         except (BrokenPipeError, ConnectionResetError):
             raise _Gone() from None
-
-
-def received_fds(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    """The fds an SCM_RIGHTS message carried (already close-on-exec, as received)."""
-    fds = array.array("i")
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[: len(data) - len(data) % _FD_BYTES])
-    return list(fds)
-
-
-def _above(fd: int, low: int, temporaries: list[int]) -> int:
-    """`fd`, or a close-on-exec copy of it at `low` or above (added to `temporaries`)."""
-    if fd >= low:
-        return fd
-    copy = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, low)
-    temporaries.append(copy)
-    return copy
 
 
 def _read_some(fd: int) -> bytes:
@@ -967,7 +474,3 @@ def main(exec_wait_ms: int = EXEC_WAIT_MS) -> None:
     gc.freeze()
     Spawnerd(control, exec_wait_ms).run()
     control.close()
-
-
-if __name__ == "__main__":
-    main()

@@ -10,7 +10,7 @@ and three variables describing them:
 `service_environment` builds everything but LISTEN_PID, in the daemon.
 `arrange_fds` moves the sockets into place in the forked child, which is a
 child of the spawner (`lazyd.privileged.spawnerd`); that is also where LISTEN_PID is set.
-`socket_identity` and `notify_socket_name` are what the spawner checks a
+`socket_identity` (built by `identity`) and `notify_socket_name` are what the spawner checks a
 spawn request's sockets and NOTIFY_SOCKET against (see `lazyd.privileged.spawnerd`).
 This module is imported by the spawner, so it imports only `fcntl`, `os` and
 `socket`, which the spawner needs anyway.
@@ -121,6 +121,19 @@ def notify_socket_name(service: str, lazyd_pid: int, token: str) -> str:
     return prefix + label[:room] + suffix
 
 
+# The fields of a socket's identity, as `identity` spells them; the helper's
+# table describes each socket a service is handed with these and its name.
+SOCKET_IDENTITY_FIELDS = ("family", "type", "address", "listening", "connected")
+
+
+def identity(
+    family: int, kind: int, address: object, *, listening: bool, connected: bool
+) -> dict[str, object]:
+    """A socket's identity (see `socket_identity`) from its parts."""
+    return dict(zip(SOCKET_IDENTITY_FIELDS, (family, kind, address, listening, connected),
+                    strict=True))
+
+
 def socket_identity(fd: int) -> dict[str, object]:
     """What a socket is, as the spawner compares it with its table of services.
 
@@ -148,5 +161,4 @@ def socket_identity(fd: int) -> dict[str, object]:
             connected = False
     finally:
         sock.detach()
-    return {"family": family, "type": kind, "address": address, "listening": listening,
-            "connected": connected}
+    return identity(family, kind, address, listening=listening, connected=connected)

@@ -17,7 +17,6 @@ stdout) and relays its output with `relay_output`.
 from __future__ import annotations
 
 import grp
-import json
 import os
 import pwd
 import shutil
@@ -29,11 +28,12 @@ from typing import Any
 
 import trio
 
-from lazyd.backends.process.handoff import service_environment, socket_identity
+from lazyd.backends.process.handoff import identity, service_environment, socket_identity
 from lazyd.backends.process.spawner import ServiceProcess, Spawner, SpawnError, current_spawner
 from lazyd.config import Config, ReadyKind, ServiceConfig, ownership
 from lazyd.errors import ConfigError, LaunchError
 from lazyd.net.addresses import Address
+from lazyd.privileged import entries, protocol
 from lazyd.readiness.notify import NotifySocket
 
 # The longest line relayed in one piece. A service that writes megabytes without a
@@ -144,26 +144,26 @@ def entry(spec: LaunchSpec) -> dict[str, Any]:
         )
         creds = _credentials(spec.user, spec.group)
     except ValueError as exc:
-        return {"error": str(exc)}
+        return entries.broken_entry(str(exc))
     if not spec.command:
-        return {"error": "the command is empty"}
+        return entries.broken_entry("the command is empty")
     executable = _resolve_command(spec.command[0], env["PATH"], spec.workdir)
     if executable is None:
-        return {"error": f"not found in PATH={env['PATH']}"}
+        return entries.broken_entry(f"not found in PATH={env['PATH']}")
     if creds is not None and _already(creds):
         creds = None
-    return {
-        "sockets": _expected_sockets(spec),
-        "notify": spec.ready_notify or spec.notify_socket is not None,
-        "executable": executable,
-        "argv": list(spec.command),  # argv[0] stays as configured, as with execvp
-        "env": env,
-        "uid": None if creds is None else creds.uid,
-        "gid": None if creds is None else creds.gid,
-        "groups": None if creds is None else list(creds.groups),
-        "workdir": spec.workdir,
-        "nofile_soft": spec.nofile_soft,
-    }
+    return entries.process_entry(
+        sockets=_expected_sockets(spec),
+        notify=spec.ready_notify or spec.notify_socket is not None,
+        executable=executable,
+        argv=spec.command,  # argv[0] stays as configured, as with execvp
+        env=env,
+        uid=None if creds is None else creds.uid,
+        gid=None if creds is None else creds.gid,
+        groups=None if creds is None else creds.groups,
+        workdir=spec.workdir,
+        nofile_soft=spec.nofile_soft,
+    )
 
 
 def _expected_sockets(spec: LaunchSpec) -> list[dict[str, object]]:
@@ -175,7 +175,7 @@ def _expected_sockets(spec: LaunchSpec) -> list[dict[str, object]]:
             for name, address in zip(spec.fd_names, spec.listen, strict=True)
         ]
     return [
-        {"name": name, **socket_identity(fd)}
+        entries.socket_entry(name, socket_identity(fd))
         for name, fd in zip(spec.fd_names, spec.fds, strict=True)
     ]
 
@@ -184,8 +184,10 @@ def _bound_to(name: str, address: Address) -> dict[str, object]:
     """`socket_identity` of the socket lazyd binds for `address`."""
     # An abstract name keeps its '@', as socket_identity says it.
     bound = address.path if address.is_unix else [address.host, address.port]
-    return {"name": name, "family": int(address.family), "type": int(address.type),
-            "address": bound, "listening": address.is_stream, "connected": False}
+    return entries.socket_entry(name, identity(
+        int(address.family), int(address.type), bound,
+        listening=address.is_stream, connected=False,
+    ))
 
 
 def service_spec(
@@ -231,8 +233,9 @@ def print_table(config_path: str, nofile_soft: int) -> None:
     """Print the spawner's table for the config file as JSON: the spawner's reload.
 
     The spawner runs this in a fresh interpreter with its own credentials
-    (see `lazyd.privileged.spawnerd`): ``{"services": {...}}``, or ``{"problems": [...]}``
-    when the config has errors. `nofile_soft` -1 means none.
+    (`lazyd.privileged.read_table`): ``{"services": {...}}``, or ``{"problems": [...]}``
+    when the config has errors (`lazyd.privileged.protocol.table_answer`,
+    `problems_answer`). `nofile_soft` -1 means none.
     """
     from lazyd import config as config_mod
 
@@ -245,10 +248,10 @@ def print_table(config_path: str, nofile_soft: int) -> None:
             _check_root_only(config_path)
         config = config_mod.load(config_path)
     except ConfigError as exc:
-        answer: dict[str, Any] = {"problems": exc.problems}
+        answer = protocol.problems_answer(exc.problems)
     else:
-        answer = {"services": table(config, None if nofile_soft < 0 else nofile_soft)}
-    sys.stdout.write(json.dumps(answer, separators=(",", ":")))
+        answer = protocol.table_answer(table(config, None if nofile_soft < 0 else nofile_soft))
+    sys.stdout.buffer.write(protocol.encode(answer))
     sys.stdout.flush()
 
 

@@ -1,7 +1,8 @@
 """The daemon's side of the spawner: start it, ask it to spawn and to signal.
 
 `lazyd.privileged.spawnerd` is the process that forks and execs services (its docstring
-has the protocol and explains why it exists). `open_spawner` starts it and
+explains why it exists); `lazyd.privileged.protocol` is what goes between the two,
+built and checked with the same functions on both sides. `open_spawner` starts it and
 makes it the current one for everything started inside (`current_spawner`).
 `Spawner.define` tells it which services it may start and how (sealed before
 lazyd drops its privileges), `Spawner.reload` and `commit` make it re-read
@@ -29,20 +30,21 @@ from __future__ import annotations
 
 import array
 import contextvars
-import json
+import functools
 import os
 import signal
 import socket
 import sys
 from collections import deque
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
 
 from lazyd.errors import LaunchError
-from lazyd.privileged import spawnerd
+from lazyd.privileged import boot, protocol, spawnerd
+from lazyd.privileged.fields import ProtocolError
 
 MAX_SPAWNS_WAITING = 32  # spawn requests awaiting their reply; more wait their turn
 MAX_OUTBOX = 1024  # requests waiting for room in the socket buffer
@@ -51,13 +53,6 @@ EXIT_TIMEOUT = 5.0  # seconds the spawner gets to kill what is left and exit
 # Replies carry at most one fd; room for a few more, so extra ones are seen (and closed).
 _ANCILLARY = socket.CMSG_SPACE(4 * array.array("i").itemsize)
 
-# The spawner's interpreter: no site (so no .pth files, no editable-install
-# finders: the package's own directory is put on sys.path instead), no
-# environment variables, nothing from the current directory.
-_BOOT = (
-    "import sys; sys.path.append(sys.argv[1]); from lazyd.privileged.spawnerd import main; "
-    "main(int(sys.argv[2]))"
-)
 
 _current: contextvars.ContextVar[Spawner] = contextvars.ContextVar("lazyd_spawner")
 
@@ -126,11 +121,14 @@ class _Reply:
         self.done = trio.Event()
         self.process: ServiceProcess | None = None
         self.error: SpawnError | None = None
-        self.message: dict[str, Any] = {}
+        self.message: protocol.Reply | None = None
         self.abandoned = False  # the caller was cancelled: kill what comes
 
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.message.get(key, default)
+    @property
+    def services(self) -> list[str]:
+        """A reload's: the services in the table it read."""
+        done = self.message
+        return (done.services or []) if isinstance(done, protocol.Done) else []
 
 
 class Spawner:
@@ -172,13 +170,16 @@ class Spawner:
             last = len(names)
             while True:
                 chunk = {name: services[name] for name in names[first:last]}
-                header = {"op": "define", "services": chunk, "config": config, "path": path,
-                          "nofile_soft": nofile_soft, "seal": seal and last == len(names)}
-                size = len(json.dumps(header, separators=(",", ":")))
-                if size + 64 <= spawnerd.MAX_MESSAGE or last - first <= 1:
+                build = functools.partial(
+                    protocol.define_request, services=chunk, config=config, path=path,
+                    nofile_soft=nofile_soft, seal=seal and last == len(names),
+                )
+                # (Room for the id, which is not known yet.)
+                size = len(protocol.encode(build(0)))
+                if size + 64 <= protocol.MAX_MESSAGE or last - first <= 1:
                     break
                 last = first + max(1, (last - first) // 2)
-            await self._request(header)
+            await self._request(build)
             if last >= len(names):
                 self.sealed = self.sealed or seal
                 return
@@ -191,12 +192,12 @@ class Spawner:
         "reload", with the config's `problems`) when the file has errors or
         the reader failed.
         """
-        reply = await self._request({"op": "reload"})
-        return [str(name) for name in reply.get("services", [])]
+        reply = await self._request(protocol.reload_request)
+        return list(reply.services)
 
     async def commit(self) -> None:
         """Replace the spawner's table with the one its last `reload` read."""
-        await self._request({"op": "commit"})
+        await self._request(protocol.commit_request)
 
     async def spawn(
         self,
@@ -215,16 +216,19 @@ class Spawner:
         the service) as proof that the address is lazyd's own. Raises
         SpawnError when the process could not be started.
         """
-        header: dict[str, Any] = {"op": "spawn", "service": service, "env": dict(env or {})}
+        build = functools.partial(protocol.spawn_request, service=service, env=env or {})
         sent = [*fds] if notify_fd is None else [*fds, notify_fd]
-        if len(sent) > spawnerd.MAX_FDS:
-            raise SpawnError(f"more than {spawnerd.MAX_FDS} sockets", "request", 0)
-        reply = await self._request(header, sent)
+        if len(sent) > protocol.MAX_FDS:
+            raise SpawnError(f"more than {protocol.MAX_FDS} sockets", protocol.REQUEST_STAGE, 0)
+        reply = await self._request(build, sent)
         assert reply.process is not None
         return reply.process
 
-    async def _request(self, header: dict[str, Any], fds: Sequence[int] = ()) -> _Reply:
-        """Send one request and wait for its reply; raise SpawnError for an error reply."""
+    async def _request(
+        self, build: Callable[[int], dict[str, Any]], fds: Sequence[int] = ()
+    ) -> _Reply:
+        """Send the request `build` makes for a new id and wait for its reply; raise
+        SpawnError for an error reply."""
         try:
             # Not `async with`: acquire() yields to the scheduler even when a
             # slot is free, and a start should not wait for other tasks to run.
@@ -232,7 +236,8 @@ class Spawner:
         except trio.WouldBlock:
             await self._slots.acquire()
         try:
-            header["id"] = request_id = self._new_id()
+            request_id = self._new_id()
+            header = build(request_id)
             reply = _Reply()
             self._waiting[request_id] = reply
             sent = False
@@ -265,17 +270,16 @@ class Spawner:
     def _signal(self, pid: int, sig: int, *, group: bool) -> None:
         if self._lost is not None:
             return  # nothing can be signalled any more; wait() says why
-        header = {"op": "signal", "id": self._new_id(), "pid": pid, "signal": int(sig)}
-        header["group"] = group
-        self._send(header)
+        self._send(protocol.signal_request(self._new_id(), pid, sig, group=group))
 
     def _send(self, header: dict[str, Any], fds: Sequence[int] = ()) -> None:
         if self._lost is not None:
             raise SpawnError(self._lost, "spawner", 0)
-        data = json.dumps(header, separators=(",", ":")).encode()
-        if len(data) > spawnerd.MAX_MESSAGE:
+        data = protocol.encode(header)
+        if len(data) > protocol.MAX_MESSAGE:
             raise SpawnError(
-                f"command line and environment exceed {spawnerd.MAX_MESSAGE} bytes", "request", 0
+                f"command line and environment exceed {protocol.MAX_MESSAGE} bytes",
+                protocol.REQUEST_STAGE, 0,
             )
         if not self._outbox:  # else it would overtake what waits there
             try:
@@ -291,11 +295,8 @@ class Spawner:
         self._outbox_ready.set()
 
     def _sendmsg(self, data: bytes, fds: Sequence[int]) -> None:
-        ancdata = []
-        if fds:
-            ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
         try:
-            self._sock.sendmsg([data], ancdata, socket.MSG_NOSIGNAL)
+            self._sock.sendmsg([data], protocol.fds_ancillary(fds), socket.MSG_NOSIGNAL)
         except BlockingIOError:
             raise
         except OSError as exc:
@@ -326,57 +327,70 @@ class Spawner:
             await trio.lowlevel.wait_readable(self._sock)
             try:
                 data, ancdata, _flags, _ = self._sock.recvmsg(
-                    spawnerd.MAX_MESSAGE, _ANCILLARY, socket.MSG_CMSG_CLOEXEC
+                    protocol.MAX_MESSAGE, _ANCILLARY, socket.MSG_CMSG_CLOEXEC
                 )
             except BlockingIOError:
                 continue
             except OSError as exc:
                 data, ancdata = b"", []
                 self._lose(f"lazyd's spawner is gone ({os.strerror(exc.errno or 0)})")
-            fds = spawnerd.received_fds(ancdata)
-            if not data:
+            fds = protocol.received_fds(ancdata)
+            try:
+                if not data:
+                    self._lose("lazyd's spawner exited")
+                    raise LaunchError(self._lost or "lazyd's spawner exited")
+                try:
+                    message = protocol.parse_reply(data)
+                except ProtocolError as exc:
+                    # The helper is lazyd's own: a message it should not send
+                    # means it cannot be relied on any more.
+                    self._lose(f"lazyd's spawner sent a malformed message ({exc})")
+                    raise LaunchError(self._lost or "lazyd's spawner is lost") from None
+            except BaseException:
                 for fd in fds:
                     os.close(fd)
-                self._lose("lazyd's spawner exited")
-                raise LaunchError(self._lost or "lazyd's spawner exited")
-            self._route(json.loads(data), fds)
+                raise
+            self._route(message, fds)
 
-    def _route(self, message: dict[str, Any], fds: list[int]) -> None:
-        if "exited" in message:
-            process = self._processes.pop(message["exited"], None)
+    def _route(self, message: protocol.Reply, fds: list[int]) -> None:
+        if isinstance(message, protocol.Exited):
+            process = self._processes.pop(message.pid, None)
             if process is not None:
-                process._exit(message["returncode"])
+                process._exit(message.returncode)
             for fd in fds:
                 os.close(fd)
             return
-        reply = self._waiting.pop(message.get("id", -1), None)
+        reply = self._waiting.pop(-1 if message.id is None else message.id, None)
         if reply is None:
             # A signal's reply. Its only possible error is a process that has
             # just exited: its exit notice is on the way.
             for fd in fds:
                 os.close(fd)
             return
-        pid = message.get("pid")
         reply.message = message
-        if message.get("ok") is True:
-            for fd in fds:
-                os.close(fd)
-        elif isinstance(pid, int) and len(fds) == 1:
+        if isinstance(message, protocol.Spawned) and len(fds) == 1:
             if reply.abandoned:
                 os.close(fds[0])
-                self._signal(pid, signal.SIGKILL, group=True)
+                self._signal(message.pid, signal.SIGKILL, group=True)
             else:
-                reply.process = self._processes[pid] = ServiceProcess(self, pid, fds[0])
+                process = ServiceProcess(self, message.pid, fds[0])
+                reply.process = self._processes[message.pid] = process
+        elif isinstance(message, protocol.Done):
+            for fd in fds:
+                os.close(fd)
         else:
             for fd in fds:
                 os.close(fd)
-            stage = str(message.get("stage", ""))
-            reason = str(message.get("error", "no reply"))
-            errno = message.get("errno") or 0
-            reply.error = SpawnError(reason.removeprefix(f"{stage}: "), stage, errno)
-            problems = message.get("problems")
-            if isinstance(problems, list):
-                reply.error.problems = [str(p) for p in problems]
+            if isinstance(message, protocol.Failed):
+                reply.error = SpawnError(message.reason, message.stage, message.errno)
+                reply.error.problems = message.problems
+            else:
+                # Started, but its output pipe did not come with it (lazyd out
+                # of fds): nobody can own it.
+                assert isinstance(message, protocol.Spawned)
+                self._signal(message.pid, signal.SIGKILL, group=True)
+                reply.error = SpawnError(f"pid {message.pid} came without its output pipe",
+                                         "spawner", 0)
         reply.done.set()
 
     # -- the end ---------------------------------------------------------------
@@ -408,11 +422,11 @@ def spawner_command(exec_wait_ms: int = spawnerd.EXEC_WAIT_MS) -> list[str]:
     """The command that runs the spawner, with this interpreter and this copy of lazyd.
 
     `exec_wait_ms`: how long it waits for one exec before it serves other
-    requests meanwhile (see `lazyd.privileged.spawnerd.EXEC_WAIT_MS`).
+    requests meanwhile (see `lazyd.privileged.spawnerd.EXEC_WAIT_MS`). The
+    interpreter runs no site and takes nothing from the environment or the
+    current directory (`lazyd.privileged.boot` explains, and checks it).
     """
-    # The directory that holds the lazyd package (lazyd/privileged/spawnerd.py).
-    top = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(spawnerd.__file__))))
-    return [sys.executable, "-I", "-S", "-c", _BOOT, top, str(exec_wait_ms)]
+    return [sys.executable, "-I", "-S", os.path.abspath(boot.__file__), str(exec_wait_ms)]
 
 
 @asynccontextmanager
