@@ -49,7 +49,7 @@ from lazyd.core.lifecycle import (
 from lazyd.core.starts import StartHistory, StartRecord
 from lazyd.errors import LaunchError
 from lazyd.front.datagram import DatagramProxy
-from lazyd.front.stream import StreamProxy, wait_connectable
+from lazyd.front.stream import StreamProxy
 from lazyd.net.access import Access
 from lazyd.net.binding import accept_queue_length
 from lazyd.observe.logs import (
@@ -60,6 +60,7 @@ from lazyd.observe.logs import (
     log_at,
 )
 from lazyd.readiness.notify import NotifySocket, belongs_to, open_notify_socket
+from lazyd.readiness.probe import wait_connectable
 
 LogFn = Callable[[str], None]
 
