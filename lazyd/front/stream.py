@@ -25,14 +25,19 @@ moved by `lazyd.datapath.shovel`.  Counters (`held`, `active`, `bytes_in`,
 `bytes_out`, `first_byte_at`) feed status, metrics and the start-latency
 line.
 
-This module is StreamProxy alone: admission and holding, release pacing and
-the life of each connection (held, connecting, open, closed) share one
-connection table and one `_close()`, so they stay one class.
+Why this module is longer than ~400 lines: it is StreamProxy alone, and
+its parts (admission and holding, release pacing with connect retries, an
+open connection's timers and half-close) work on one connection table and
+end in one `_close()`, which must undo whatever state a connection is in
+(held count, arrival queue, gate, fds, activity).  Split across classes,
+each part would reach into the others' counters on every close.  What is
+not tied to that table lives elsewhere: the connection record
+(`lazyd.front.connection`), the event loop (`lazyd.datapath.reactor`), the
+bytes (`lazyd.datapath.shovel`), the fds (`lazyd.datapath.budget`).
 """
 
 from __future__ import annotations
 
-import enum
 import errno
 import os
 import select
@@ -46,6 +51,7 @@ import trio
 from lazyd.datapath.budget import FDS
 from lazyd.datapath.reactor import Reactor
 from lazyd.datapath.shovel import FLOW_TURNS, Flow, Shovel, shutdown_write, stuck
+from lazyd.front.connection import CLOSED, CONNECTING, HELD, OPEN, Connection, show_peer
 from lazyd.front.forwarder import Activity, BurstLog, Clock, Forwarder, LogFn
 from lazyd.net.access import Gate, reset_and_close
 from lazyd.net.addresses import Address
@@ -60,10 +66,6 @@ ACCEPT_BATCH = 64
 # connects at once would overflow the service's accept queue (4096 at most
 # here), and every SYN dropped there costs its client a second.
 CONNECTS_IN_FLIGHT = 128
-# A connect not answered in this time is tried again (then after twice as
-# long, up to 2 s): a SYN dropped at a full accept queue is sent again by
-# the kernel only after a second, and a local service answers at once.
-FIRST_SYN_WAIT = 0.1
 # Once the service has closed its side, the client gets this long without
 # sending anything before lazyd closes the connection (HAProxy's "timeout
 # client-fin"): a client that never closes would otherwise hold two fds and
@@ -97,62 +99,11 @@ class _RawAccept(Protocol):
     def _accept(self) -> tuple[int, Any]: ...
 
 
-class State(enum.Enum):
-    """A connection's states, in the order it goes through them.  Compared
-    with `is`: a state is a shared singleton, so a held connection costs no
-    more for it than the small integer it used to be."""
-
-    HELD = 0  # accepted, waiting for release (and a free slot)
-    CONNECTING = 1  # released, its connect to the upstream not yet answered
-    OPEN = 2  # forwarding both ways
-    CLOSED = 3
-
-
-HELD, CONNECTING, OPEN, CLOSED = State.HELD, State.CONNECTING, State.OPEN, State.CLOSED
 # The `attempt` of an open connection's idle timer (connect attempts count from 1).
 _IDLE_TIMER = -1
 # The timer that stands for no connection: the pump, tried again.
 _PUMP_TIMER = 0
 
-
-class _Connection:
-    """One accepted client, from held to closed."""
-
-    __slots__ = ("_client", "attempt", "backoff", "client_fd", "family", "inbound", "last_in",
-                 "last_io", "outbound", "peer", "started", "state", "syn_wait", "upstream",
-                 "upstream_fd")
-
-    def __init__(self, family: int, client_fd: int, peer: Any,
-                 client: socket.socket | None = None) -> None:
-        # A held client is only an fd: the socket object is made when it is
-        # needed (at release, mostly), which a flood of them never waits for.
-        self.family = family
-        self.client_fd = client_fd
-        self._client = client
-        self.peer = peer
-        self.state = HELD
-        self.upstream: socket.socket | None = None
-        self.upstream_fd = -1
-        self.inbound: Flow | None = None  # client -> upstream
-        self.outbound: Flow | None = None  # upstream -> client
-        self.attempt = 0  # connect attempts, to tell a stale timer from a live one
-        self.started = 0.0  # when the first connect began
-        self.syn_wait = FIRST_SYN_WAIT
-        self.backoff = 0.001  # between connects a full Unix backlog refused
-        self.last_in = 0.0  # half-closed by the service: when the client last sent
-        self.last_io = 0.0  # with an idle timeout: when either end last had something
-
-    @property
-    def client(self) -> socket.socket:
-        if self._client is None:
-            self._client = socket.socket(self.family, socket.SOCK_STREAM, 0, self.client_fd)
-        return self._client
-
-    def close_client(self) -> None:
-        if self._client is not None:
-            self._client.close()
-        else:
-            os.close(self.client_fd)
 
 
 class StreamProxy(Forwarder):
@@ -209,7 +160,7 @@ class StreamProxy(Forwarder):
         self.activity = Activity(clock)
         self._ready = False
         self._stopping = False
-        self._pending: deque[_Connection] = deque()  # held, in arrival order (and some gone)
+        self._pending: deque[Connection] = deque()  # held, in arrival order (and some gone)
         self._held = 0
         self._connecting = 0
         self._pumping = False
@@ -218,7 +169,7 @@ class StreamProxy(Forwarder):
         self._room = trio.Event()
         self._nursery: trio.Nursery | None = None
         # Every connection's fds (client and upstream) and timers; from run().
-        self._reactor: Reactor[_Connection, Flow]
+        self._reactor: Reactor[Connection, Flow]
         self._shovel = Shovel(clock)
         self._spare: socket.socket | None = None  # see adopt()
         self._accept_log = BurstLog(log, f"{name}: accept")
@@ -397,7 +348,7 @@ class StreamProxy(Forwarder):
             if not self.gate.admit(client, peer):
                 FDS.closed()
                 return  # refused: reset, counted and logged; the service is not started
-        conn = _Connection(self.listener.family, fd, peer, client)
+        conn = Connection(self.listener.family, fd, peer, client)
         # Held, the connection is watched for nothing but its client leaving:
         # what it sends stays in the kernel's receive buffer until release
         # (the client's TCP window closes once that is full).
@@ -416,7 +367,7 @@ class StreamProxy(Forwarder):
         else:
             self.on_traffic()
 
-    def _check_held(self, conn: _Connection) -> None:
+    def _check_held(self, conn: Connection) -> None:
         """The client hung up while held: forget it, unless it sent a request
         first (a request followed by shutdown(SHUT_WR) is complete, not a
         departure: it goes upstream, then the EOF).  A client that closed
@@ -479,7 +430,7 @@ class StreamProxy(Forwarder):
         self._room.set()
         self._room = trio.Event()
 
-    def _connect(self, conn: _Connection) -> None:
+    def _connect(self, conn: Connection) -> None:
         """One connect attempt; its answer arrives as an event (or at once)."""
         conn.attempt += 1
         if self._spare is not None:
@@ -514,7 +465,7 @@ class StreamProxy(Forwarder):
         self._reactor.at(trio.current_time() + conn.syn_wait, conn, conn.attempt)
         conn.syn_wait = min(conn.syn_wait * 2, 2.0)
 
-    def _connect_answered(self, conn: _Connection) -> None:
+    def _connect_answered(self, conn: Connection) -> None:
         assert conn.upstream is not None
         code = conn.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if code:
@@ -522,20 +473,20 @@ class StreamProxy(Forwarder):
         else:
             self._connected(conn)
 
-    def _connect_timer(self, conn: _Connection) -> None:
+    def _connect_timer(self, conn: Connection) -> None:
         if trio.current_time() - conn.started >= CONNECT_TIMEOUT:
             self._connect_failed(conn, TimeoutError(errno.ETIMEDOUT, "no answer to connect"))
             return
         self._drop_upstream(conn)
         self._connect(conn)
 
-    def _connect_failed(self, conn: _Connection, exc: OSError) -> None:
+    def _connect_failed(self, conn: Connection, exc: OSError) -> None:
         self._connect_log.failed(
-            f"{describe(exc)}; closing the connection from {_show_peer(conn.peer)}"
+            f"{describe(exc)}; closing the connection from {show_peer(conn.peer)}"
         )
         self._close(conn)
 
-    def _connected(self, conn: _Connection) -> None:
+    def _connected(self, conn: Connection) -> None:
         self._connect_log.succeeded()
         self._connecting -= 1
         conn.state = OPEN
@@ -581,12 +532,12 @@ class StreamProxy(Forwarder):
         self._pumping = False
         self._pump()
 
-    def _go_on(self, conn: _Connection, flow: Flow) -> None:
+    def _go_on(self, conn: Connection, flow: Flow) -> None:
         """A flow that had more to move when its turns ran out."""
         if conn.state is OPEN:
             self._flow(conn, flow)
 
-    def _event(self, conn: _Connection, fd: int, events: int) -> None:
+    def _event(self, conn: Connection, fd: int, events: int) -> None:
         try:
             if conn.state is HELD:
                 self._check_held(conn)
@@ -617,10 +568,10 @@ class StreamProxy(Forwarder):
         except Exception as exc:
             # Expected failures (resets, refusals) are handled where they
             # happen; anything else is a bug, but it ends this connection only.
-            self.log(f"{self.name}: connection from {_show_peer(conn.peer)} failed: {exc!r}")
+            self.log(f"{self.name}: connection from {show_peer(conn.peer)} failed: {exc!r}")
             self._close(conn)
 
-    def _timer(self, conn: _Connection | None, attempt: int, now: float) -> None:
+    def _timer(self, conn: Connection | None, attempt: int, now: float) -> None:
         """A timer is due: the connect timer of `conn` (or, once open, its
         half-closed timer, or with attempt _IDLE_TIMER its idle timer), or
         (None) the pump."""
@@ -634,7 +585,7 @@ class StreamProxy(Forwarder):
         elif conn.state is OPEN:
             self._half_closed_timer(conn, now)
 
-    def _idle_timer(self, conn: _Connection, now: float) -> None:
+    def _idle_timer(self, conn: Connection, now: float) -> None:
         """Close a forwarded connection quiet both ways for idle_timeout (else
         look again when it would be): one timer per connection at a time."""
         assert self.idle_timeout is not None
@@ -644,7 +595,7 @@ class StreamProxy(Forwarder):
         else:
             self._close(conn)
 
-    def _half_closed_timer(self, conn: _Connection, now: float) -> None:
+    def _half_closed_timer(self, conn: Connection, now: float) -> None:
         """Close a connection the service has finished with and whose client
         has sent nothing for half_closed_timeout (else look again later)."""
         inbound, outbound = conn.inbound, conn.outbound
@@ -656,7 +607,7 @@ class StreamProxy(Forwarder):
         else:
             self._close(conn)
 
-    def _flow(self, conn: _Connection, flow: Flow) -> None:
+    def _flow(self, conn: Connection, flow: Flow) -> None:
         """Move what can be moved now, src -> dst, until either would block;
         at most FLOW_TURNS rounds, then others get a turn (edge-triggered,
         the flow is taken up again without a new event)."""
@@ -693,7 +644,7 @@ class StreamProxy(Forwarder):
 
     # -- closing -----------------------------------------------------------------
 
-    def _drop_upstream(self, conn: _Connection) -> None:
+    def _drop_upstream(self, conn: Connection) -> None:
         if conn.upstream is not None:
             self._reactor.unregister(conn.upstream_fd)
             conn.upstream.close()  # leaves the epoll set with it
@@ -701,7 +652,7 @@ class StreamProxy(Forwarder):
             conn.upstream = None
             conn.upstream_fd = -1
 
-    def _close(self, conn: _Connection) -> None:
+    def _close(self, conn: Connection) -> None:
         """Close both ends of a connection, in whatever state it is."""
         state = conn.state
         if state is CLOSED:
@@ -731,14 +682,5 @@ class StreamProxy(Forwarder):
         self._pump()
 
 
-def _show_peer(peer: Any) -> str:
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        host = peer[0]
-        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
-    if isinstance(peer, bytes):
-        peer = peer.decode(errors="replace")
-    return str(peer) or "a Unix client"
-
-
-def _closed(conn: _Connection) -> bool:
+def _closed(conn: Connection) -> bool:
     return conn.state is CLOSED
