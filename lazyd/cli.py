@@ -1,6 +1,7 @@
-"""`lazyd run | check | status | reload | analyze | demo`: the command line.
+"""`lazyd run | check | status | reload | analyze | demo | import`: the command line.
 
 Exit status: 0 success, 1 a config or start-up error, 2 bad usage.
+The help texts and their examples are also the man page (`lazyd.manpage`).
 """
 
 from __future__ import annotations
@@ -15,40 +16,79 @@ from typing import Any
 
 import trio
 
-from lazyd import __version__
+from lazyd import __version__ as _source_version
 from lazyd import config as config_mod
 from lazyd.errors import ConfigError, ControlError, LazydError
 from lazyd.observe.logs import FORMATS, Level, Logger
 from lazyd.runtime import control
 
 DEFAULT_CONFIG = "lazyd.yaml"
+DESCRIPTION = "Hold listening sockets for services and start each one on first use."
+
+# One example per command: shown by `lazyd COMMAND --help` and in the man page.
+EXAMPLES = {
+    "lazyd": "lazyd check -c /etc/lazyd/lazyd.yaml && lazyd run -c /etc/lazyd/lazyd.yaml",
+    "run": "lazyd run -c /etc/lazyd/lazyd.yaml --log-format json",
+    "check": "lazyd check -c conf/demo.yaml",
+    "status": "lazyd status --watch --interval 0.5 -c /etc/lazyd/lazyd.yaml",
+    "reload": "lazyd reload -c /etc/lazyd/lazyd.yaml",
+    "analyze": "lazyd analyze plot --since 1h > starts.svg",
+    "demo": "lazyd demo",
+    "import": "lazyd import lehu.service > /etc/lazyd/lazyd.yaml",
+}
 
 
-def _parser() -> argparse.ArgumentParser:
+def version() -> str:
+    """The installed distribution's version, else the source tree's."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("lazyd")
+    except metadata.PackageNotFoundError:
+        return _source_version
+
+
+def _epilog(command: str) -> str:
+    return f"example:\n  {EXAMPLES[command]}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line, also the source of `lazyd.manpage`."""
     parser = argparse.ArgumentParser(
-        prog="lazyd",
-        description="Hold listening sockets for services and start each one on first use.",
+        prog="lazyd", description=DESCRIPTION, epilog=_epilog("lazyd"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"lazyd {__version__}")
+    parser.add_argument("--version", action="version", version=f"lazyd {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run the daemon in the foreground")
+    def command(name: str, help: str, description: str = "") -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, epilog=_epilog(name),
+                              description=description or help[:1].upper() + help[1:] + ".",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    run = command("run", "run the daemon in the foreground")
     run.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config file (%(default)s)")
     run.add_argument("--log-format", choices=FORMATS, default="text",
                      help="log lines as text (default) or one JSON object each")
 
-    check = sub.add_parser("check", help="validate a config and print the plan")
+    check = command("check", "validate a config and print the plan")
     check.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config file (%(default)s)")
 
-    status = sub.add_parser("status", help="show every service of a running daemon")
-    status.add_argument("--json", action="store_true", help="print JSON")
+    status = command("status", "show every service of a running daemon")
+    shown = status.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true", help="print JSON")
+    shown.add_argument("--watch", action="store_true",
+                       help="a table that refreshes in place until q or Ctrl-C (plain repeated "
+                       "tables when stdout is not a terminal)")
+    status.add_argument("--interval", type=_interval, default=1.0, metavar="DURATION",
+                        help="how often --watch refreshes (default 1s; 250ms, 2s, ...)")
     _add_control_arguments(status)
 
-    reload = sub.add_parser("reload", help="make a running daemon re-read its config")
+    reload = command("reload", "make a running daemon re-read its config")
     _add_control_arguments(reload)
 
-    analyze = sub.add_parser(
-        "analyze", help="start latency per service (blame) or an SVG timeline of starts (plot)"
+    analyze = command(
+        "analyze", "start latency per service (blame) or an SVG timeline of starts (plot)"
     )
     analyze.add_argument("view", choices=("blame", "plot"),
                          help="blame: a table, slowest first; plot: SVG on stdout")
@@ -56,8 +96,27 @@ def _parser() -> argparse.ArgumentParser:
                          help="only starts within this long ago (30s, 10m, 2h)")
     _add_control_arguments(analyze)
 
-    sub.add_parser("demo", help="a self-contained demonstration; exits by itself")
+    command("demo", "a self-contained demonstration; exits by itself")
+
+    imports = command(
+        "import", "systemd .socket and .service units as a lazyd config on stdout",
+        "Convert systemd units to a lazyd config, printed on stdout. A UNIT is a file, else a "
+        "name looked up in /etc/systemd/system, /run/systemd/system and /lib/systemd/system, "
+        "drop-ins (NAME.d/*.conf) included. The socket units that activate a service and "
+        "the service a socket unit activates come along. What has no lazyd equivalent "
+        "becomes a '# not converted:' comment and a line on stderr; the exit status is 1 "
+        "only when no service could be converted.")
+    imports.add_argument("units", nargs="+", metavar="UNIT", help="a .socket or .service unit")
+    imports.add_argument("--unit-dir", action="append", metavar="DIR",
+                         help="look units up here instead (repeat for several, first wins)")
     return parser
+
+
+def _interval(text: str) -> float:
+    seconds = _duration(text)
+    if not 0.05 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError("expected an interval from 50ms to 1h")
+    return seconds
 
 
 def _add_control_arguments(parser: argparse.ArgumentParser) -> None:
@@ -134,6 +193,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
+    if args.watch:
+        from lazyd.observe.watch import watch
+
+        return watch(_find_control(args), args.interval)
     reply = control.request(_find_control(args), "status")
     if args.json:
         print(json.dumps({"services": reply["services"]}, indent=2))
@@ -226,6 +289,21 @@ def format_status(services: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _cmd_import(args: argparse.Namespace) -> int:
+    from lazyd.config.units import UnitFiles, convert
+
+    files = UnitFiles(dirs=args.unit_dir) if args.unit_dir else UnitFiles()
+    result = convert(args.units, files)
+    for problem in result.problems:
+        print(problem, file=sys.stderr)
+    if not result.usable:
+        print("lazyd import: nothing usable remains: no service could be converted",
+              file=sys.stderr)
+        return 1
+    sys.stdout.write(result.config)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from lazyd.demo.demo import main as demo_main
 
@@ -239,11 +317,12 @@ COMMANDS = {
     "reload": _cmd_reload,
     "analyze": _cmd_analyze,
     "demo": _cmd_demo,
+    "import": _cmd_import,
 }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except ConfigError as exc:

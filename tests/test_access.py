@@ -14,15 +14,8 @@ from hypothesis import strategies as st
 
 from lazyd.config import loads, plan
 from lazyd.errors import ConfigError
-from lazyd.net.access import (
-    REPORT_INTERVAL,
-    Access,
-    IPAddress,
-    Network,
-    client_address,
-    parse_network,
-    refusal,
-)
+from lazyd.net.access import REPORT_INTERVAL, Access, IPAddress, client_address, refusal
+from lazyd.net.addresses import Network, parse_network
 from tests.conftest import LazydProcess, free_port, program, run_lazyd
 from tests.test_metrics import scrape, value
 

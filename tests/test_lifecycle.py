@@ -43,7 +43,7 @@ from lazyd.core.lifecycle import (
     Unwatch,
     Watch,
 )
-from lazyd.observe.logs import Level, lifecycle_level
+from lazyd.levels import Level
 
 STARTED = ReadyConfig(ReadyKind.STARTED)
 NOTIFY = ReadyConfig(ReadyKind.NOTIFY)
@@ -56,7 +56,7 @@ def config(**changes: object) -> ServiceConfig:
 
 
 def begun(cfg: ServiceConfig, now: float = 0.0) -> Lifecycle:
-    machine = Lifecycle(cfg, now)
+    machine = Lifecycle(cfg.policy, now)
     assert machine.begin(now) == [Watch()]
     return machine
 
@@ -131,7 +131,7 @@ def test_start_timeout_stops_then_kills_the_group_then_idles() -> None:
     machine.handle(Spawned(42), 0.01)
     assert where(machine) == (State.STARTING, 1.0)
     assert machine.handle(Tick(), 1.0) == [
-        Log("start timed out: not ready within 1 s"),
+        Log("start timed out: not ready within 1 s", Level.ERR),
         Activation(Outcome.TIMED_OUT, "traffic", trigger=0.0, spawned=0.01, ready=None),
         DropHeld("not ready within 1 s"),
         Kill(signal.SIGINT),
@@ -139,7 +139,7 @@ def test_start_timeout_stops_then_kills_the_group_then_idles() -> None:
     assert where(machine) == (State.STOPPING, 1.5)
     assert machine.process
     assert machine.handle(Tick(), 1.5) == [
-        Log("still running 0.5 s after SIGINT; sending SIGKILL"),
+        Log("still running 0.5 s after SIGINT; sending SIGKILL", Level.WARNING),
         Kill(signal.SIGKILL, group=True),
     ]
     assert where(machine) == (State.STOPPING, None)
@@ -220,7 +220,7 @@ def test_failed_start_is_recorded_and_restarted_per_policy() -> None:
     machine.handle(Spawned(7), 0.25)
     record = Activation(Outcome.FAILED, "traffic", trigger=0.0, spawned=0.25, ready=None)
     assert machine.handle(Exited(2), 0.5) == [
-        Log("exited with status 2 before it was ready"),
+        Log("exited with status 2 before it was ready", Level.ERR),
         record,
         DropHeld("exited with status 2 before it was ready"),
         Log("restarting in 100 ms (on-failure)"),
@@ -291,7 +291,8 @@ def test_start_limit_five_starts_then_failed_for_the_interval() -> None:
         machine.handle(Spawned(i), float(i))
         machine.handle(Exited(0), i + 0.5)
     text = "5 starts within 10 s; not starting again for 10 s"
-    assert machine.handle(Start(), 5.0) == [Log(f"failed: {text}"), DropHeld(text), Unwatch()]
+    assert machine.handle(Start(), 5.0) == [
+        Log(f"failed: {text}", Level.ERR), DropHeld(text), Unwatch()]
     assert (machine.state, machine.deadline, machine.process) == (State.FAILED, 15.0, False)
     assert machine.activations == 5
     assert machine.handle(Start(), 6.0) == []
@@ -317,7 +318,7 @@ def test_idle_stops_do_not_count_towards_the_start_limit() -> None:
         machine.handle(Spawned(i), float(i))
         machine.handle(Exited(0), i + 0.5)
     assert machine.handle(Start(), 7.0)[0] == Log(
-        "failed: 2 starts within 10 s; not starting again for 10 s")
+        "failed: 2 starts within 10 s; not starting again for 10 s", Level.ERR)
 
 
 def test_start_limit_window_is_half_open() -> None:
@@ -378,7 +379,7 @@ def test_stop_during_spawn_then_spawn_failed_idles() -> None:
     machine.handle(Start(), 0.0)
     machine.handle(Stop("shutdown"), 0.001)
     assert machine.handle(SpawnFailed("no such file: x"), 0.002) == [
-        Log("no such file: x"), Watch()]
+        Log("no such file: x", Level.ERR), Watch()]
     assert (machine.state, machine.process, machine.deadline) == (State.IDLE, False, None)
 
 
@@ -388,7 +389,7 @@ def test_spawn_failed_is_a_failed_activation() -> None:
     machine.handle(Start(), 0.0)
     record = Activation(Outcome.FAILED, "traffic", trigger=0.0, spawned=None, ready=None)
     assert machine.handle(SpawnFailed("no such file: x"), 0.001) == [
-        Log("no such file: x"), record, DropHeld("no such file: x"), Watch()]
+        Log("no such file: x", Level.ERR), record, DropHeld("no such file: x"), Watch()]
     assert (machine.state, machine.process, machine.deadline) == (State.IDLE, False, None)
 
 
@@ -411,7 +412,7 @@ def test_start_timeout_then_spawn_failed_restarts_per_policy() -> None:
     machine.handle(Start(), 0.0)
     machine.handle(Tick(), 1.0)
     assert machine.handle(SpawnFailed("no such file: x"), 1.5) == [
-        Log("no such file: x"), Log("restarting in 100 ms (on-failure)"), Watch()]
+        Log("no such file: x", Level.ERR), Log("restarting in 100 ms (on-failure)"), Watch()]
     assert (machine.state, machine.deadline) == (State.IDLE, 1.6)
 
 
@@ -500,7 +501,7 @@ def test_not_strict_a_misfit_is_logged_as_a_bug_and_changes_nothing(
     before = snapshot(machine)
     (line,) = machine.handle(event, 0.5)
     assert isinstance(line, Log) and line.text.startswith("bug: ignoring an event that ")
-    assert lifecycle_level(line.text) is Level.ERR
+    assert line.level is Level.ERR
     assert snapshot(machine) == before
 
 
@@ -550,7 +551,7 @@ class LifecycleWorld(RuleBasedStateMachine):
             stop_timeout=STOP_TIMEOUT,
         )
         self.now = 0.0
-        self.machine = Lifecycle(self.config, self.now)
+        self.machine = Lifecycle(self.config.policy, self.now)
         self.outside: str | None = None
         self.pid: int | None = None
         self.next_pid = 100

@@ -20,7 +20,6 @@ import trio
 from lazyd.config import Ready as ReadyConfig
 from lazyd.config import ReadyKind, Restart, ServiceConfig
 from lazyd.core.lifecycle import (
-    Action,
     Activation,
     Exited,
     Lifecycle,
@@ -37,10 +36,7 @@ from lazyd.observe.logs import (
     Level,
     Logger,
     ThrottledLog,
-    activation_fields,
-    activation_level,
     journal_stream,
-    lifecycle_level,
     log_at,
     split_service,
 )
@@ -161,47 +157,44 @@ def _config(**changes: Any) -> ServiceConfig:
     return replace(base, **changes)
 
 
-def _logs(actions: list[Action]) -> list[str]:
-    return [a.text for a in actions if isinstance(a, Log)]
-
-
 def _levels(machine: Lifecycle, events: list[tuple[Any, float]]) -> dict[str, Level]:
     found: dict[str, Level] = {}
     for event, now in events:
-        for text in _logs(machine.handle(event, now)):
-            found[text] = lifecycle_level(text)
+        for action in machine.handle(event, now):
+            if isinstance(action, Log):
+                found[action.text] = action.level
     return found
 
 
 def test_lifecycle_lines_get_their_levels() -> None:
     """Real lifecycle lines: a failed start, a timeout and the start limit are errors; a
     crash and a SIGKILL warnings; a stop asked for and a restart information."""
-    m = Lifecycle(_config(restart=Restart.ON_FAILURE), 0.0)
+    m = Lifecycle(_config(restart=Restart.ON_FAILURE).policy, 0.0)
     m.begin(0.0)
     found = _levels(m, [(Start(), 0.0), (Spawned(10), 0.0), (Exited(3), 1.0), (Tick(), 1.1)])
     assert found == {"exited with status 3": Level.WARNING,
                      "restarting in 100 ms (on-failure)": Level.INFO}
 
-    m = Lifecycle(_config(ready=ReadyConfig(ReadyKind.NOTIFY), start_timeout=1.0), 0.0)
+    m = Lifecycle(_config(ready=ReadyConfig(ReadyKind.NOTIFY), start_timeout=1.0).policy, 0.0)
     m.begin(0.0)
     found = _levels(m, [(Start(), 0.0), (Spawned(10), 0.0), (Tick(), 1.0), (Exited(-15), 1.1)])
     assert found == {"start timed out: not ready within 1 s": Level.ERR,
                      "stopped (start timeout): killed by SIGTERM": Level.INFO}
 
-    m = Lifecycle(_config(ready=ReadyConfig(ReadyKind.NOTIFY), start_limit=1), 0.0)
+    m = Lifecycle(_config(ready=ReadyConfig(ReadyKind.NOTIFY), start_limit=1).policy, 0.0)
     m.begin(0.0)
     found = _levels(m, [(Start(), 0.0), (Spawned(10), 0.0), (Exited(1), 0.1), (Start(), 0.2)])
     assert found == {"exited with status 1 before it was ready": Level.ERR,
                      "failed: 1 starts within 10 s; not starting again for 10 s": Level.ERR}
 
-    m = Lifecycle(_config(stop_timeout=1.0), 0.0)
+    m = Lifecycle(_config(stop_timeout=1.0).policy, 0.0)
     m.begin(0.0)
     found = _levels(m, [(Start(), 0.0), (Spawned(10), 0.0), (Stop("idle"), 1.0), (Tick(), 2.0),
                         (Exited(-9), 2.1)])
     assert found == {"still running 1 s after SIGTERM; sending SIGKILL": Level.WARNING,
                      "stopped (idle): killed by SIGKILL": Level.INFO}
 
-    m = Lifecycle(_config(), 0.0)
+    m = Lifecycle(_config().policy, 0.0)
     m.begin(0.0)
     found = _levels(m, [(Start(), 0.0), (Spawned(10), 0.0), (Exited(0), 1.0), (Start(), 2.0),
                         (SpawnFailed("svc: cannot start x: No such file"), 2.0)])
@@ -214,15 +207,15 @@ def test_an_activation_is_info_when_ready_and_an_error_otherwise() -> None:
     ready = StartRecord.from_activation(
         Activation(Outcome.READY, "traffic on http", 10.0, 10.003, 10.212), 10.212)
     ready.held = 17
-    assert activation_level(ready) is Level.INFO
-    assert activation_fields(ready) == {
+    assert ready.level is Level.INFO
+    assert ready.fields() == {
         "event": "activation", "outcome": "ready", "reason": "traffic on http",
         "total_ms": 212.0, "spawn_ms": 3.0, "readiness_ms": 209.0, "held": 17,
     }
     for outcome in (Outcome.FAILED, Outcome.TIMED_OUT):
         failed = StartRecord.from_activation(Activation(outcome, "traffic", 1.0, 1.1, None), 2.0)
-        assert activation_level(failed) is Level.ERR
-        assert activation_fields(failed)["readiness_ms"] is None
+        assert failed.level is Level.ERR
+        assert failed.fields()["readiness_ms"] is None
 
 
 # --- a real daemon -----------------------------------------------------------------------

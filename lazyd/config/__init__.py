@@ -16,9 +16,6 @@ from lazyd.config.loader import (
     Activate,
     Config,
     Mode,
-    Ready,
-    ReadyKind,
-    Restart,
     ServiceConfig,
     SocketConfig,
     load,
@@ -27,6 +24,7 @@ from lazyd.config.loader import (
     parse_signal,
     plan,
 )
+from lazyd.core.policy import Ready, ReadyKind, Restart
 
 __all__ = [
     "DEFAULT_BACKLOG", "DEFAULT_SOCKET_MODE", "Activate", "Config", "Mode", "Ready",

@@ -29,9 +29,9 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.reader import ReaderError
 
+from lazyd.core.policy import READY_STARTED, Policy, Ready, ReadyKind, Restart
 from lazyd.errors import ConfigError
-from lazyd.net.access import Network, parse_network
-from lazyd.net.addresses import Address, Kind, overlaps, parse_address
+from lazyd.net.addresses import Address, Kind, Network, overlaps, parse_address, parse_network
 
 # Defaults for the values that are not plain field defaults.
 DEFAULT_BACKLOG = 65535  # the kernel caps it at net.core.somaxconn
@@ -49,33 +49,9 @@ class Mode(enum.Enum):
         return self is Mode.PASS
 
 
-class Restart(enum.Enum):
-    NO = "no"
-    ON_FAILURE = "on-failure"
-    ALWAYS = "always"
-
-
 class Activate(enum.Enum):
     LAZY = "lazy"
     EAGER = "eager"
-
-
-class ReadyKind(enum.Enum):
-    STARTED = "started"
-    NOTIFY = "notify"
-    CONNECT = "connect"
-    DELAY = "delay"
-
-
-@dataclass(frozen=True)
-class Ready:
-    kind: ReadyKind
-    delay: float = 0.0  # seconds, for ReadyKind.DELAY
-
-    def __str__(self) -> str:
-        if self.kind is ReadyKind.DELAY:
-            return f"delay {self.delay * 1000:g} ms"
-        return str(self.kind.value)
 
 
 @dataclass(frozen=True)
@@ -101,7 +77,7 @@ class ServiceConfig:
     mode: Mode = Mode.PASS
     user: str | None = None
     group: str | None = None  # None: the user's primary group
-    ready: Ready = Ready(ReadyKind.STARTED)  # proxy mode: Ready(CONNECT) unless given
+    ready: Ready = READY_STARTED  # proxy mode: Ready(CONNECT) unless given
     environment: Mapping[str, str] = field(default_factory=dict)
     workdir: str | None = None
     start_timeout: float = 30.0
@@ -129,6 +105,15 @@ class ServiceConfig:
     # long is closed.  Off unless asked for: a quiet websocket or ssh session
     # is not a broken one.
     connection_idle_timeout: float | None = None
+
+    @property
+    def policy(self) -> Policy:
+        """What the lifecycle is driven by (see lazyd.core.policy)."""
+        return Policy(
+            ready=self.ready, start_timeout=self.start_timeout, stop_signal=self.stop_signal,
+            stop_timeout=self.stop_timeout, restart=self.restart, start_limit=self.start_limit,
+            start_limit_interval=self.start_limit_interval,
+        )
 
 
 @dataclass(frozen=True)

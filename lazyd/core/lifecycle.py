@@ -41,7 +41,8 @@ import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lazyd.config import ReadyKind, Restart, ServiceConfig
+from lazyd.core.policy import Policy, ReadyKind, Restart
+from lazyd.levels import Level
 
 # The first restart waits this long; each further one in a row waits twice as
 # long, up to the cap.  Readiness resets the sequence.
@@ -75,9 +76,10 @@ class Start:
 
 @dataclass(frozen=True)
 class Spawned:
-    """The process was executed (after a Spawn action)."""
+    """The service was started (after a Spawn action): a process executed, or a
+    container started.  `handle` names that one start: a pid, a container id."""
 
-    pid: int
+    handle: int | str
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,10 @@ class Unwatch:
 
 @dataclass(frozen=True)
 class Log:
+    """A line for the log, about this service, and how much it matters."""
+
     text: str
+    level: Level = Level.INFO
 
 
 @dataclass(frozen=True)
@@ -202,11 +207,11 @@ def _due(at: float | None, now: float) -> float | None:
 class Lifecycle:
     """The state machine of one service.  See the module docstring."""
 
-    def __init__(self, config: ServiceConfig, now: float = 0.0, *, strict: bool = True) -> None:
-        self.config = config
+    def __init__(self, policy: Policy, now: float = 0.0, *, strict: bool = True) -> None:
+        self.policy = policy  # may be replaced (a reload): it applies from the next event
         self.strict = strict  # raise UnexpectedEvent (else log it as a bug and go on)
         self.state = State.IDLE
-        self.pid: int | None = None
+        self.instance: int | str | None = None  # the started service's handle (Spawned)
         # True from the Spawn action until the process is reaped (or failed
         # to execute): the one flag that guards against a second process.
         self.process = False
@@ -243,22 +248,22 @@ class Lifecycle:
         match event:
             case Start(reason):
                 self._on_start(reason, now, actions)
-            case Spawned(pid):
-                if not self.process or self.pid is not None:
+            case Spawned(handle):
+                if not self.process or self.instance is not None:
                     return self._misfit(event)
-                self._on_spawned(pid, now, actions)
+                self._on_spawned(handle, now, actions)
             case SpawnFailed(reason):
-                if not self.process or self.pid is not None:
+                if not self.process or self.instance is not None:
                     return self._misfit(event)
                 self._on_spawn_failed(reason, now, actions)
             case Ready():
-                if self.pid is None:
+                if self.instance is None:
                     return self._misfit(event)
                 if self.state is State.STARTING:
                     self._become_ready(now, actions)
                 # else: running or stopping, and it says so again; nothing to do.
             case Exited(returncode):
-                if not self.process or self.pid is None:
+                if not self.process or self.instance is None:
                     return self._misfit(event)
                 self._on_exited(returncode, now, actions)
             case Stop(reason):
@@ -272,11 +277,11 @@ class Lifecycle:
     def _misfit(self, event: Event) -> list[Action]:
         """A report that does not fit: raise, or (not strict) say so and change nothing."""
         process = "no process" if not self.process else (
-            "a process being executed" if self.pid is None else f"process {self.pid}")
+            "a process being executed" if self.instance is None else f"service {self.instance}")
         text = f"{type(event).__name__} does not fit state {self.state.value} with {process}"
         if self.strict:
             raise UnexpectedEvent(text)
-        return [Log(f"bug: ignoring an event that {text}")]
+        return [Log(f"bug: ignoring an event that {text}", Level.ERR)]
 
     # -- transitions ---------------------------------------------------------
 
@@ -290,20 +295,20 @@ class Lifecycle:
 
     def _spawn(self, now: float, actions: list[Action]) -> None:
         """Start a process unless the start limit forbids it."""
-        interval = self.config.start_limit_interval
+        interval = self.policy.start_limit_interval
         # `start + interval`, never `now - interval`: it is the sum `failed`
         # waits for, so a start always counts for exactly its interval and
         # rounding cannot keep it one Tick too long (0.001 + 10 - 10 < 0.001).
         while self._starts and self._starts[0] + interval <= now:
             del self._starts[0]
-        if len(self._starts) >= self.config.start_limit:
+        if len(self._starts) >= self.policy.start_limit:
             self.state = State.FAILED
             self._failed_until = now + interval
             text = (
-                f"{self.config.start_limit} starts within {_seconds(interval)}; "
+                f"{self.policy.start_limit} starts within {_seconds(interval)}; "
                 f"not starting again for {_seconds(interval)}"
             )
-            actions.append(Log(f"failed: {text}"))
+            actions.append(Log(f"failed: {text}", Level.ERR))
             actions.append(DropHeld(text))
             return
         self._starts.append(now)
@@ -311,24 +316,24 @@ class Lifecycle:
         self._was_ready = False
         self.state = State.STARTING
         self.process = True
-        self.pid = None
+        self.instance = None
         self._spawned = None
         self._ready_at = None
         self._start_failed = False
         self._stop_reason = None
-        self._timeout_at = now + self.config.start_timeout
+        self._timeout_at = now + self.policy.start_timeout
         self.activations += 1
         actions.append(Spawn())
 
-    def _on_spawned(self, pid: int, now: float, actions: list[Action]) -> None:
-        self.pid = pid
+    def _on_spawned(self, handle: int | str, now: float, actions: list[Action]) -> None:
+        self.instance = handle
         self._spawned = now
         if self.state is State.STOPPING:
             # A stop was asked for while the process was being executed.
-            actions.append(Kill(self.config.stop_signal))
-            self._kill_at = now + self.config.stop_timeout
+            actions.append(Kill(self.policy.stop_signal))
+            self._kill_at = now + self.policy.stop_timeout
             return
-        ready = self.config.ready
+        ready = self.policy.ready
         if ready.kind is ReadyKind.STARTED:
             self._become_ready(now, actions)
         elif ready.kind is ReadyKind.DELAY:
@@ -338,7 +343,7 @@ class Lifecycle:
 
     def _on_spawn_failed(self, reason: str, now: float, actions: list[Action]) -> None:
         self.process = False
-        actions.append(Log(reason))
+        actions.append(Log(reason, Level.ERR))  # the command could not be executed
         if self.state is State.STOPPING:
             self._kill_at = None
             if self._start_failed:
@@ -364,7 +369,7 @@ class Lifecycle:
 
     def _on_exited(self, returncode: int, now: float, actions: list[Action]) -> None:
         self.process = False
-        self.pid = None
+        self.instance = None
         self._kill_at = None
         how = describe_exit(returncode)
         if self.state is State.STOPPING:
@@ -386,17 +391,18 @@ class Lifecycle:
             return
         if self.state is State.STARTING:
             text = f"{how} before it was ready"
-            actions.append(Log(text))
+            actions.append(Log(text, Level.ERR))
             self._record(Outcome.FAILED, now, actions)
             actions.append(DropHeld(text))
             self._after_exit(failed=True, now=now, actions=actions)
             return
-        actions.append(Log(how))
+        # A process that died on its own: a crash (or a signal) is a warning.
+        actions.append(Log(how, Level.INFO if returncode == 0 else Level.WARNING))
         self._after_exit(failed=returncode != 0, now=now, actions=actions)
 
     def _after_exit(self, *, failed: bool, now: float, actions: list[Action]) -> None:
         """The process is gone: restart it, or hold the sockets again."""
-        restart = self.config.restart
+        restart = self.policy.restart
         if restart is Restart.ALWAYS or (restart is Restart.ON_FAILURE and failed):
             delay = min(
                 RESTART_BACKOFF_FIRST * 2**self._restarts_in_a_row, RESTART_BACKOFF_MAX
@@ -432,9 +438,9 @@ class Lifecycle:
         self._stop_reason = reason
         self._timeout_at = None
         self._ready_at = None
-        if self.pid is not None:
-            actions.append(Kill(self.config.stop_signal))
-            self._kill_at = now + self.config.stop_timeout
+        if self.instance is not None:
+            actions.append(Kill(self.policy.stop_signal))
+            self._kill_at = now + self.policy.stop_timeout
         # else: still being executed; Spawned will send the signal.
 
     def _on_tick(self, now: float, actions: list[Action]) -> None:
@@ -446,8 +452,8 @@ class Lifecycle:
             if ready is not None and (timeout is None or ready <= timeout):
                 self._become_ready(now, actions)
             elif timeout is not None:
-                text = f"not ready within {_seconds(self.config.start_timeout)}"
-                actions.append(Log(f"start timed out: {text}"))
+                text = f"not ready within {_seconds(self.policy.start_timeout)}"
+                actions.append(Log(f"start timed out: {text}", Level.ERR))
                 self._record(Outcome.TIMED_OUT, now, actions)
                 actions.append(DropHeld(text))
                 self._stop("start timeout", now, actions)
@@ -455,8 +461,8 @@ class Lifecycle:
         elif self.state is State.STOPPING:
             if self._kill_at is not None and now >= self._kill_at:
                 actions.append(
-                    Log(f"still running {_seconds(self.config.stop_timeout)} after "
-                        f"{self.config.stop_signal.name}; sending SIGKILL")
+                    Log(f"still running {_seconds(self.policy.stop_timeout)} after "
+                        f"{self.policy.stop_signal.name}; sending SIGKILL", Level.WARNING)
                 )
                 actions.append(Kill(signal.SIGKILL, group=True))
                 self._kill_at = None

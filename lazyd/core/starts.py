@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lazyd.core.lifecycle import Activation, Outcome
+from lazyd.levels import Level
 
 HISTORY = 100
 
@@ -51,6 +52,45 @@ class StartRecord:
 
     def _ms(self, t: float | None) -> float | None:
         return None if t is None else round((t - self.trigger) * 1000, 3)
+
+    # -- the three views of one record: the log line, its JSON log fields,
+    # -- and status/analyze's JSON (to_json) --------------------------------
+
+    @property
+    def level(self) -> Level:
+        """A start that failed or timed out is an error; a ready one is information."""
+        return Level.INFO if self.ready is not None else Level.ERR
+
+    def line(self, name: str, waiting: str | None) -> str:
+        """The one log line written for each start attempt, e.g. ``blog: ready in
+        212.4 ms (spawn 3.1 ms, readiness 209.3 ms), 17 connections waiting``;
+        `waiting` as from `describe_waiting`."""
+        if self.ready is not None and self.spawned is not None:
+            text = (
+                f"{name}: ready in {_text_ms(self.ready - self.trigger)} "
+                f"(spawn {_text_ms(self.spawned - self.trigger)}, "
+                f"readiness {_text_ms(self.ready - self.spawned)})"
+            )
+            return f"{text}, {waiting}" if waiting is not None else text
+        return f"{name}: start {self.outcome.value} ({self.reason})"
+
+    def fields(self) -> dict[str, Any]:
+        """What a JSON log line carries for this start: its outcome and its phases
+        in milliseconds (spawn: trigger to exec done; readiness: exec done to
+        ready; total: trigger to ready), and the connections held when it was ready."""
+        spawn = None if self.spawned is None else self.spawned - self.trigger
+        readiness = (
+            None if self.spawned is None or self.ready is None else self.ready - self.spawned
+        )
+        return {
+            "event": "activation",
+            "outcome": self.outcome.value,
+            "reason": self.reason,
+            "total_ms": _round_ms(self.total),
+            "spawn_ms": _round_ms(spawn),
+            "readiness_ms": _round_ms(readiness),
+            "held": self.held,
+        }
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -98,3 +138,26 @@ class StartHistory(list[StartRecord]):
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
+
+
+def _text_ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+def _round_ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def describe_waiting(connections: int | None, datagrams: int | None) -> str | None:
+    """`17 connections waiting`, `3 datagrams waiting`, or both; None when
+    neither could be counted (a pass-mode datagram socket)."""
+    parts = []
+    if connections is not None and (connections or not datagrams):
+        parts.append(_count(connections, "connection"))
+    if datagrams is not None and (datagrams or connections is None):
+        parts.append(_count(datagrams, "datagram"))
+    return f"{' and '.join(parts)} waiting" if parts else None

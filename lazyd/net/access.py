@@ -27,9 +27,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from lazyd.net.addresses import Network
 from lazyd.observe.logs import ThrottledLog
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 LogFn = Callable[[str], None]
 Clock = Callable[[], float]
@@ -42,37 +42,7 @@ REPORT_INTERVAL = 10.0
 # starts the memory over: it is bounded, not clever.
 VERDICT_CACHE = 4096
 
-_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 seconds: close() sends a reset
-
-
-def parse_network(text: str) -> Network:
-    """A network from ``10.0.0.0/8``, ``::1/128`` or a single address (``192.168.1.7``
-    is ``192.168.1.7/32``).  An IPv4-mapped IPv6 network becomes the IPv4 one.
-
-    Raise ValueError saying what is wrong.  A network with bits set past its
-    prefix (``10.0.0.1/8``) is refused rather than silently widened: it is
-    usually a typo for one address or for another prefix, and the two differ
-    by sixteen million clients.
-    """
-    example = "such as 10.0.0.0/8, 192.168.1.7 or ::1/128"
-    if "%" in text:
-        raise ValueError(f"{text!r}: a zone (%...) cannot be matched; "
-                         f"write the address or network without it")
-    try:
-        network = ipaddress.ip_network(text)
-    except ValueError:
-        try:
-            wide = ipaddress.ip_network(text, strict=False)
-        except ValueError:
-            raise ValueError(f"{text!r} is not an IP address or network ({example})") from None
-        single = f"{text.split('/', 1)[0]}/{wide.max_prefixlen}"
-        raise ValueError(f"{text!r} has bits set past the /{wide.prefixlen} prefix: "
-                         f"write {wide} for the network, or {single} for one address") from None
-    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_MAPPED):
-        mapped = int(network.network_address) & 0xFFFF_FFFF
-        return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
-    return network
 
 
 def client_address(peer: Any) -> IPAddress | None:

@@ -21,35 +21,20 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import enum
 import json
 import os
 import re
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal, TextIO
+from typing import Any, Literal, TextIO
 
-if TYPE_CHECKING:  # lazyd.config imports this module through lazyd.net.access (a cycle)
-    from lazyd.core.starts import StartRecord
+from lazyd.levels import Level as Level  # the log speaks in these (re-exported)
 
 LogFormat = Literal["text", "json"]
 FORMATS: tuple[LogFormat, ...] = ("text", "json")
 
 
-class Level(enum.IntEnum):
-    """sd-daemon(3) / syslog priorities, the ones lazyd uses."""
-
-    ERR = 3
-    WARNING = 4
-    INFO = 6
-
-    @property
-    def word(self) -> str:
-        return _WORDS[self]
-
-
-_WORDS = {Level.ERR: "error", Level.WARNING: "warning", Level.INFO: "info"}
 
 # "NAME: text": service names are letters, digits, '-', '_' and '.' (see config),
 # so the first ": " ends the name.
@@ -158,54 +143,6 @@ def log_at(log: Callable[[str], None], level: Level, line: str, **fields: Any) -
         log(line, level, **fields)
     else:
         log(line)
-
-
-def lifecycle_level(text: str) -> Level:
-    """The level of a line the lifecycle logs (`lazyd.core.lifecycle.Log`).
-
-    Starts that failed and the start limit are errors; a process that died
-    on its own, or had to be killed, is a warning; the rest (stops asked for,
-    restarts scheduled) is information.
-    """
-    if text.startswith(("failed:", "start timed out", "bug:")) or text.endswith(
-        "before it was ready"
-    ):
-        return Level.ERR
-    if "cannot start" in text or "lazyd's spawner" in text:
-        return Level.ERR  # the command could not be executed
-    if text.startswith(("still running", "killed by")):
-        return Level.WARNING
-    if text.startswith("exited with status ") and text != "exited with status 0":
-        return Level.WARNING
-    return Level.INFO
-
-
-def activation_fields(record: StartRecord) -> dict[str, Any]:
-    """What a JSON log line carries for one start attempt: its outcome and its
-    phases in milliseconds (spawn: trigger to exec done; readiness: exec done to
-    ready; total: trigger to ready), and the connections held when it was ready."""
-
-    def ms(seconds: float | None) -> float | None:
-        return None if seconds is None else round(seconds * 1000, 3)
-
-    spawn = None if record.spawned is None else record.spawned - record.trigger
-    readiness = (
-        None if record.spawned is None or record.ready is None else record.ready - record.spawned
-    )
-    return {
-        "event": "activation",
-        "outcome": record.outcome.value,
-        "reason": record.reason,
-        "total_ms": ms(record.total),
-        "spawn_ms": ms(spawn),
-        "readiness_ms": ms(readiness),
-        "held": record.held,
-    }
-
-
-def activation_level(record: StartRecord) -> Level:
-    """A start that failed or timed out is an error; a ready one is information."""
-    return Level.INFO if record.ready is not None else Level.ERR
 
 
 class ThrottledLog:

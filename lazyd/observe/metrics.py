@@ -36,8 +36,6 @@ from lazyd.config import SocketConfig
 from lazyd.core.lifecycle import Outcome, State
 from lazyd.core.starts import StartRecord
 from lazyd.errors import BindError
-from lazyd.front.datagram import DatagramProxy
-from lazyd.front.stream import StreamProxy
 from lazyd.net.addresses import Address
 from lazyd.net.binding import bind_socket
 
@@ -183,23 +181,23 @@ class _RunnerCollector:
             activations.add_metric([name], runner.machine.activations)
             for s in State:
                 state.add_metric([name, s.value], 1.0 if runner.state is s else 0.0)
-            streams = [p for p in runner.proxies if isinstance(p, StreamProxy)]
-            datagrams = [p for p in runner.proxies if isinstance(p, DatagramProxy)]
-            waiting = sum(p.held for p in streams) if streams else None
-            if not runner.proxies:
-                waiting = runner.queued()  # pass mode: the kernel's count, TCP only
-            if waiting is not None:
-                held.add_metric([name], waiting)
-            if runner.proxies:
-                active.add_metric([name], sum(p.active for p in runner.proxies))
-                forwarded.add_metric([name, "in"], sum(p.bytes_in for p in runner.proxies))
-                forwarded.add_metric([name, "out"], sum(p.bytes_out for p in runner.proxies))
-                refused.add_metric([name], runner.access.refused)
-            if datagrams:
-                dgram_queued.add_metric([name], sum(p.queued for p in datagrams))
-                dgram_dropped.add_metric([name], sum(p.dropped for p in datagrams))
-                dgram_forwarded.add_metric([name, "in"], sum(p.datagrams_in for p in datagrams))
-                dgram_forwarded.add_metric([name, "out"], sum(p.datagrams_out for p in datagrams))
+            t = runner.traffic()  # the same figures status shows
+            if t.connections_waiting is not None:
+                held.add_metric([name], t.connections_waiting)
+            if t.active is not None:
+                active.add_metric([name], t.active)
+            if t.bytes_in is not None and t.bytes_out is not None:
+                forwarded.add_metric([name, "in"], t.bytes_in)
+                forwarded.add_metric([name, "out"], t.bytes_out)
+            if t.refused is not None:
+                refused.add_metric([name], t.refused)
+            if t.datagrams_waiting is not None:
+                dgram_queued.add_metric([name], t.datagrams_waiting)
+            if t.datagrams_dropped is not None:
+                dgram_dropped.add_metric([name], t.datagrams_dropped)
+            if t.datagrams_in is not None and t.datagrams_out is not None:
+                dgram_forwarded.add_metric([name, "in"], t.datagrams_in)
+                dgram_forwarded.add_metric([name, "out"], t.datagrams_out)
         return [activations, state, held, active, dgram_queued, dgram_dropped,
                 dgram_forwarded, forwarded, refused]
 

@@ -20,8 +20,8 @@ import trio
 from lazyd import config as config_mod
 from lazyd.backends.process import launch
 from lazyd.backends.process.spawner import Spawner, SpawnError, open_spawner
-from lazyd.config import Activate, Config, Mode, ServiceConfig, SocketConfig
-from lazyd.core.lifecycle import State
+from lazyd.config import Activate, Config
+from lazyd.config.reload import Change, plan_reload, socket_key
 from lazyd.core.starts import StartRecord
 from lazyd.errors import ConfigError, LazydError
 from lazyd.net.binding import (
@@ -33,6 +33,7 @@ from lazyd.net.binding import (
     release_socket,
 )
 from lazyd.observe.logs import Level, log_at
+from lazyd.observe.status import daemon_status
 from lazyd.runtime import control, privileges, systemd
 from lazyd.runtime.service import Options, ServiceRunner, stderr_log
 
@@ -146,27 +147,27 @@ class Daemon:
             )
             if names is not None and set(names) != set(new.services):
                 raise LazydError(f"{new.path} changed while it was read; reload again")
+            change = plan_reload(self.config, new)
             held = {
-                _socket_key(sc): sock
+                socket_key(sc): sock
                 for runner in self.runners.values()
                 for sc, sock in zip(runner.config.sockets, runner.sockets, strict=True)
             }
-            kept: set[int] = set()
             plan: dict[str, list[socket.socket]] = {}
             for name, svc in new.services.items():
                 plan[name] = []
-                for sc in svc.sockets:
-                    sock = held.get(_socket_key(sc))
-                    if sock is None or id(sock) in kept:
-                        if self.user is not None and needs_privilege(sc.listen):
-                            raise LazydError(
-                                f"services.{name}.sockets.{sc.name}: cannot bind {sc.listen} as "
-                                f"user {self.user.name} after dropping privileges; restart lazyd "
-                                "to add it"
-                            )
-                        sock = bind_socket(sc, service=name)
-                        fresh.append(sock)
-                    kept.add(id(sock))
+                for sc, key in zip(svc.sockets, change.sockets[name], strict=True):
+                    if key is not None:
+                        plan[name].append(held[key])
+                        continue
+                    if self.user is not None and needs_privilege(sc.listen):
+                        raise LazydError(
+                            f"services.{name}.sockets.{sc.name}: cannot bind {sc.listen} as "
+                            f"user {self.user.name} after dropping privileges; restart lazyd "
+                            "to add it"
+                        )
+                    sock = bind_socket(sc, service=name)
+                    fresh.append(sock)
                     plan[name].append(sock)
             if names is not None:
                 assert self.spawner is not None
@@ -184,19 +185,15 @@ class Daemon:
             return problems
 
         old_runners = self.runners
-        removed = [r for name, r in old_runners.items() if name not in new.services]
-        if new.metrics != self.config.metrics:
-            log_at(log, Level.WARNING, "lazyd: reload: a new metrics: address takes effect "
-                   "when lazyd restarts; the endpoint stays where it is")
-        if new.user != self.config.user:
-            log_at(log, Level.WARNING, "lazyd: reload: a new top-level user: takes effect "
-                   "when lazyd restarts")
+        removed = [old_runners[name] for name in change.removed]
+        for warning in change.warnings:
+            log_at(log, Level.WARNING, f"lazyd: reload: {warning}")
         self.config = new
         self.runners = {}
         replaced: list[ServiceRunner] = []
         for name, svc in new.services.items():
-            runner = old_runners.get(name)
-            if runner is None:
+            what = change.changes[name]
+            if what is Change.ADD:
                 runner = ServiceRunner(svc, plan[name], self.options, on_spawn=self._started)
                 self.runners[name] = runner
                 assert self._nursery is not None
@@ -205,23 +202,22 @@ class Daemon:
                 if svc.activate is Activate.EAGER:
                     runner.start("eager")
                 continue
-            if svc == runner.config and plan[name] == runner.sockets:
+            runner = old_runners[name]
+            if what is Change.KEEP:
                 self.runners[name] = runner
                 continue
-            if _needs_new_runner(runner.config, svc, runner.sockets, plan[name]):
+            log(f"lazyd: reload: changed {name}")
+            if what is Change.REPLACE:
                 # The proxies own their sockets' accept loops: a new runner takes
                 # over once the old one is gone; meanwhile the kernel holds traffic.
                 fresh_runner = ServiceRunner(svc, plan[name], self.options, on_spawn=self._started)
                 self.runners[name] = fresh_runner
                 replaced.append(runner)
-                log(f"lazyd: reload: changed {name}")
                 self._nursery_start(self._replace, runner, fresh_runner)
                 continue
             self.runners[name] = runner
-            restart = _needs_restart(runner.config, svc, runner.sockets, plan[name])
             runner.reconfigure(svc, plan[name])
-            log(f"lazyd: reload: changed {name}")
-            if restart and runner.machine.process:
+            if what is Change.RESTART and runner.machine.process:
                 self._nursery_start(self._restart, runner)
         for runner in removed:
             log(f"lazyd: reload: removed {runner.name}")
@@ -229,7 +225,7 @@ class Daemon:
         # Sockets nobody holds any more: close them once every runner that
         # served them has ended (a kept runner has let go of its old ones in
         # reconfigure(); a running process keeps its own copy).
-        orphans = [s for s in held.values() if id(s) not in kept]
+        orphans = [held[key] for key in change.retired]
         self._nursery_start(self._retire, removed, replaced, orphans)
         log(f"lazyd: reloaded {new.path}")
         return []
@@ -338,34 +334,7 @@ class Daemon:
 
     def status(self, *, history: bool = False) -> dict[str, Any]:
         """What `lazyd status --json` shows; `history` adds every recorded start."""
-        now = trio.current_time()
-        services: dict[str, Any] = {}
-        for name, runner in self.runners.items():
-            runner.refresh_first_byte()
-            last = runner.history[-1] if runner.history else None
-            ready = [r for r in runner.history if r.ready is not None]
-            up = runner.state is State.RUNNING and ready
-            total = last.total if last is not None else None
-            services[name] = {
-                "state": runner.state.value,
-                "pid": runner.main_pid,
-                "activations": runner.machine.activations,
-                "queued": runner.queued(),
-                "active": runner.active(),  # pass mode: None, the service accepts itself
-                "refused": runner.refused(),  # allow/deny, max_connections_per_source
-                "last_start_ms": None if total is None else round(total * 1000, 3),
-                "last_start_at": None if last is None else round(last.wall, 3),
-                "last_outcome": None if last is None else last.outcome.value,
-                "uptime_s": round(now - ready[-1].ready, 3) if up and ready[-1].ready else None,
-                **runner.history.summary(),
-                "mode": runner.config.mode.value,
-                "status": runner.status_text,
-                "sockets": {sc.name: str(sc.listen) for sc in runner.config.sockets},
-            }
-            if history:
-                services[name]["starts"] = [r.to_json() for r in runner.history]
-        # `tasks`: trio tasks alive in the daemon; a count that only grows is a leak.
-        return {"ok": True, "pid": os.getpid(), "tasks": _task_count(), "services": services}
+        return daemon_status(self.runners, trio.current_time(), _task_count(), history=history)
 
     async def handle_control(self, request: dict[str, Any]) -> dict[str, Any]:
         command = request["command"]
@@ -542,44 +511,6 @@ def _check_readable(path: str, user: str) -> None:
         ) from None
     except OSError:
         pass  # config_mod.load says what is wrong
-
-
-def _socket_key(sc: SocketConfig) -> tuple[str, str]:
-    """Sockets with the same key are the same socket across a reload."""
-    return (sc.listen.kind.value, str(sc.listen))
-
-
-def _needs_restart(
-    old: ServiceConfig,
-    new: ServiceConfig,
-    old_sockets: list[socket.socket],
-    new_sockets: list[socket.socket],
-) -> bool:
-    """Whether a running service must restart to pick up a change."""
-    started_with = ("command", "user", "group", "environment", "workdir", "mode")
-    if any(getattr(old, key) != getattr(new, key) for key in started_with):
-        return True
-    names = [sc.name for sc in old.sockets] != [sc.name for sc in new.sockets]
-    return names or old_sockets != new_sockets
-
-
-def _needs_new_runner(
-    old: ServiceConfig,
-    new: ServiceConfig,
-    old_sockets: list[socket.socket],
-    new_sockets: list[socket.socket],
-) -> bool:
-    """Whether a change reaches into how lazyd itself serves the sockets."""
-    if old.mode is not new.mode:
-        return True
-    if old.mode is not Mode.PROXY:
-        return False
-    served_with = ("sockets", "queue_limit", "datagram_queue_limit", "max_connections",
-                   "flow_timeout", "idle_timeout", "max_connections_per_source",
-                   "connection_idle_timeout")
-    return old_sockets != new_sockets or any(
-        getattr(old, key) != getattr(new, key) for key in served_with
-    )
 
 
 def _both(

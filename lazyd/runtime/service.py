@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 
 import trio
 
+from lazyd.backends.base import Backend, Started
 from lazyd.backends.process import launch
-from lazyd.backends.process.spawner import ServiceProcess
+from lazyd.backends.process.backend import ProcessBackend
 from lazyd.config import Mode, ReadyKind, ServiceConfig, SocketConfig
 from lazyd.core.lifecycle import (
     Action,
@@ -46,19 +47,14 @@ from lazyd.core.lifecycle import (
     Unwatch,
     Watch,
 )
-from lazyd.core.starts import StartHistory, StartRecord
+from lazyd.core.starts import StartHistory, StartRecord, describe_waiting
 from lazyd.errors import LaunchError
 from lazyd.front.datagram import DatagramProxy
 from lazyd.front.stream import StreamProxy
+from lazyd.front.watch import PassWatch
 from lazyd.net.access import Access
 from lazyd.net.binding import accept_queue_length
-from lazyd.observe.logs import (
-    ThrottledLog,
-    activation_fields,
-    activation_level,
-    lifecycle_level,
-    log_at,
-)
+from lazyd.observe.logs import ThrottledLog, log_at
 from lazyd.readiness.notify import NotifySocket, belongs_to, open_notify_socket
 from lazyd.readiness.probe import wait_connectable
 
@@ -70,41 +66,6 @@ FIRST_ACCEPT_WINDOW = 2.0
 
 def stderr_log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1000:.1f} ms"
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def describe_waiting(connections: int | None, datagrams: int | None) -> str | None:
-    """`17 connections waiting`, `3 datagrams waiting`, or both; None when
-    neither could be counted (a pass-mode datagram socket)."""
-    parts = []
-    if connections is not None and (connections or not datagrams):
-        parts.append(_count(connections, "connection"))
-    if datagrams is not None and (datagrams or connections is None):
-        parts.append(_count(datagrams, "datagram"))
-    return f"{' and '.join(parts)} waiting" if parts else None
-
-
-def format_activation(name: str, record: Activation, waiting: str | None) -> str:
-    """The one log line written for each start attempt; `waiting` as from
-    `describe_waiting`."""
-    if record.outcome is Outcome.READY:
-        assert record.ready is not None and record.spawned is not None
-        text = (
-            f"{name}: ready in {_ms(record.ready - record.trigger)} "
-            f"(spawn {_ms(record.spawned - record.trigger)}, "
-            f"readiness {_ms(record.ready - record.spawned)})"
-        )
-        if waiting is not None:
-            text += f", {waiting}"
-        return text
-    return f"{name}: start {record.outcome.value} ({record.reason})"
 
 
 def strict_from_environment() -> bool:
@@ -125,6 +86,22 @@ class Options:
     on_activation: Callable[[str, StartRecord], None] | None = None
 
 
+@dataclass(frozen=True)
+class Traffic:
+    """A service's traffic at one moment.  None: not known for this service
+    (pass mode sees only its TCP accept queues; a kind of socket it has not)."""
+
+    connections_waiting: int | None = None  # held by lazyd, or in the accept queue
+    datagrams_waiting: int | None = None
+    active: int | None = None  # forwarded connections and datagram flows open
+    refused: int | None = None  # by allow/deny and max_connections_per_source
+    bytes_in: int | None = None  # client to service
+    bytes_out: int | None = None
+    datagrams_dropped: int | None = None
+    datagrams_in: int | None = None
+    datagrams_out: int | None = None
+
+
 class ServiceRunner:
     """Holds one service's sockets and runs its process when traffic comes."""
 
@@ -140,8 +117,10 @@ class ServiceRunner:
         self.sockets = list(sockets)
         self.options = options
         self.on_spawn = on_spawn
-        self.machine = Lifecycle(config, trio.current_time(), strict=options.strict)
-        self.process: ServiceProcess | None = None
+        self.machine = Lifecycle(config.policy, trio.current_time(), strict=options.strict)
+        # Where the service comes from, and the start now running, if any.
+        self.backend: Backend = ProcessBackend(config, options.nofile_soft)
+        self.started: Started | None = None
         self.status_text: str | None = None
         self.main_pid: int | None = None  # MAINPID= may move it from the child we spawned
         self.history = StartHistory()
@@ -150,15 +129,13 @@ class ServiceRunner:
         self._nursery: trio.Nursery | None = None
         self._timer_scope = trio.CancelScope()
         self._timer_running = False
-        self._armed = trio.Event()
-        self._watch_scope: trio.CancelScope | None = None
+        # Pass mode: what waits for traffic while the service is idle.
+        self.watch = PassWatch(self.name, self._named(sockets))
         self._notify: NotifySocket | None = None
         self._dispatching = False
         # Set once the lifecycle has begun: traffic that a proxy accepts
         # before then waits, and starts the service right after.
         self._begun = False
-        # Set once the daemon shuts down: no traffic starts the service again.
-        self.closing = False
         # Proxy mode: lazyd accepts and forwards itself (one proxy per socket).
         self.proxies: list[StreamProxy | DatagramProxy] = []
         # allow/deny and max_connections_per_source: what the proxies refuse.
@@ -168,6 +145,19 @@ class ServiceRunner:
         self._running_since = 0.0
 
     # -- public --------------------------------------------------------------
+
+    @property
+    def closing(self) -> bool:
+        """Set once the service is removed or the daemon shuts down: no traffic
+        starts it again."""
+        return self.watch.closing
+
+    @closing.setter
+    def closing(self, value: bool) -> None:
+        self.watch.closing = value
+
+    def _named(self, sockets: Sequence[socket.socket]) -> list[tuple[str, socket.socket]]:
+        return [(sc.name, sock) for sc, sock in zip(self.config.sockets, sockets, strict=True)]
 
     @property
     def state(self) -> State:
@@ -187,21 +177,31 @@ class ServiceRunner:
         return sum(known) if known else None
 
     def _waiting_text(self) -> str | None:
+        traffic = self.traffic()
+        return describe_waiting(traffic.connections_waiting, traffic.datagrams_waiting)
+
+    def traffic(self) -> Traffic:
+        """What this service's proxies (or, in pass mode, the kernel) hold and
+        carry: the one place status, metrics and the ready line take it from."""
         if not self.proxies:
-            return describe_waiting(self.queued(), None)
-        streams = [p.waiting for p in self.proxies if not isinstance(p, DatagramProxy)]
-        datagrams = [p.waiting for p in self.proxies if isinstance(p, DatagramProxy)]
-        return describe_waiting(sum(streams) if streams else None,
-                                sum(datagrams) if datagrams else None)
+            return Traffic(connections_waiting=self.queued())
+        streams = [p for p in self.proxies if isinstance(p, StreamProxy)]
+        datagrams = [p for p in self.proxies if isinstance(p, DatagramProxy)]
 
-    def active(self) -> int | None:
-        """Open proxied connections and datagram flows (proxy mode only)."""
-        return sum(p.active for p in self.proxies) if self.proxies else None
+        def total(values: list[int], present: bool) -> int | None:
+            return sum(values) if present else None
 
-    def refused(self) -> int | None:
-        """Connections and datagrams refused by allow/deny or
-        max_connections_per_source (proxy mode only)."""
-        return self.access.refused if self.proxied else None
+        return Traffic(
+            connections_waiting=total([p.held for p in streams], bool(streams)),
+            datagrams_waiting=total([p.queued for p in datagrams], bool(datagrams)),
+            active=sum(p.active for p in self.proxies),
+            refused=self.access.refused,
+            bytes_in=sum(p.bytes_in for p in self.proxies),
+            bytes_out=sum(p.bytes_out for p in self.proxies),
+            datagrams_dropped=total([p.dropped for p in datagrams], bool(datagrams)),
+            datagrams_in=total([p.datagrams_in for p in datagrams], bool(datagrams)),
+            datagrams_out=total([p.datagrams_out for p in datagrams], bool(datagrams)),
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Hold the sockets and serve traffic until cancelled."""
@@ -231,7 +231,7 @@ class ServiceRunner:
                 if not self.proxied:
                     # This task watches the sockets itself: a task fewer per
                     # idle service.
-                    await self._run_watcher()
+                    await self.watch.run(lambda name: self.start(f"traffic on {name}"))
         finally:
             if self._notify is not None:
                 self._notify.close()
@@ -275,13 +275,12 @@ class ServiceRunner:
         """Take new settings; they apply from the next start.  New sockets are
         watched from now on (the caller closes the ones no longer used)."""
         self.config = config
-        self.machine.config = config
+        self.machine.policy = config.policy
+        self.backend = ProcessBackend(config, self.options.nofile_soft)  # from the next start
         self._open_notify()  # in case it has just become `ready: notify`
         if list(sockets) != self.sockets:
             self.sockets = list(sockets)
-            # Restart the wait on the new set; the watcher re-arms itself.
-            if self._watch_scope is not None:
-                self._watch_scope.cancel()
+            self.watch.retarget(self._named(sockets))
 
     def start(self, reason: str) -> None:
         # Only an idle service can be started; in proxy mode this is called for
@@ -311,7 +310,7 @@ class ServiceRunner:
             and self.machine.state is State.STARTING
             and self._nursery is not None
         ):
-            self._nursery.start_soon(self._probe_upstreams, event.pid)
+            self._nursery.start_soon(self._probe_upstreams, event.handle)
 
     # -- actions -------------------------------------------------------------
 
@@ -320,7 +319,7 @@ class ServiceRunner:
             match action:
                 case Spawn():
                     assert self._nursery is not None
-                    self._nursery.start_soon(self._run_process)
+                    self._nursery.start_soon(self._run_service)
                     if self.on_spawn is not None:
                         self.on_spawn(self)
                 case Kill(sig, group):
@@ -329,13 +328,11 @@ class ServiceRunner:
                     if self.proxied:
                         self._restart_if_held()
                     else:
-                        self._armed.set()
+                        self.watch.arm()
                 case Unwatch():
-                    self._armed = trio.Event()
-                    if self._watch_scope is not None:
-                        self._watch_scope.cancel()
-                case Log(text):
-                    log_at(self.options.log, lifecycle_level(text), f"{self.name}: {text}")
+                    self.watch.disarm()
+                case Log(text, level):
+                    log_at(self.options.log, level, f"{self.name}: {text}")
                 case Activation():
                     record = StartRecord.from_activation(action, trio.current_time())
                     if action.outcome is Outcome.READY:
@@ -343,9 +340,8 @@ class ServiceRunner:
                         if record.held and not self.proxied:
                             self._nursery_soon(self._watch_first_accept, record)
                     self.history.append(record)
-                    log_at(self.options.log, activation_level(record),
-                           format_activation(self.name, action, self._waiting_text()),
-                           **activation_fields(record))
+                    log_at(self.options.log, record.level,
+                           record.line(self.name, self._waiting_text()), **record.fields())
                     if self.options.on_activation is not None:
                         self.options.on_activation(self.name, record)
                 case ReleaseHeld():
@@ -378,12 +374,8 @@ class ServiceRunner:
         self.changed = trio.Event()
 
     def _kill(self, sig: signal.Signals, group: bool) -> None:
-        if self.process is None:
-            return
-        if group:
-            self.process.signal_group(sig)
-        else:
-            self.process.send_signal(sig)
+        if self.started is not None:
+            self.started.signal(sig, group=group)
 
     # -- proxy mode ----------------------------------------------------------
 
@@ -456,7 +448,7 @@ class ServiceRunner:
     async def _start_soon(self, reason: str) -> None:
         self.start(reason)
 
-    async def _probe_upstreams(self, pid: int) -> None:
+    async def _probe_upstreams(self, handle: int | str) -> None:
         """Readiness `connect`: ready once every stream upstream accepts.  A
         probe's connection carries the first client held on that socket."""
         with trio.CancelScope() as scope:
@@ -466,11 +458,11 @@ class ServiceRunner:
                     continue
                 connection = await wait_connectable(proxy.upstream, keep=proxy.held > 0)
                 if connection is not None:
-                    if self.machine.pid == pid and self.machine.state is State.STARTING:
+                    if self.machine.instance == handle and self.machine.state is State.STARTING:
                         proxy.adopt(connection)
                     else:
                         connection.close()
-            if self.machine.pid == pid and self.machine.state is State.STARTING:
+            if self.machine.instance == handle and self.machine.state is State.STARTING:
                 self.dispatch(Ready())
         if self._probe_scope is scope:
             self._probe_scope = None
@@ -505,79 +497,26 @@ class ServiceRunner:
         finally:
             self._timer_running = False
 
-    async def _run_watcher(self) -> None:
-        """While armed, wait until one of the sockets is readable.
-
-        One long-lived task does all the waiting, so no two tasks ever wait on
-        the same fd (trio forbids it) however quickly Watch and Unwatch follow
-        each other.  It never accepts or reads: the kernel keeps everything.
-        """
-        while True:
-            await self._armed.wait()
-            if self.closing:
-                # Removed or shutting down: traffic stays queued in the kernel,
-                # and the sockets may be closed any moment now.
-                self._armed = trio.Event()
-                continue
-            closed = [sc.name for sc, sock in zip(self.config.sockets, self.sockets, strict=True)
-                      if sock.fileno() == -1]
-            if closed:
-                # Whoever closes a socket must first take it from the runner
-                # (reconfigure) or end the runner: waiting on it would fail,
-                # and not waiting would spin.
-                raise RuntimeError(f"{self.name}: asked to watch closed sockets {closed}")
-            readable: list[str] = []
-            with trio.CancelScope() as scope:
-                self._watch_scope = scope
-                if len(self.sockets) == 1:
-                    # Most services have one socket: wait here, without a
-                    # nursery and a task (per idle service, they would be a
-                    # fair part of an idle daemon's memory).
-                    await _wait_readable(self.sockets[0], self.config.sockets[0].name, readable)
-                else:
-                    async with trio.open_nursery() as nursery:
-                        for sc, sock in zip(self.config.sockets, self.sockets, strict=True):
-                            nursery.start_soon(
-                                _wait_readable, sock, sc.name, readable, nursery.cancel_scope
-                            )
-            self._watch_scope = None
-            if self.closing:
-                self._armed = trio.Event()  # shutting down: traffic stays queued
-            elif readable and self._armed.is_set():
-                self.start(f"traffic on {readable[0]}")
-
-    async def _run_process(self) -> None:
-        # What the service is handed (its sockets in pass mode only, its notify
-        # socket for ready: notify only) is decided in one place, with the table.
-        spec = launch.service_spec(
-            self.config,
-            self.options.nofile_soft,
-            sockets=self.sockets,
-            notify_socket=self._notify,
-        )
+    async def _run_service(self) -> None:
+        """One start: through the backend, then wait for its end."""
         try:
-            process = await launch.open_service_process(spec)
+            started = await self.backend.start(self.sockets, self._notify)
         except LaunchError as exc:
             # The log line gets the service's name in front anyway.
             self.dispatch(SpawnFailed(str(exc).removeprefix(f"{self.name}: ")))
             return
-        self.process = process
-        self.main_pid = process.pid
+        self.started = started
+        self.main_pid = started.pid
         self.status_text = None
         try:
-            self.dispatch(Spawned(process.pid))
+            self.dispatch(Spawned(started.handle))
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._relay, process.stdout)
-                # Whatever the service left behind in its process group goes
-                # with it (the spawner kills the group as it reaps the process),
-                # so that a stopped service is really gone.
-                returncode = await process.wait()
+                if started.output is not None:
+                    nursery.start_soon(self._relay, started.output)
+                returncode = await started.wait()
         finally:
-            with trio.CancelScope(shield=True):
-                if process.returncode is None:
-                    process.signal_group(signal.SIGKILL)
-                    await process.wait()
-        self.process = None
+            await started.aclose()
+        self.started = None
         self.main_pid = None
         self.dispatch(Exited(returncode))
 
@@ -636,15 +575,3 @@ async def _first_of(events: Sequence[trio.Event]) -> None:
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(wait)
-
-
-async def _wait_readable(
-    sock: socket.socket, name: str, readable: list[str], done: trio.CancelScope | None = None
-) -> None:
-    try:
-        await trio.lowlevel.wait_readable(sock)
-    except trio.ClosedResourceError:
-        return  # a reload closed it; the watcher starts over with the new set
-    readable.append(name)
-    if done is not None:
-        done.cancel()
