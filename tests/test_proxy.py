@@ -16,10 +16,12 @@ import pytest
 import trio
 import trio.testing
 
+from lazyd.datapath import shovel
 from lazyd.front import stream as proxy_module
-from lazyd.front.stream import StreamProxy, wait_connectable
+from lazyd.front.stream import StreamProxy
 from lazyd.net.addresses import Address, Kind
 from lazyd.net.binding import accept_queue_length
+from lazyd.readiness.probe import wait_connectable
 from tests.conftest import Recorder, free_port
 
 TIMEOUT = 10.0
@@ -378,14 +380,14 @@ async def test_only_bulk_transfers_use_splice(
 ) -> None:
     """A short request/response opens no pipe; a 4 MB download moves through one (splice)."""
     pipes: list[tuple[int, int] | None] = []
-    real_open_pipe = proxy_module._open_pipe
+    real_open_pipe = shovel._open_pipe
 
     def counting_open_pipe() -> tuple[int, int] | None:
         pipe = real_open_pipe()
         pipes.append(pipe)
         return pipe
 
-    monkeypatch.setattr(proxy_module, "_open_pipe", counting_open_pipe)
+    monkeypatch.setattr(shovel, "_open_pipe", counting_open_pipe)
     listener = tcp_listener(sockets)
     upstream = tcp_upstream()
     download = os.urandom(4 << 20)
@@ -750,7 +752,7 @@ async def test_closed_connections_leave_no_timers_behind(sockets: list[socket.so
                     assert await read_all(stream) == b"hello\n"
             while proxy.active:
                 await proxy.activity_changed.wait()
-            assert len(proxy._timers) < 150
+            assert len(proxy._reactor._timers) < 150
 
 
 async def test_a_connect_is_timed_out_even_when_it_takes_a_just_closed_fd_number(

@@ -32,18 +32,11 @@ from typing import Any
 
 import trio
 
-from lazyd.front.stream import (
-    FDS,
-    Activity,
-    BurstLog,
-    Clock,
-    Forwarder,
-    LogFn,
-    close_socket,
-    describe,
-)
+from lazyd.datapath.budget import FDS
+from lazyd.front.forwarder import Activity, BurstLog, Clock, Forwarder, LogFn
 from lazyd.net.access import Gate
 from lazyd.net.addresses import Address
+from lazyd.net.connect import close_socket, describe
 from lazyd.net.rights import RIGHTS_SPACE, allow_rights, close_received, received_fds, refuse_rights
 
 # Big enough for any UDP datagram (65507 bytes of payload over IPv4); a larger

@@ -50,12 +50,13 @@ from lazyd.core.lifecycle import (
 from lazyd.core.starts import StartHistory, StartRecord, describe_waiting
 from lazyd.errors import LaunchError
 from lazyd.front.datagram import DatagramProxy
-from lazyd.front.stream import StreamProxy, wait_connectable
+from lazyd.front.stream import StreamProxy
 from lazyd.front.watch import PassWatch
 from lazyd.net.access import Access
 from lazyd.net.binding import accept_queue_length
 from lazyd.observe.logs import ThrottledLog, log_at
 from lazyd.readiness.notify import NotifySocket, belongs_to, open_notify_socket
+from lazyd.readiness.probe import wait_connectable
 
 LogFn = Callable[[str], None]
 

@@ -1,0 +1,113 @@
+"""The fd budget: how many fds this process's proxies hold, against
+RLIMIT_NOFILE, and how many big pipes the byte shovel has open.
+
+Both are one per process, not one per proxy, because what they count is:
+the fd limit is the process's, and the pipe pages a user may hold
+(fs.pipe-user-pages-soft) are the user's.  So each is one named object,
+`FDS` and `PIPES`, that every proxy (stream and datagram) and the shovel
+import from here; nothing else counts fds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import math
+import os
+import resource
+import time
+
+# How often, at most, the fds in use are counted near the limit.
+FD_RECOUNT = 0.05
+
+
+class FdBudget:
+    """The fds all of this process's proxies hold (connections, pipes, datagram
+    flows), against RLIMIT_NOFILE.
+
+    Proxied connections may not take the last fds: lazyd needs some to
+    receive a spawned service's output pipe, to answer the control socket, to
+    take a notify message.  The fds the proxies hold are counted as they open
+    and close; the rest of the process's are counted in /proc/self/fd, again
+    only near the limit (or once a second), since listing ten thousand fds
+    costs milliseconds.
+    """
+
+    def __init__(self) -> None:
+        self.proxied = 0
+        self._other = 0
+        self._limit = 0
+        self._checked = -math.inf
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    def opened(self, n: int = 1) -> None:
+        self.proxied += n
+
+    def closed(self, n: int = 1) -> None:
+        self.proxied -= n
+
+    def reserve(self) -> int:
+        """Fds never taken for a new client: a sixteenth of the limit, 16 to 256."""
+        return min(max(self._limit // 16, 16), 256)
+
+    def allows(self, reserve: int) -> bool:
+        """Whether more than `reserve` fds (reserve() for a new client, half
+        of it for an upstream connect) are left free."""
+        free = self._limit - self.proxied - self._other
+        if free > 2 * reserve and free > self._limit // 2:
+            return True  # far from the limit: no clock, no count
+        now = time.monotonic()
+        since = now - self._checked
+        if (free <= 2 * reserve and since >= FD_RECOUNT) or (free <= self._limit // 2
+                                                             and since >= 1.0):
+            self._recount(now)
+        return self._limit - self.proxied - self._other > reserve
+
+    def _recount(self, now: float) -> None:
+        self._checked = now
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self._limit = soft if soft != resource.RLIM_INFINITY else 1 << 20
+        self._other = max(_fds_in_use(self._limit) - self.proxied, 0)
+
+
+def _fds_in_use(limit: int) -> int:
+    """How many fds this process has open."""
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # less listdir's own
+    except PermissionError:
+        pass  # not dumpable since it dropped privileges: /proc/self/fd is root's
+    except OSError:
+        return limit  # EMFILE: not even one fd to spare
+    # Ask each fd the table has room for (FDSize in /proc/self/status, which
+    # stays readable); a few thousand fcntl calls, and only near the limit.
+    size = limit
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("FDSize:"):
+                size = min(int(line.split()[1]), limit)
+    used = 0
+    for fd in range(size):
+        try:
+            fcntl.fcntl(fd, fcntl.F_GETFD)
+        except OSError:
+            continue
+        used += 1
+    return used
+
+
+class PipeCount:
+    """The shovel's pipes bigger than its usual size, open in this process:
+    only a few may be (see `lazyd.datapath.shovel.BIG_PIPES`)."""
+
+    def __init__(self) -> None:
+        self.big = 0
+
+
+# The process's one fd budget: every stream connection, upstream connect,
+# splice pipe and datagram flow is counted here as it opens and closes.
+FDS = FdBudget()
+# The process's big pipes (a user's pipe pages are shared by all of them).
+PIPES = PipeCount()
