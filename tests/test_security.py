@@ -254,7 +254,7 @@ async def test_a_socket_swapped_right_after_bind_is_never_chmoded_through(
     os.chown(shared, NOBODY.pw_uid, NOBODY.pw_gid)
     _open_to_others(shared)
     victims = [_root_file(tmp_path / f"file{i}") for i in range(10)]
-    names = {f"s{i}.sock": victims[i % len(victims)] for i in range(3000)}
+    names = {f"s{i}.sock": victims[i % len(victims)] for i in range(12000)}
     refused: list[str] = []
     opened: list[str] = []
     async with swapping(NOBODY, shared, names):

@@ -85,6 +85,10 @@ if TYPE_CHECKING:
 
     from lazyd.privileged.entries import Entry
 
+# How long the spawner waits for an exec before it turns back to its other
+# work by default; a child that takes longer (a workdir on a hung network
+# mount) is then followed from the poll loop.
+EXEC_WAIT_MS = 100
 MAX_MESSAGE = 64 * 1024  # bytes of JSON in one message, either way
 MAX_FDS = 253  # fds in one message: Linux's SCM_MAX_FD
 MAX_ID = 2**53  # request ids stay exact in every JSON implementation

@@ -95,10 +95,7 @@ MAX_CHILDREN = 4096  # processes started and not yet reaped
 # signals to the default but keeps ignored ones ignored: so a child has no
 # signal to reset before exec, which saves it time (see `child.run_child`).
 _HANDLED = (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-# How long the spawner waits for an exec before it turns back to its other
-# work by default; a child that takes longer (a workdir on a hung network
-# mount) is then followed from the poll loop.
-EXEC_WAIT_MS = 100
+EXEC_WAIT_MS = protocol.EXEC_WAIT_MS
 
 
 class _Gone(Exception):

@@ -43,7 +43,7 @@ from typing import Any
 import trio
 
 from lazyd.errors import LaunchError
-from lazyd.privileged import boot, protocol, spawnerd
+from lazyd.privileged import protocol
 from lazyd.privileged.fields import ProtocolError
 
 MAX_SPAWNS_WAITING = 32  # spawn requests awaiting their reply; more wait their turn
@@ -418,15 +418,17 @@ class Spawner:
         self._sock.close()
 
 
-def spawner_command(exec_wait_ms: int = spawnerd.EXEC_WAIT_MS) -> list[str]:
+def spawner_command(exec_wait_ms: int = protocol.EXEC_WAIT_MS) -> list[str]:
     """The command that runs the spawner, with this interpreter and this copy of lazyd.
 
     `exec_wait_ms`: how long it waits for one exec before it serves other
-    requests meanwhile (see `lazyd.privileged.spawnerd.EXEC_WAIT_MS`). The
+    requests meanwhile (see `lazyd.privileged.protocol.EXEC_WAIT_MS`). The
     interpreter runs no site and takes nothing from the environment or the
     current directory (`lazyd.privileged.boot` explains, and checks it).
     """
-    return [sys.executable, "-I", "-S", os.path.abspath(boot.__file__), str(exec_wait_ms)]
+    # The helper's entry point, by path: the daemon never imports the helper.
+    boot = os.path.join(os.path.dirname(os.path.abspath(protocol.__file__)), "boot.py")
+    return [sys.executable, "-I", "-S", boot, str(exec_wait_ms)]
 
 
 @asynccontextmanager
