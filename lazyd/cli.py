@@ -18,7 +18,7 @@ import trio
 from lazyd import __version__ as _source_version
 from lazyd import config as config_mod
 from lazyd.errors import ConfigError, ControlError, LazydError
-from lazyd.observe.logs import FORMATS, Level, Logger
+from lazyd.logs import FORMATS, Level, Logger
 from lazyd.observe.status import format_status
 from lazyd.runtime import control
 

@@ -1,6 +1,6 @@
 """How much a line matters: sd-daemon(3) / syslog priorities, the ones lazyd
 uses.  A leaf module: the pure lifecycle says how bad what it logs is, and
-the log (`lazyd.observe.logs`) writes it as a journald priority or a JSON
+the log (`lazyd.logs`) writes it as a journald priority or a JSON
 level, without either knowing the other.
 """
 

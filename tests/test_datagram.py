@@ -32,7 +32,7 @@ def held_socket(made: list[socket.socket], family: socket.AddressFamily, address
                 ) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_DGRAM)
     made.append(sock)
-    sock.bind(address)  # left blocking, as lazyd.net.binding binds it
+    sock.bind(address)  # left blocking, as lazyd.runtime.binding binds it
     return sock
 
 

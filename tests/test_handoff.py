@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lazyd.backends.process.handoff import arrange_fds, service_environment
+from lazyd.privileged.handoff import arrange_fds, service_environment
 
 HIGH = 100  # fds the tests keep out of every range under test
 

@@ -1,4 +1,4 @@
-"""lazyd.observe.logs: text and JSON lines, journald priorities, and the levels of real events."""
+"""lazyd.logs: text and JSON lines, journald priorities, and the levels of real events."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from lazyd.core.lifecycle import (
     Tick,
 )
 from lazyd.core.starts import StartRecord
-from lazyd.observe.logs import (
+from lazyd.logs import (
     Level,
     Logger,
     ThrottledLog,

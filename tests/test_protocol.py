@@ -15,10 +15,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lazyd.backends.process.handoff import identity, socket_identity
 from lazyd.privileged import boot, entries, protocol
 from lazyd.privileged.entries import BrokenEntry, ProcessEntry
 from lazyd.privileged.fields import ProtocolError
+from lazyd.privileged.handoff import identity, socket_identity
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -355,7 +355,7 @@ def test_a_bad_table_answer_is_refused(data: bytes, error: str) -> None:
 # -- what the helper imports ------------------------------------------------------------
 
 HELPER_MODULES = {
-    "lazyd", "lazyd.backends", "lazyd.backends.process", "lazyd.backends.process.handoff",
+    "lazyd", "lazyd.backends", "lazyd.backends.process", "lazyd.privileged.handoff",
     "lazyd.privileged", "lazyd.privileged.boot", "lazyd.privileged.checks",
     "lazyd.privileged.child", "lazyd.privileged.entries", "lazyd.privileged.fields",
     "lazyd.privileged.protocol", "lazyd.privileged.read_table", "lazyd.privileged.reloading",

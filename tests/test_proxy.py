@@ -20,8 +20,8 @@ from lazyd.datapath import shovel
 from lazyd.front import stream as proxy_module
 from lazyd.front.stream import StreamProxy
 from lazyd.net.addresses import Address, Kind
-from lazyd.net.binding import accept_queue_length
 from lazyd.readiness.probe import wait_connectable
+from lazyd.runtime.binding import accept_queue_length
 from tests.conftest import Recorder, free_port
 
 TIMEOUT = 10.0
@@ -45,7 +45,7 @@ def tcp_listener(made: list[socket.socket], cls: type[socket.socket] = socket.so
     sock = cls(socket.AF_INET, socket.SOCK_STREAM)
     made.append(sock)
     sock.bind(("127.0.0.1", 0))
-    sock.listen(512)  # left blocking, as lazyd.net.binding binds it
+    sock.listen(512)  # left blocking, as lazyd.runtime.binding binds it
     return sock
 
 
@@ -53,7 +53,7 @@ def unix_listener(made: list[socket.socket], path: Path) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     made.append(sock)
     sock.bind(str(path))
-    sock.listen(512)  # left blocking, as lazyd.net.binding binds it
+    sock.listen(512)  # left blocking, as lazyd.runtime.binding binds it
     return sock
 
 

@@ -30,8 +30,8 @@ import trio
 from lazyd.config import SocketConfig
 from lazyd.errors import BindError
 from lazyd.net.addresses import parse_address
-from lazyd.net.binding import bind_socket, release_socket
 from lazyd.runtime import control
+from lazyd.runtime.binding import bind_socket, release_socket
 from tests.conftest import PY, LazydProcess, free_port, program, run_lazyd
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")

@@ -15,7 +15,7 @@ import pytest
 from lazyd.config import Config, ServiceConfig, SocketConfig
 from lazyd.errors import BindError
 from lazyd.net.addresses import Address, Kind, parse_address
-from lazyd.net.binding import (
+from lazyd.runtime.binding import (
     accept_queue_length,
     bind_all,
     bind_socket,

@@ -19,7 +19,6 @@ import trio
 import trio.testing
 
 from lazyd import config as config_mod
-from lazyd.backends.process.handoff import socket_identity
 from lazyd.backends.process.launch import relay_output, table
 from lazyd.backends.process.spawner import (
     ServiceProcess,
@@ -30,9 +29,10 @@ from lazyd.backends.process.spawner import (
     spawner_command,
 )
 from lazyd.errors import LaunchError
-from lazyd.net.binding import bind_socket
 from lazyd.privileged import child, protocol, spawnerd
+from lazyd.privileged.handoff import socket_identity
 from lazyd.readiness.notify import open_notify_socket
+from lazyd.runtime.binding import bind_socket
 from tests.conftest import free_port, yaml_quote
 
 TIMEOUT = 5.0  # seconds; bounds every wait in these tests

@@ -27,8 +27,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from lazyd.logs import ThrottledLog
 from lazyd.net.addresses import Network
-from lazyd.observe.logs import ThrottledLog
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 LogFn = Callable[[str], None]

@@ -37,7 +37,7 @@ from lazyd.core.lifecycle import Outcome, State
 from lazyd.core.starts import StartRecord
 from lazyd.errors import BindError
 from lazyd.net.addresses import Address
-from lazyd.net.binding import bind_socket
+from lazyd.runtime.binding import bind_socket
 
 if TYPE_CHECKING:
     from lazyd.runtime.service import ServiceRunner

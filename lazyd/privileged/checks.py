@@ -13,7 +13,7 @@ systemd's own notify socket:
 - ``env`` may add only LISTEN_FDS and LISTEN_FDNAMES (which must be the
   table's count and names) and, for a ``notify`` service, NOTIFY_SOCKET:
   only lazyd's own notify socket for that service, ``@`` +
-  `lazyd.backends.process.handoff.notify_socket_name` with the daemon's pid
+  `lazyd.privileged.handoff.notify_socket_name` with the daemon's pid
   (the helper's parent); the socket itself goes as one more fd after the
   sockets, as proof that the daemon holds it (it is not passed on).
 
@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import socket
 
-from lazyd.backends.process.handoff import (
+from lazyd.privileged.entries import describe_socket
+from lazyd.privileged.fields import ProtocolError
+from lazyd.privileged.handoff import (
     LISTEN_FDS_START,
     NOTIFY_TOKEN_LENGTH,
     notify_socket_name,
     socket_identity,
 )
-from lazyd.privileged.entries import describe_socket
-from lazyd.privileged.fields import ProtocolError
 
 TYPE_CHECKING = False  # not from typing, which the helper would have to import
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ import os
 import resource
 import signal
 
-from lazyd.backends.process.handoff import LISTEN_FDS_START, arrange_fds
+from lazyd.privileged.handoff import LISTEN_FDS_START, arrange_fds
 
 TYPE_CHECKING = False  # not from typing, which the helper would have to import
 if TYPE_CHECKING:

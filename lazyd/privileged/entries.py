@@ -20,7 +20,7 @@ absolute; ``env`` complete but for LISTEN_* and NOTIFY_SOCKET; ``uid``,
 ``gid`` and ``groups`` all three or none; they, ``workdir`` and
 ``nofile_soft`` may be null: "as is"; ``sockets`` the fds a spawn must pass,
 in order, each ``{"name", "family", "type", "address", "listening",
-"connected"}`` as `lazyd.backends.process.handoff.socket_identity` describes
+"connected"}`` as `lazyd.privileged.handoff.socket_identity` describes
 a socket, empty (the default) for a service that binds its own (proxy mode);
 ``notify`` true for a ``ready: notify`` service, false by default.  An entry
 ``{"error"}`` is a service that cannot be started (its program is missing):
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import socket
 
-from lazyd.backends.process.handoff import PROTOCOL_VARIABLES, SOCKET_IDENTITY_FIELDS
 from lazyd.privileged.fields import (
     ProtocolError,
     boolean,
@@ -41,6 +40,7 @@ from lazyd.privileged.fields import (
     optional_integer,
     text,
 )
+from lazyd.privileged.handoff import PROTOCOL_VARIABLES, SOCKET_IDENTITY_FIELDS
 
 TYPE_CHECKING = False  # not from typing, which the helper would have to import
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ def broken_entry(reason: str) -> dict[str, Any]:
 
 def socket_entry(name: str, identity: Mapping[str, object]) -> dict[str, object]:
     """One of an entry's ``sockets``: its name and the identity its fd must have
-    (`lazyd.backends.process.handoff.identity` or `socket_identity`)."""
+    (`lazyd.privileged.handoff.identity` or `socket_identity`)."""
     return {"name": name, **identity}
 
 
@@ -213,7 +213,7 @@ def _sockets(value: object) -> list[dict[str, Any]]:
         if not isinstance(sock, dict) or set(sock) != set(SOCKET_FIELDS):
             raise ProtocolError(f"each socket must have exactly {sorted(SOCKET_FIELDS)}")
         name = text(sock["name"], "socket name")
-        # As sd_listen_fds_with_names(3) can read them back (see lazyd.backends.process.handoff).
+        # As sd_listen_fds_with_names(3) can read them back (see lazyd.privileged.handoff).
         if ":" in name or len(name) > 255 or not name.isprintable():
             raise ProtocolError(f"socket name {name!r} cannot be passed in LISTEN_FDNAMES")
         for key in ("family", "type"):

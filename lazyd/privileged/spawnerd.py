@@ -14,7 +14,7 @@ configured services, and nothing else.
 It is started by `lazyd.backends.process.spawner.open_spawner` through
 `lazyd.privileged.boot`, as ``python -I -S`` (no site, no environment,
 nothing from the current directory on sys.path): it imports only the
-standard library, `lazyd.backends.process.handoff` and its own modules, and
+standard library, `lazyd.privileged.handoff` and its own modules, and
 not even `typing`, to stay small. Its fd 0 is one end of an AF_UNIX
 SOCK_SEQPACKET socketpair, the daemon holds the other. What goes through it
 is `lazyd.privileged.protocol`'s; the table of services is made of
@@ -70,12 +70,12 @@ import socket
 import stat
 import sys
 
-from lazyd.backends.process.handoff import LISTEN_FDS_START
 from lazyd.privileged import protocol
 from lazyd.privileged.checks import spawn_env
 from lazyd.privileged.child import MAX_ERROR, Credentials, ForkError, fork_child, read_failure
 from lazyd.privileged.entries import MAX_SERVICES, BrokenEntry
 from lazyd.privileged.fields import ProtocolError
+from lazyd.privileged.handoff import LISTEN_FDS_START
 from lazyd.privileged.protocol import MAX_FDS, MAX_MESSAGE, received_fds
 from lazyd.privileged.reloading import TableReader
 

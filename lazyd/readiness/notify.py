@@ -52,7 +52,6 @@ from types import MappingProxyType, TracebackType
 
 import trio
 
-from lazyd.backends.process.handoff import NOTIFY_TOKEN_LENGTH, notify_socket_name
 from lazyd.net.rights import (
     MAX_PENDING,
     RIGHTS_SPACE,
@@ -61,6 +60,7 @@ from lazyd.net.rights import (
     received_fds,
     wait_for_room,
 )
+from lazyd.privileged.handoff import NOTIFY_TOKEN_LENGTH, notify_socket_name
 
 # systemd accepts at most PIPE_BUF bytes per notification; so do we.
 NOTIFY_MAX_BYTES = 4096

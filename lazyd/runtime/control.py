@@ -29,10 +29,10 @@ import trio
 from lazyd.config import Config, SocketConfig
 from lazyd.config.ownership import who_else_can_change
 from lazyd.errors import ControlError
+from lazyd.logs import Level, log_at
 from lazyd.net.addresses import Address, Kind
-from lazyd.net.binding import bind_socket
 from lazyd.net.rights import refuse_rights
-from lazyd.observe.logs import Level, log_at
+from lazyd.runtime.binding import bind_socket
 
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = (1,)

@@ -23,7 +23,10 @@ from lazyd.config import Activate, Config
 from lazyd.config.reload import Change, plan_reload, socket_key
 from lazyd.core.starts import StartRecord
 from lazyd.errors import ConfigError, LazydError
-from lazyd.net.binding import (
+from lazyd.logs import Level, log_at
+from lazyd.observe.status import daemon_status
+from lazyd.runtime import control, privileges, systemd
+from lazyd.runtime.binding import (
     bind_all,
     bind_socket,
     needs_privilege,
@@ -31,9 +34,6 @@ from lazyd.net.binding import (
     release,
     release_socket,
 )
-from lazyd.observe.logs import Level, log_at
-from lazyd.observe.status import daemon_status
-from lazyd.runtime import control, privileges, systemd
 from lazyd.runtime.service import Options, ServiceRunner, stderr_log
 
 # How long a reload waits for the spawner to read the config file (it starts

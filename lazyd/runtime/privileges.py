@@ -36,7 +36,7 @@ from dataclasses import dataclass
 # The account lazyd drops to when the config names none, if the system has it.
 from lazyd.config import DEFAULT_USER
 from lazyd.errors import LazydError
-from lazyd.observe.logs import Level, log_at
+from lazyd.logs import Level, log_at
 
 # Else a uid of its own from here: the top of 65536-524287, which systemd
 # leaves unused (below its container ranges, above its DynamicUser= range

@@ -52,11 +52,11 @@ from lazyd.errors import LaunchError
 from lazyd.front.datagram import DatagramProxy
 from lazyd.front.stream import StreamProxy
 from lazyd.front.watch import PassWatch
+from lazyd.logs import ThrottledLog, log_at
 from lazyd.net.access import Access
-from lazyd.net.binding import accept_queue_length
-from lazyd.observe.logs import ThrottledLog, log_at
 from lazyd.readiness.notify import NotifySocket, belongs_to, open_notify_socket
 from lazyd.readiness.probe import wait_connectable
+from lazyd.runtime.binding import accept_queue_length
 
 LogFn = Callable[[str], None]
 
@@ -80,7 +80,7 @@ class Options:
 
     nofile_soft: int | None = None
     strict: bool = field(default_factory=strict_from_environment)
-    log: LogFn = stderr_log  # a lazyd.observe.logs.Logger also takes a level (see log_at)
+    log: LogFn = stderr_log  # a lazyd.logs.Logger also takes a level (see log_at)
     output: LogFn = stderr_log
     # Called as each start attempt ends, with the service's name (the metrics).
     on_activation: Callable[[str, StartRecord], None] | None = None

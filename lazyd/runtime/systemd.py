@@ -15,9 +15,9 @@ import os
 import socket
 from collections.abc import Callable, MutableMapping
 
-from lazyd.backends.process.handoff import socket_identity
 from lazyd.config import Config
 from lazyd.errors import BindError
+from lazyd.privileged.handoff import socket_identity
 
 LISTEN_FDS_START = 3
 Inherited = dict[tuple[str, str], socket.socket]

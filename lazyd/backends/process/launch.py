@@ -1,7 +1,7 @@
 """Starting a service's process and relaying its output.
 
 `open_service_process` starts one service the way systemd would: its sockets
-at fds 3.. with the LISTEN_* variables (`lazyd.backends.process.handoff`; pass mode only: a
+at fds 3.. with the LISTEN_* variables (`lazyd.privileged.handoff`; pass mode only: a
 proxied service binds its own port and gets none), a clean environment,
 setsid(2) so that it leads its own process group, its user and groups, its
 working directory, the original RLIMIT_NOFILE soft limit. What each service
@@ -28,12 +28,12 @@ from typing import Any
 
 import trio
 
-from lazyd.backends.process.handoff import identity, service_environment, socket_identity
 from lazyd.backends.process.spawner import ServiceProcess, Spawner, SpawnError, current_spawner
 from lazyd.config import Config, ReadyKind, ServiceConfig, ownership
 from lazyd.errors import ConfigError, LaunchError
 from lazyd.net.addresses import Address
 from lazyd.privileged import entries, protocol
+from lazyd.privileged.handoff import identity, service_environment, socket_identity
 from lazyd.readiness.notify import NotifySocket
 
 # The longest line relayed in one piece. A service that writes megabytes without a
