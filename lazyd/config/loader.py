@@ -29,6 +29,8 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.reader import ReaderError
 
+from lazyd.config import datapath as datapath_mod
+from lazyd.config.datapath import Datapath
 from lazyd.config.ownership import who_else_can_change
 from lazyd.core.policy import READY_STARTED, Policy, Ready, ReadyKind, Restart
 from lazyd.errors import ConfigError
@@ -109,6 +111,10 @@ class ServiceConfig:
     # long is closed.  Off unless asked for: a quiet websocket or ssh session
     # is not a broken one.
     connection_idle_timeout: float | None = None
+    # Proxy, TCP: which path the bytes take once warm (lazyd.config.datapath);
+    # for `auto`, why the config keeps it on the userspace path (empty: it does not).
+    datapath: Datapath = Datapath.USERSPACE
+    datapath_fallback: tuple[str, ...] = ()
 
     @property
     def policy(self) -> Policy:
@@ -148,7 +154,7 @@ _SERVICE_KEYS = (
     "start_timeout", "stop_signal", "stop_timeout", "restart", "start_limit",
     "start_limit_interval", "requires", "activate", "queue_limit", "datagram_queue_limit",
     "idle_timeout", "max_connections", "flow_timeout", "max_connections_per_source",
-    "connection_idle_timeout",
+    "connection_idle_timeout", "datapath",
 )
 _SOCKET_KEYS = ("listen", "upstream", "backlog", "reuse_port", "mode", "owner", "group",
                 "proxy_protocol", "allow", "deny")
@@ -462,10 +468,11 @@ _SERVICE_VALUES: _Converters = {
     "flow_timeout": (_positive_duration, "a duration"),
     "max_connections_per_source": (_whole, "a whole number"),
     "connection_idle_timeout": (_positive_duration, "a duration"),
+    "datapath": (_choice(Datapath), "userspace, kernel or auto"),
 }
 # Beside idle_timeout, which has its own explanation.
 _PROXY_ONLY_SERVICE_KEYS = ("max_connections", "flow_timeout", "max_connections_per_source",
-                            "connection_idle_timeout")
+                            "connection_idle_timeout", "datapath")
 _SOCKET_VALUES: _Converters = {
     "upstream": (_address, "an address"),
     "backlog": (_whole, "a whole number"),
@@ -571,7 +578,24 @@ def _service(
         sockets = _sockets(r, keys["sockets"].value, _join(path, "sockets"), mode, claimed)
     if command is None or sockets is None or None in args.values():
         return None  # its problems are recorded
-    return ServiceConfig(name=name, command=command, sockets=sockets, **args)
+    service = ServiceConfig(name=name, command=command, sockets=sockets, **args)
+    return _datapath(r, service, keys, path) if "datapath" in keys else service
+
+
+def _datapath(r: _Reader, service: ServiceConfig, keys: dict[str, _Entry], path: str
+              ) -> ServiceConfig | None:
+    """`datapath: kernel` with what the kernel path cannot honour is an error; `auto`
+    records why it stays on the userspace path (see lazyd.config.datapath)."""
+    if service.datapath is Datapath.USERSPACE:
+        return service
+    found = datapath_mod.obstacles(service, keys)
+    if service.datapath is Datapath.KERNEL:
+        for reason in found:
+            r.problem(keys["datapath"].value, _join(path, "datapath"),
+                      f"the kernel data path cannot be used: {reason}; use datapath: auto or "
+                      "userspace")
+        return None if found else service
+    return dataclasses.replace(service, datapath_fallback=tuple(found))
 
 
 def _ready(r: _Reader, node: Node, path: str, mode: Mode | None) -> Ready | None:
@@ -951,6 +975,8 @@ def plan(config: Config) -> str:
                   if (value := getattr(service, key)) is not None and service.mode is Mode.PROXY]
         if limits:
             lines.append(f"  limits: {', '.join(limits)}")
+        if (datapath := datapath_mod.describe(service)) is not None:
+            lines.append(f"  {datapath}")
         if service.workdir:
             lines.append(f"  workdir: {service.workdir}")
         if service.environment:

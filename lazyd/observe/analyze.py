@@ -116,7 +116,20 @@ def format_blame(services: Mapping[str, Any]) -> str:
         "SPAWN (first traffic to exec done), READINESS (exec done to ready), FIRST ACCEPT",
         "(pass) and FIRST BYTE (proxy), counted from ready: medians.",
     ]
+    lines += datapath_lines(services)
     return "\n".join(lines)
+
+
+def datapath_lines(services: Mapping[str, Any]) -> list[str]:
+    """Which services run on the kernel data path, and the connections steered
+    into them (which lazyd does not carry, so FIRST BYTE covers only those it held)."""
+    kernel = [(name, svc) for name, svc in services.items() if svc.get("datapath") == "kernel"]
+    if not kernel:
+        return []
+    lines = ["", "Kernel data path (new connections go straight to the warm service):"]
+    for name, svc in kernel:
+        lines.append(f"  {name}: {svc.get('steered')} connections steered")
+    return lines
 
 
 def _columns(rows: Sequence[Sequence[str]]) -> list[str]:

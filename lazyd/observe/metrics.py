@@ -173,6 +173,14 @@ class _RunnerCollector:
             "lazyd_refused",
             "Connections and datagrams refused by allow/deny or max_connections_per_source.",
             labels=["service"])
+        steered = CounterMetricFamily(
+            "lazyd_steered_connections",
+            "Connections the kernel data path steered straight into the service (lazyd "
+            "does not see their bytes).",
+            labels=["service"])
+        datapath = GaugeMetricFamily(
+            "lazyd_datapath", "The data path of the service's bytes once warm: 1 for its own.",
+            labels=["service", "datapath"])
         state = GaugeMetricFamily(
             "lazyd_service_state", "The service's state: 1 for the current one, 0 for the rest.",
             labels=["service", "state"])
@@ -181,6 +189,11 @@ class _RunnerCollector:
             activations.add_metric([name], runner.machine.activations)
             for s in State:
                 state.add_metric([name, s.value], 1.0 if runner.state is s else 0.0)
+            kernel = runner.kernel_path
+            for path in ("userspace", "kernel"):
+                datapath.add_metric([name, path], 1.0 if (path == "kernel") == kernel else 0.0)
+            if kernel:
+                steered.add_metric([name], runner.steering.steered())
             t = runner.traffic()  # the same figures status shows
             if t.connections_waiting is not None:
                 held.add_metric([name], t.connections_waiting)
@@ -199,7 +212,7 @@ class _RunnerCollector:
                 dgram_forwarded.add_metric([name, "in"], t.datagrams_in)
                 dgram_forwarded.add_metric([name, "out"], t.datagrams_out)
         return [activations, state, held, active, dgram_queued, dgram_dropped,
-                dgram_forwarded, forwarded, refused]
+                dgram_forwarded, forwarded, refused, datapath, steered]
 
 
 # --- the HTTP endpoint ---------------------------------------------------------------

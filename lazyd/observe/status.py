@@ -46,10 +46,26 @@ def service_status(runner: ServiceRunner, now: float, *, history: bool = False) 
         "mode": runner.config.mode.value,
         "status": runner.status_text,
         "sockets": {sc.name: str(sc.listen) for sc in runner.config.sockets},
+        **datapath_status(runner),
+        # Null where lazyd does not carry the bytes: pass mode, the kernel path.
+        "bytes_in": traffic.bytes_in,
+        "bytes_out": traffic.bytes_out,
     }
     if history:
         entry["starts"] = [r.to_json() for r in records]
     return entry
+
+
+def datapath_status(runner: ServiceRunner) -> dict[str, Any]:
+    """The data path a service's bytes take once warm ("kernel" or "userspace"),
+    whether new connections are steered into it now, and how many were steered
+    since lazyd started (null off the kernel path)."""
+    kernel = runner.kernel_path
+    return {
+        "datapath": "kernel" if kernel else "userspace",
+        "steering": runner.steering.steering,
+        "steered": runner.steering.steered() if kernel else None,
+    }
 
 
 def daemon_status(
@@ -117,6 +133,10 @@ def format_status(services: dict[str, Any]) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
              for row in rows]
     for name, svc in services.items():
+        if svc.get("datapath") == "kernel":
+            now = "steering new connections" if svc.get("steering") else "not steering now"
+            lines.append(f"{name}: kernel data path, {now}, "
+                         f"{svc.get('steered')} connections steered")
         if svc.get("status"):
             lines.append(f"{name}: {svc['status']}")
     return "\n".join(lines)

@@ -22,7 +22,11 @@ absolute; ``env`` complete but for LISTEN_* and NOTIFY_SOCKET; ``uid``,
 in order, each ``{"name", "family", "type", "address", "listening",
 "connected"}`` as `lazyd.privileged.handoff.socket_identity` describes
 a socket, empty (the default) for a service that binds its own (proxy mode);
-``notify`` true for a ``ready: notify`` service, false by default.  An entry
+``notify`` true for a ``ready: notify`` service, false by default;
+``steer`` (optional, empty by default) the sockets whose listener the
+service binds itself and the daemon may have for the kernel data path: socket
+name -> the upstream ``[host, port]`` that listener is bound to (see
+`lazyd.privileged.listeners`).  An entry
 ``{"error"}`` is a service that cannot be started (its program is missing):
 a spawn of it is answered with that error.
 
@@ -57,7 +61,7 @@ ID_BITS = 0xFFFFFFFE  # uid_t/gid_t: (uid_t)-1 means "unchanged" to the kernel, 
 MAX_NOFILE = 2**63 - 1  # rlim_t
 
 PROCESS_FIELDS = ("kind", "executable", "argv", "env", "uid", "gid", "groups", "workdir",
-                  "nofile_soft", "sockets", "notify")
+                  "nofile_soft", "sockets", "notify", "steer")
 SOCKET_FIELDS = ("name", *SOCKET_IDENTITY_FIELDS)
 ERROR = "error"  # the one field of a broken entry
 
@@ -121,7 +125,7 @@ class ProcessEntry:
     """A checked entry of a service that is a process: how it is started."""
 
     __slots__ = ("argv", "env", "executable", "gid", "groups", "nofile_soft", "notify",
-                 "sockets", "uid", "workdir")
+                 "sockets", "steer", "uid", "workdir")
 
     kind = PROCESS
 
@@ -166,6 +170,7 @@ class ProcessEntry:
             raise ProtocolError("uid, gid and groups are given together or not at all")
         self.sockets = _sockets(entry.get("sockets", []))
         self.notify = boolean(entry.get("notify", False), "notify")
+        self.steer = _steer(entry.get("steer", {}))
 
 
 if TYPE_CHECKING:
@@ -227,6 +232,26 @@ def _sockets(value: object) -> list[dict[str, Any]]:
         if not ip and not isinstance(address, str):
             raise ProtocolError("socket address must be [host, port] or a path")
     return value
+
+
+def _steer(value: object) -> dict[str, tuple[str, int]]:
+    """A checked ``steer`` of an entry: socket name -> upstream (IP address, port)."""
+    if not isinstance(value, dict) or len(value) > MAX_SOCKETS:
+        raise ProtocolError(f"steer must be an object of at most {MAX_SOCKETS} sockets")
+    steer = {}
+    for name, address in value.items():
+        text(name, "steer socket name")
+        if not (isinstance(address, list) and len(address) == 2
+                and isinstance(address[0], str) and type(address[1]) is int
+                and 0 < address[1] < 65536):
+            raise ProtocolError("each steer address must be [host, port]")
+        try:
+            socket.inet_pton(socket.AF_INET6 if ":" in address[0] else socket.AF_INET,
+                             address[0])
+        except OSError:
+            raise ProtocolError(f"steer host {address[0]!r} is not an IP address") from None
+        steer[name] = (address[0], address[1])
+    return steer
 
 
 def describe_socket(identity: Mapping[str, Any]) -> str:

@@ -44,6 +44,13 @@ an error.
 when ``group`` is true, for a pid this helper started, reported to the
 daemon, and has not reaped yet.  Reply ``{"id", "ok": true}`` or an error.
 
+``{"op": "listener", "id", "pid", "socket"}``: a copy of the listening
+socket that the service's process `pid` (one this helper started and has not
+reaped, or a process of its session) has bound to the upstream address its
+table entry's ``steer`` gives for ``socket`` (`lazyd.privileged.listeners`),
+for the kernel data path.  Reply ``{"id", "listener": SOCKET}`` with the
+socket as its one fd, or an error.
+
 An error reply is ``{"id", "error", "stage", "errno"}`` (and ``problems``
 for a reload): ``error`` is ``"STAGE: reason"``, ``stage`` names the step
 that failed ("request" for a request refused as malformed or not allowed,
@@ -99,6 +106,7 @@ MAX_NOFILE = 2**63 - 1  # rlim_t
 FD_BYTES = array.array("i").itemsize
 
 DEFINE, RELOAD, COMMIT, SPAWN, SIGNAL = "define", "reload", "commit", "spawn", "signal"
+LISTENER = "listener"
 # The fields of each request beside "op" and "id".
 REQUEST_FIELDS = {
     DEFINE: ("services", "config", "path", "nofile_soft", "seal"),
@@ -106,6 +114,7 @@ REQUEST_FIELDS = {
     COMMIT: (),
     SPAWN: ("service", "env"),
     SIGNAL: ("pid", "signal", "group"),
+    LISTENER: ("pid", "socket"),
 }
 # The only request that carries fds.
 WITH_FDS = (SPAWN,)
@@ -187,6 +196,11 @@ def signal_request(request_id: int, pid: int, sig: int, *, group: bool) -> dict[
     return {"op": SIGNAL, "id": request_id, "pid": pid, "signal": int(sig), "group": group}
 
 
+def listener_request(request_id: int, pid: int, socket_name: str) -> dict[str, Any]:
+    """A copy of the listener that `pid`'s service binds for its socket `socket_name`."""
+    return {"op": LISTENER, "id": request_id, "pid": pid, "socket": socket_name}
+
+
 # -- requests: checked by the helper ---------------------------------------------------
 
 
@@ -259,11 +273,23 @@ class Signal:
         self.group = boolean(message.get("group"), "group")
 
 
+class Listener:
+    """A checked listener request."""
+
+    __slots__ = ("id", "pid", "socket")
+
+    def __init__(self, request_id: int, message: Mapping[str, Any]) -> None:
+        self.id = request_id
+        self.pid = integer(message.get("pid"), "pid", 1, MAX_PID)
+        self.socket = text(message.get("socket"), "socket")
+
+
 if TYPE_CHECKING:
-    Request: TypeAlias = "Define | Reload | Commit | Spawn | Signal"
+    Request: TypeAlias = "Define | Reload | Commit | Spawn | Signal | Listener"
 
 _REQUESTS: dict[str, Callable[[int, Mapping[str, Any]], Request]] = {
     DEFINE: Define, RELOAD: Reload, COMMIT: Commit, SPAWN: Spawn, SIGNAL: Signal,
+    LISTENER: Listener,
 }
 
 
@@ -311,6 +337,11 @@ def reloaded_reply(request_id: int, services: Sequence[str]) -> dict[str, Any]:
 def spawned_reply(request_id: int, pid: int) -> dict[str, Any]:
     """A spawn exec'd as `pid`; its output pipe goes with the message."""
     return {"id": request_id, "pid": pid}
+
+
+def listener_reply(request_id: int, socket_name: str) -> dict[str, Any]:
+    """The listener for `socket_name` goes with the message."""
+    return {"id": request_id, "listener": socket_name}
 
 
 def error_reply(
@@ -367,6 +398,16 @@ class Spawned:
         self.pid = pid
 
 
+class Taken:
+    """A listener request done: the socket came as the message's fd."""
+
+    __slots__ = ("id", "socket")
+
+    def __init__(self, request_id: int, socket_name: str) -> None:
+        self.id = request_id
+        self.socket = socket_name
+
+
 class Failed:
     """A request that failed: the reason alone (without its stage), the stage and errno."""
 
@@ -383,7 +424,7 @@ class Failed:
 
 
 if TYPE_CHECKING:
-    Reply: TypeAlias = "Exited | Done | Spawned | Failed"
+    Reply: TypeAlias = "Exited | Done | Spawned | Taken | Failed"
 
 
 def _strings(value: object, what: str) -> list[str]:
@@ -413,6 +454,9 @@ def parse_reply(data: bytes) -> Reply:
     if "pid" in message:
         only(message, ("id", "pid"))
         return Spawned(request_id, integer(message["pid"], "pid", 1, MAX_PID))
+    if "listener" in message:
+        only(message, ("id", "listener"))
+        return Taken(request_id, text(message["listener"], "listener"))
     only(message, ("id", "ok", "services"))
     if message.get("ok") is not True:
         raise ProtocolError("a reply is ok, an error, or a spawned pid")

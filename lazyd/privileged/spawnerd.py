@@ -76,6 +76,7 @@ from lazyd.privileged.child import MAX_ERROR, Credentials, ForkError, fork_child
 from lazyd.privileged.entries import MAX_SERVICES, BrokenEntry
 from lazyd.privileged.fields import ProtocolError
 from lazyd.privileged.handoff import LISTEN_FDS_START
+from lazyd.privileged.listeners import take as take_listener
 from lazyd.privileged.protocol import MAX_FDS, MAX_MESSAGE, received_fds
 from lazyd.privileged.reloading import TableReader
 
@@ -122,6 +123,7 @@ class Spawnerd:
         self.exec_wait_ms = exec_wait_ms
         # pid -> whether its exit is reported (true once the daemon was told its pid).
         self.children: dict[int, bool] = {}
+        self.service_of: dict[int, str] = {}  # pid -> the service it was spawned for
         # Spawns whose exec is not confirmed yet: by pid, and those followed
         # from the poll loop (see EXEC_WAIT_MS) also by error pipe fd.
         self.in_flight_pids: dict[int, _InFlight] = {}
@@ -212,6 +214,8 @@ class Spawnerd:
                 self.send(protocol.ok_reply(request_id))
             elif isinstance(request, protocol.Reload):
                 self.reload(request_id)  # answered once the table is read
+            elif isinstance(request, protocol.Listener):
+                self.listener(request)
             else:
                 if self.pending is None:
                     raise ProtocolError("no table read by a reload to commit")
@@ -325,6 +329,7 @@ class Spawnerd:
         exec_done = self.exec_poller.poll(self.exec_wait_ms)
         self.exec_poller.unregister(err_r)
         self.children[pid] = False
+        self.service_of[pid] = name
         spawned = _InFlight(request.id, pid, out_r, err_r)
         self.in_flight_pids[pid] = spawned
         if exec_done:
@@ -370,6 +375,17 @@ class Spawnerd:
         except OSError as exc:
             raise ProtocolError(f"pid {pid}: {os.strerror(exc.errno or 0)}") from None
 
+    def listener(self, request: protocol.Listener) -> None:
+        """Answer with a copy of a service's own listener (`lazyd.privileged.listeners`)."""
+        running = self.children.get(request.pid, False)
+        service = self.service_of.get(request.pid) if running else None
+        entry = None if service is None else self.table.get(service)
+        fd = take_listener(request, service, entry)
+        try:
+            self.send(protocol.listener_reply(request.id, request.socket), [fd])
+        finally:
+            os.close(fd)
+
     # -- children ----------------------------------------------------------
 
     def reap(self) -> None:
@@ -393,6 +409,7 @@ class Spawnerd:
                 # The child is gone, so its error pipe is at EOF or holds its error:
                 # the spawn reply goes out before the exit notice.
                 self.confirm(spawned)
+            self.service_of.pop(pid, None)
             if self.children.pop(pid, False):
                 self.send(protocol.exited_notice(pid, os.waitstatus_to_exitcode(status)))
 

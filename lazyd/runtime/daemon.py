@@ -22,6 +22,7 @@ from lazyd.backends.process.spawner import Spawner, SpawnError, open_spawner
 from lazyd.config import Activate, Config
 from lazyd.config.reload import Change, plan_reload, socket_key
 from lazyd.core.starts import StartRecord
+from lazyd.datapath.kernel import KernelPath, open_kernel_path
 from lazyd.errors import ConfigError, LazydError
 from lazyd.logs import Level, log_at
 from lazyd.observe.status import daemon_status
@@ -147,6 +148,8 @@ class Daemon:
             if names is not None and set(names) != set(new.services):
                 raise LazydError(f"{new.path} changed while it was read; reload again")
             change = plan_reload(self.config, new)
+            kernel = self.options.kernel or KernelPath(None, None, log)
+            kernel.check(new.services.values())  # steering is set up before the drop only
             held = {
                 socket_key(sc): sock
                 for runner in self.runners.values()
@@ -226,6 +229,7 @@ class Daemon:
         # reconfigure(); a running process keeps its own copy).
         orphans = [held[key] for key in change.retired]
         self._nursery_start(self._retire, removed, replaced, orphans)
+        kernel.announce(new.services.values())
         log(f"lazyd: reloaded {new.path}")
         return []
 
@@ -390,7 +394,13 @@ async def _serve(
     metrics_sock: socket.socket | None = None
     metrics: lazyd.observe.metrics.Metrics | None = None
     daemon: Daemon | None = None
+    kernel: KernelPath | None = None
     try:
+        # As root, before the drop, and only if some service wants it (see
+        # lazyd.datapath.kernel); the daemon keeps its fds to the end.
+        kernel = open_kernel_path(config, options.log)
+        kernel.announce(config.services.values())
+        options = dataclasses.replace(options, kernel=kernel)
         if config.metrics is not None:
             # Imported only when asked for: prometheus-client is ~3 MB of an
             # idle daemon's memory.
@@ -461,6 +471,10 @@ async def _serve(
             release_socket(control_sock)
         if metrics_sock is not None:
             metrics_sock.close()
+        if kernel is not None:
+            # The services are stopped and their entries removed: detach the
+            # program, so that nothing of lazyd's steering outlives it.
+            kernel.close()
     options.log("lazyd: stopped")
 
 

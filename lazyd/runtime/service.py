@@ -24,6 +24,7 @@ import trio
 from lazyd.backends.base import Backend, Started
 from lazyd.backends.process import launch
 from lazyd.backends.process.backend import ProcessBackend
+from lazyd.backends.process.spawner import current_spawner
 from lazyd.config import Mode, ReadyKind, ServiceConfig, SocketConfig
 from lazyd.core.lifecycle import (
     Action,
@@ -48,6 +49,7 @@ from lazyd.core.lifecycle import (
     Watch,
 )
 from lazyd.core.starts import StartHistory, StartRecord, describe_waiting
+from lazyd.datapath.kernel import KernelPath, ServiceSteering
 from lazyd.errors import LaunchError
 from lazyd.front.datagram import DatagramProxy
 from lazyd.front.stream import StreamProxy
@@ -84,6 +86,8 @@ class Options:
     output: LogFn = stderr_log
     # Called as each start attempt ends, with the service's name (the metrics).
     on_activation: Callable[[str, StartRecord], None] | None = None
+    # The kernel data path (lazyd.datapath.kernel), if the daemon opened one.
+    kernel: KernelPath | None = None
 
 
 @dataclass(frozen=True)
@@ -143,6 +147,10 @@ class ServiceRunner:
                              log=options.log)
         self._probe_scope: trio.CancelScope | None = None
         self._running_since = 0.0
+        # The kernel data path: this service's entries in the steering map.
+        self.steering = ServiceSteering(
+            self.name, options.kernel or KernelPath(None, None, options.log), options.log)
+        self._steered_busy_at = -math.inf  # the last idle check that found steered traffic
 
     # -- public --------------------------------------------------------------
 
@@ -180,6 +188,11 @@ class ServiceRunner:
         traffic = self.traffic()
         return describe_waiting(traffic.connections_waiting, traffic.datagrams_waiting)
 
+    @property
+    def kernel_path(self) -> bool:
+        """Whether this service is steered once warm (its config and the daemon allow it)."""
+        return self.steering.kernel.uses_kernel(self.config)
+
     def traffic(self) -> Traffic:
         """What this service's proxies (or, in pass mode, the kernel) hold and
         carry: the one place status, metrics and the ready line take it from."""
@@ -196,8 +209,9 @@ class ServiceRunner:
             datagrams_waiting=total([p.queued for p in datagrams], bool(datagrams)),
             active=sum(p.active for p in self.proxies),
             refused=self.access.refused,
-            bytes_in=sum(p.bytes_in for p in self.proxies),
-            bytes_out=sum(p.bytes_out for p in self.proxies),
+            # On the kernel path most bytes never pass through lazyd: unknown.
+            bytes_in=None if self.kernel_path else sum(p.bytes_in for p in self.proxies),
+            bytes_out=None if self.kernel_path else sum(p.bytes_out for p in self.proxies),
             datagrams_dropped=total([p.dropped for p in datagrams], bool(datagrams)),
             datagrams_in=total([p.datagrams_in for p in datagrams], bool(datagrams)),
             datagrams_out=total([p.datagrams_out for p in datagrams], bool(datagrams)),
@@ -315,6 +329,10 @@ class ServiceRunner:
     # -- actions -------------------------------------------------------------
 
     def _apply(self, actions: list[Action]) -> None:
+        if self.machine.state is not State.RUNNING:
+            # First of all, before any stop signal: new connections go to
+            # lazyd's listener again, and are held there.
+            self.steering.unsteer()
         for action in actions:
             match action:
                 case Spawn():
@@ -349,6 +367,7 @@ class ServiceRunner:
                     self._running_since = trio.current_time()
                     for proxy in self.proxies:
                         proxy.release()
+                    self._steer_soon()
                 case DropHeld(reason):
                     for proxy in self.proxies:
                         proxy.drop(reason)  # each logs what it closed, and why
@@ -399,6 +418,23 @@ class ServiceRunner:
             flow_timeout=self.config.flow_timeout, gate=gate,
             on_traffic=on_traffic, log=self.options.log,
         )
+
+    def _steer_soon(self) -> None:
+        """Ready on the kernel path: steer new connections into the service's own
+        listeners (held ones were released to userspace, and drain there)."""
+        started = self.started
+        if not self.kernel_path or started is None or started.pid is None:
+            return
+        handle = started.handle
+
+        def still() -> bool:
+            return self.machine.instance == handle and self.machine.state is State.RUNNING
+
+        async def steer() -> None:
+            take = current_spawner().take_listener
+            await self.steering.steer(self.config, started.pid or 0, take, still)
+
+        self._nursery_soon(steer)
 
     def _nursery_soon(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
         assert self._nursery is not None
@@ -475,11 +511,19 @@ class ServiceRunner:
         while True:
             deadline = math.inf
             if self.machine.state is State.RUNNING and not any(p.active for p in self.proxies):
-                since = max([self._running_since, *(p.last_active_change for p in self.proxies)])
+                since = max([self._running_since, self._steered_busy_at,
+                             *(p.last_active_change for p in self.proxies)])
                 deadline = since + timeout
             with trio.move_on_at(deadline) as scope:
                 await _first_of([self.changed, *(p.activity_changed for p in self.proxies)])
             if scope.cancelled_caught:
+                own = {sc.name: p.waiting + p.active
+                       for sc, p in zip(self.config.sockets, self.proxies, strict=True)}
+                if not self.steering.quiet(own):
+                    # Steered connections came or are open: lazyd did not see
+                    # them, the kernel did.  Look again one idle_timeout later.
+                    self._steered_busy_at = trio.current_time()
+                    continue
                 self.stop("idle")
 
     # -- tasks ---------------------------------------------------------------

@@ -30,6 +30,7 @@ import trio
 
 from lazyd.backends.process.spawner import ServiceProcess, Spawner, SpawnError, current_spawner
 from lazyd.config import Config, ReadyKind, ServiceConfig, ownership
+from lazyd.config.datapath import steered_sockets
 from lazyd.errors import ConfigError, LaunchError
 from lazyd.net.addresses import Address
 from lazyd.privileged import entries, protocol
@@ -223,10 +224,14 @@ def service_spec(
 
 
 def table(config: Config, nofile_soft: int | None = None) -> dict[str, dict[str, Any]]:
-    """The spawner's table for `config`: service name -> `entry`."""
-    return {
-        name: entry(service_spec(service, nofile_soft)) for name, service in config.services.items()
-    }
+    """The spawner's table for `config`: service name -> `entry`, with ``steer``
+    for a service on the kernel data path (`lazyd.config.datapath.steered_sockets`)."""
+    made = {}
+    for name, service in config.services.items():
+        made[name] = entry(service_spec(service, nofile_soft))
+        if (steer := steered_sockets(service)) and made[name].get("kind") == entries.PROCESS:
+            made[name]["steer"] = steer
+    return made
 
 
 def print_table(config_path: str, nofile_soft: int) -> None:

@@ -115,11 +115,12 @@ class ServiceProcess:
 class _Reply:
     """What a spawn request is waiting for."""
 
-    __slots__ = ("abandoned", "done", "error", "message", "process")
+    __slots__ = ("abandoned", "done", "error", "fd", "message", "process")
 
     def __init__(self) -> None:
         self.done = trio.Event()
         self.process: ServiceProcess | None = None
+        self.fd: int | None = None  # a listener request's socket
         self.error: SpawnError | None = None
         self.message: protocol.Reply | None = None
         self.abandoned = False  # the caller was cancelled: kill what comes
@@ -224,6 +225,16 @@ class Spawner:
         assert reply.process is not None
         return reply.process
 
+    async def take_listener(self, pid: int, socket_name: str) -> int:
+        """A copy of the listening socket that service process `pid` binds for its
+        socket `socket_name` (for the kernel data path: `lazyd.privileged.listeners`
+        says which, and why only then); the caller closes it. Raises SpawnError
+        saying why not (stage "request")."""
+        build = functools.partial(protocol.listener_request, pid=pid, socket_name=socket_name)
+        reply = await self._request(build)
+        assert reply.fd is not None
+        return reply.fd
+
     async def _request(
         self, build: Callable[[int], dict[str, Any]], fds: Sequence[int] = ()
     ) -> _Reply:
@@ -252,6 +263,8 @@ class Spawner:
                     # Started, but nobody is left to own it.
                     reply.process.signal_group(signal.SIGKILL)
                     reply.process.stdout.close()
+                elif reply.fd is not None:
+                    os.close(reply.fd)
                 else:
                     reply.abandoned = True
                 raise
@@ -378,6 +391,15 @@ class Spawner:
         elif isinstance(message, protocol.Done):
             for fd in fds:
                 os.close(fd)
+        elif isinstance(message, protocol.Taken) and len(fds) == 1:
+            if reply.abandoned:
+                os.close(fds[0])
+            else:
+                reply.fd = fds[0]
+        elif isinstance(message, protocol.Taken):
+            for fd in fds:
+                os.close(fd)
+            reply.error = SpawnError("the listener came without its fd", "spawner", 0)
         else:
             for fd in fds:
                 os.close(fd)
