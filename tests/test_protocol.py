@@ -58,6 +58,9 @@ def _process_entries(draw: st.DrawFn) -> dict[str, Any]:
         nofile_soft=draw(st.one_of(st.none(), st.integers(0, entries.MAX_NOFILE))),
         sockets=draw(st.lists(_sockets, max_size=3)),
         notify=draw(st.booleans()),
+        steer=draw(st.dictionaries(_names, st.tuples(
+            st.sampled_from(["127.0.0.1", "::1", "10.1.2.3"]), st.integers(1, 65535)),
+            max_size=2)),
     )
 
 
@@ -115,6 +118,9 @@ def test_the_other_requests_read_back_as_built() -> None:
     sig = protocol.parse_request(_wire(protocol.signal_request(4, 1234, 15, group=True)))
     assert isinstance(sig, protocol.Signal)
     assert (sig.id, sig.pid, sig.signal, sig.group) == (4, 1234, 15, True)
+    listener = protocol.parse_request(_wire(protocol.listener_request(5, 1234, "http")))
+    assert isinstance(listener, protocol.Listener)
+    assert (listener.id, listener.pid, listener.socket) == (5, 1234, "http")
 
 
 @given(request_id=st.one_of(st.none(), st.integers(0, protocol.MAX_ID)),
@@ -142,6 +148,8 @@ def test_the_other_replies_read_back_as_built() -> None:
     assert isinstance(spawned, protocol.Spawned) and (spawned.id, spawned.pid) == (7, 4321)
     exited = protocol.parse_reply(_wire(protocol.exited_notice(4321, -9)))
     assert isinstance(exited, protocol.Exited) and (exited.pid, exited.returncode) == (4321, -9)
+    taken = protocol.parse_reply(_wire(protocol.listener_reply(8, "http")))
+    assert isinstance(taken, protocol.Taken) and (taken.id, taken.socket) == (8, "http")
 
 
 def test_the_table_readers_answer_reads_back() -> None:
@@ -242,6 +250,14 @@ REFUSED_REQUESTS: list[tuple[bytes, int, str]] = [
     (_define(sockets=[{"name": "a", "family": 2, "type": 1, "address": ["h"],
                        "listening": True, "connected": False}]), 0,
      "socket address must be [host, port] or a path"),
+    (_define(steer=[]), 0, "steer must be an object of at most 253 sockets"),
+    (_define(steer={"http": ["127.0.0.1"]}), 0, "each steer address must be [host, port]"),
+    (_define(steer={"http": ["127.0.0.1", 0]}), 0, "each steer address must be [host, port]"),
+    (_define(steer={"http": ["localhost", 80]}), 0, "steer host 'localhost' is not an IP"),
+    (_msg(id=1, op="listener", pid=0, socket="http"), 0, "pid must be an integer"),
+    (_msg(id=1, op="listener", pid=5, socket=""), 0, "socket must be a non-empty string"),
+    (_msg(id=1, op="listener", pid=5, socket="a", signal=9), 0, "unknown field 'signal'"),
+    (_msg(id=1, op="listener", pid=5, socket="a"), 1, "listener takes no fds"),
 ]
 
 
@@ -327,6 +343,8 @@ REFUSED_REPLIES = [
     (_msg(id=1), "a reply is ok, an error, or a spawned pid"),
     (_msg(id=1, ok=True, services="a"), "services must be a list of strings"),
     (_msg(ok=True), "id must be an integer"),
+    (_msg(id=1, listener=""), "listener must be a non-empty string"),
+    (_msg(id=1, listener="a", pid=5), "unknown field 'listener'"),
 ]
 
 
@@ -359,7 +377,10 @@ HELPER_MODULES = {
     "lazyd.privileged", "lazyd.privileged.boot", "lazyd.privileged.checks",
     "lazyd.privileged.child", "lazyd.privileged.entries", "lazyd.privileged.fields",
     "lazyd.privileged.protocol", "lazyd.privileged.read_table", "lazyd.privileged.reloading",
-    "lazyd.privileged.spawnerd",
+    "lazyd.privileged.spawnerd", "lazyd.privileged.listeners",
+    # The kernel's socket table, for the listener a kernel-path service binds.
+    "lazyd.datapath", "lazyd.datapath.bpf", "lazyd.datapath.bpf.diag",
+    "lazyd.datapath.bpf.syscall",
 }
 
 

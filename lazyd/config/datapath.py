@@ -8,8 +8,8 @@ kernel and lazyd's privileges allow it, else userspace.
 
 This module says, from the config alone, what keeps a service off the kernel
 path (`obstacles`): for `kernel` each is a config error, for `auto` the
-reason it falls back (kept in `ServiceConfig.datapath_fallback`, said once in
-the log and in `lazyd check`'s plan).  Whether the kernel and the privileges
+reason it falls back (`fallback`, said once in the log and in `lazyd check`'s
+plan).  Whether the kernel and the privileges
 allow it is for the daemon to find out when it starts
 (`lazyd.datapath.bpf.supported`).
 
@@ -25,13 +25,13 @@ fds.  On the kernel path lazyd still applies it to what it holds itself
 forwards); steered connections cost lazyd nothing, so the default does not
 keep a service off the kernel path.  A limit written in the config is a
 promise about the service's clients, which steering cannot keep: it is an
-obstacle.
+obstacle; one that is the default's value is taken as the default.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
-from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 from lazyd.net.addresses import Kind
@@ -46,21 +46,20 @@ class Datapath(enum.Enum):
     AUTO = "auto"
 
 
-# Service keys the kernel path cannot honour when the config sets them.
+# Service keys the kernel path cannot honour when the config sets them (to
+# anything but their default).
 _SERVICE_LIMITS = ("max_connections_per_source", "max_connections", "connection_idle_timeout")
 
 
-def obstacles(service: ServiceConfig, written: Collection[str]) -> list[str]:
-    """What in `service`'s config keeps it off the kernel path, one reason each.
-
-    `written`: the service keys the config sets (a default is no obstacle).
-    """
-    from lazyd.config.loader import Mode
+def obstacles(service: ServiceConfig) -> list[str]:
+    """What in `service`'s config keeps it off the kernel path, one reason each."""
+    from lazyd.config.loader import Mode, ServiceConfig
 
     if service.mode is not Mode.PROXY:
         return ["the kernel data path is for mode: proxy"]
+    defaults = {f.name: f.default for f in dataclasses.fields(ServiceConfig)}
     found = [f"{key} is set, and lazyd does not see steered connections"
-             for key in _SERVICE_LIMITS if key in written]
+             for key in _SERVICE_LIMITS if getattr(service, key) != defaults[key]]
     for sc in service.sockets:
         where = f"socket {sc.name}"
         if sc.listen.kind is not Kind.TCP:
@@ -79,20 +78,24 @@ def steered_sockets(service: ServiceConfig) -> dict[str, list[object]]:
     """The privileged helper's table field ``steer`` for `service`: for each socket
     whose listener lazyd may take from the service, the upstream [host, port] that
     listener is bound to.  Empty for a service that stays on the userspace path."""
-    if service.datapath is Datapath.USERSPACE or (
-        service.datapath is Datapath.AUTO and service.datapath_fallback
-    ):
+    if service.datapath is Datapath.USERSPACE or fallback(service):
         return {}
     return {sc.name: [sc.upstream.host, sc.upstream.port]
             for sc in service.sockets if sc.upstream is not None}
+
+
+def fallback(service: ServiceConfig) -> list[str]:
+    """Why an `auto` service stays on the userspace path, from its config (empty:
+    nothing in the config keeps it off the kernel path, or it is not `auto`)."""
+    return obstacles(service) if service.datapath is Datapath.AUTO else []
 
 
 def describe(service: ServiceConfig) -> str | None:
     """The plan's line for a service's data path, or None for the default."""
     if service.datapath is Datapath.USERSPACE:
         return None
-    if service.datapath_fallback:
-        return f"datapath: auto -> userspace ({'; '.join(service.datapath_fallback)})"
+    if why := fallback(service):
+        return f"datapath: auto -> userspace ({'; '.join(why)})"
     if service.datapath is Datapath.AUTO:
         return "datapath: auto -> kernel where the kernel allows it (else userspace)"
     return "datapath: kernel (BPF sk_lookup steering once ready)"

@@ -111,10 +111,8 @@ class ServiceConfig:
     # long is closed.  Off unless asked for: a quiet websocket or ssh session
     # is not a broken one.
     connection_idle_timeout: float | None = None
-    # Proxy, TCP: which path the bytes take once warm (lazyd.config.datapath);
-    # for `auto`, why the config keeps it on the userspace path (empty: it does not).
+    # Proxy, TCP: which path the bytes take once warm (lazyd.config.datapath).
     datapath: Datapath = Datapath.USERSPACE
-    datapath_fallback: tuple[str, ...] = ()
 
     @property
     def policy(self) -> Policy:
@@ -579,23 +577,14 @@ def _service(
     if command is None or sockets is None or None in args.values():
         return None  # its problems are recorded
     service = ServiceConfig(name=name, command=command, sockets=sockets, **args)
-    return _datapath(r, service, keys, path) if "datapath" in keys else service
-
-
-def _datapath(r: _Reader, service: ServiceConfig, keys: dict[str, _Entry], path: str
-              ) -> ServiceConfig | None:
-    """`datapath: kernel` with what the kernel path cannot honour is an error; `auto`
-    records why it stays on the userspace path (see lazyd.config.datapath)."""
-    if service.datapath is Datapath.USERSPACE:
-        return service
-    found = datapath_mod.obstacles(service, keys)
-    if service.datapath is Datapath.KERNEL:
+    if service.datapath is Datapath.KERNEL and (found := datapath_mod.obstacles(service)):
+        # What the kernel path cannot honour (lazyd.config.datapath); `auto` falls back.
         for reason in found:
             r.problem(keys["datapath"].value, _join(path, "datapath"),
                       f"the kernel data path cannot be used: {reason}; use datapath: auto or "
                       "userspace")
-        return None if found else service
-    return dataclasses.replace(service, datapath_fallback=tuple(found))
+        return None
+    return service
 
 
 def _ready(r: _Reader, node: Node, path: str, mode: Mode | None) -> Ready | None:

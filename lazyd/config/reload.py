@@ -29,7 +29,7 @@ STARTED_WITH = ("command", "user", "group", "environment", "workdir", "mode")
 # What lazyd's own proxies serve with: a change needs a new runner.
 SERVED_WITH = ("sockets", "queue_limit", "datagram_queue_limit", "max_connections",
                "flow_timeout", "idle_timeout", "max_connections_per_source",
-               "connection_idle_timeout", "datapath", "datapath_fallback")
+               "connection_idle_timeout", "datapath")
 
 
 def socket_key(sc: SocketConfig) -> SocketKey:

@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from lazyd.config import Config, ServiceConfig, SocketConfig
-from lazyd.config.datapath import Datapath
+from lazyd.config.datapath import Datapath, fallback
 from lazyd.datapath.bpf import diag, supported
 from lazyd.datapath.bpf.steering import Steering
 from lazyd.errors import LazydError
@@ -51,7 +51,7 @@ def wants_kernel(service: ServiceConfig) -> bool:
     that nothing in the config keeps off it)."""
     if service.datapath is Datapath.KERNEL:
         return True
-    return service.datapath is Datapath.AUTO and not service.datapath_fallback
+    return service.datapath is Datapath.AUTO and not fallback(service)
 
 
 class KernelPath:
@@ -75,7 +75,7 @@ class KernelPath:
         for service in services:
             if service.datapath is not Datapath.AUTO:
                 continue
-            why = "; ".join(service.datapath_fallback) or (
+            why = "; ".join(fallback(service)) or (
                 self.unavailable if self.steering is None else None)
             if why is None or (service.name, why) in self._said:
                 continue

@@ -81,6 +81,7 @@ def process_entry(
     nofile_soft: int | None,
     sockets: Sequence[Mapping[str, object]],
     notify: bool,
+    steer: Mapping[str, Sequence[object]] | None = None,
 ) -> dict[str, Any]:
     """The entry of a service that is a process (see the module's docstring)."""
     return {
@@ -95,6 +96,7 @@ def process_entry(
         "nofile_soft": nofile_soft,
         "sockets": [dict(sock) for sock in sockets],
         "notify": notify,
+        "steer": {name: list(address) for name, address in (steer or {}).items()},
     }
 
 
@@ -234,7 +236,7 @@ def _sockets(value: object) -> list[dict[str, Any]]:
     return value
 
 
-def _steer(value: object) -> dict[str, tuple[str, int]]:
+def _steer(value: object) -> dict[str, list[Any]]:
     """A checked ``steer`` of an entry: socket name -> upstream (IP address, port)."""
     if not isinstance(value, dict) or len(value) > MAX_SOCKETS:
         raise ProtocolError(f"steer must be an object of at most {MAX_SOCKETS} sockets")
@@ -250,7 +252,7 @@ def _steer(value: object) -> dict[str, tuple[str, int]]:
                              address[0])
         except OSError:
             raise ProtocolError(f"steer host {address[0]!r} is not an IP address") from None
-        steer[name] = (address[0], address[1])
+        steer[name] = address
     return steer
 
 

@@ -61,7 +61,7 @@ def take(request: Listener, service: str | None, entry: Entry | None) -> int:
     if address is None:
         raise ProtocolError(f"service {service!r} does not use the kernel data path for "
                             f"socket {request.socket!r}")
-    inode = diag.listening_inode(address)
+    inode = diag.listening_inode((address[0], address[1]))
     where = f"{address[0]}:{address[1]}"
     if inode is None:
         raise ProtocolError(f"nothing listens on {where}")
