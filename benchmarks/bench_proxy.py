@@ -8,6 +8,12 @@ interleaved in one run (the order rotates every round):
   listening socket and execs the proxy on the first connection;
 - lazyd: one `lazyd run` with a proxy-mode service whose `command` only
   sleeps: the backend runs on its own, so `ready: connect` succeeds at once.
+- lazyd (kernel): the same lazyd, a second service with `datapath: kernel`
+  whose command is a second backend of the same configuration (the kernel
+  path steers into the listener of a process lazyd started, so it cannot be
+  the shared one): once it is ready and steered, new connections to lazyd's
+  port go straight to that backend's socket.  Its ratio is to direct access
+  to the first backend.
 
 Two loads:
 
@@ -60,8 +66,10 @@ PINNED = {SERVER_CPU, CLIENT_CPU} <= os.sched_getaffinity(0)
 TIMEOUT = 15.0  # seconds for any one wait; a hang is a failure, not a figure
 TARGET = 1.0  # lazyd / systemd-socket-proxyd, for both loads
 
-TARGETS = ("direct", "proxyd", "lazyd")
-LABELS = {"direct": "direct", "proxyd": "systemd-socket-proxyd", "lazyd": "lazyd (proxy)"}
+TARGETS = ("direct", "proxyd", "lazyd", "kernel")
+LABELS = {"direct": "direct", "proxyd": "systemd-socket-proxyd", "lazyd": "lazyd (proxy)",
+          "kernel": "lazyd (kernel)"}
+KERNEL_TARGET = 0.95  # lazyd (kernel) / direct, for both loads
 
 
 def progress(text: str) -> None:
@@ -382,15 +390,32 @@ def proxyd(tmp: Path, name: str, upstream: int) -> Iterator[tuple[int, Started]]
         yield port, proc
 
 
+def kernel_backend(tmp: Path, name: str, port: int) -> list[str]:
+    """The command of the kernel-path service's own backend: a second nginx or iperf3."""
+    if name == "web":
+        home = tmp / "kernel"
+        home.mkdir(exist_ok=True)
+        conf = home / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(tmp=home, host=HOST, port=port))
+        return [need("nginx"), "-p", str(home), "-e", str(home / "nginx-error.log"),
+                "-c", str(conf)]
+    return [need("iperf3"), "-s", "-B", HOST, "-p", str(port)]
+
+
 @contextlib.contextmanager
 def lazyd(tmp: Path, upstreams: dict[str, int]) -> Iterator[tuple[dict[str, int], Started]]:
-    """One lazyd holding a proxy service per upstream; yields ({name: port}, process)."""
-    ports = {name: free_port() for name in upstreams}
+    """One lazyd holding a proxy service per upstream, and per upstream a kernel-path
+    service NAME-kernel with a backend of its own; yields ({name: port}, process)."""
+    kernel = {f"{name}-kernel": (name, free_port()) for name in upstreams}
+    ports = {name: free_port() for name in [*upstreams, *kernel]}
     sleep = need("sleep")
     config = tmp / "lazyd.yaml"
     config.write_text(f"control: unix:{tmp / 'control.sock'}\nservices:\n" + "".join(
         lazyd_service(name, [sleep, "infinity"], proxy_socket(ports[name], upstream))
-        for name, upstream in upstreams.items()))
+        for name, upstream in upstreams.items()) + "".join(
+        lazyd_service(name, kernel_backend(tmp, load, upstream),
+                      proxy_socket(ports[name], upstream), "datapath: kernel")
+        for name, (load, upstream) in kernel.items()))
     with started(lazyd_argv(config), tmp / "lazyd.log") as proc:
         proc.wait_line(r"^lazyd: holding")
         yield ports, proc
@@ -456,6 +481,25 @@ def report_bulk(rows: dict[str, list[float]], cpu: dict[str, list[float]],
     return value
 
 
+def report_kernel(value: float, what: str, out: list[str]) -> None:
+    out.append(f"{what} ratio lazyd (kernel)/direct {value:.2f}x (target ≥ {KERNEL_TARGET:.2f}x: "
+               f"{'met' if value >= KERNEL_TARGET else 'NOT met'})\n")
+
+
+def wait_steering(tmp: Path, service: str) -> None:
+    """Wait until lazyd steers `service`'s new connections (it does so right after
+    the service is ready, once the privileged helper has handed over its socket)."""
+    from lazyd.runtime import control
+
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        reply = control.request(str(tmp / "control.sock"), "status")
+        if reply["services"][service]["steering"]:
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"lazyd did not steer {service} within {TIMEOUT:.0f} s")
+
+
 def rotated(i: int) -> tuple[str, ...]:
     k = i % len(TARGETS)
     return TARGETS[k:] + TARGETS[:k]
@@ -479,11 +523,12 @@ def measure(tmp: Path, rounds: int, seconds: float, parts: set[str],
         proxyd_pids: dict[str, int] = {}
         for name, upstream in upstreams.items():
             port, pd = stack.enter_context(proxyd(tmp, name, upstream))
-            ports[name] = {"direct": upstream, "proxyd": port, "lazyd": lazyd_ports[name]}
+            ports[name] = {"direct": upstream, "proxyd": port, "lazyd": lazyd_ports[name],
+                           "kernel": lazyd_ports[f"{name}-kernel"]}
             proxyd_pids[name] = pd.pid
 
         def proxy_pids(target: str, name: str) -> list[int]:
-            if target == "lazyd":
+            if target in ("lazyd", "kernel"):
                 return lazyd_processes(lz)
             return [proxyd_pids[name]] if target == "proxyd" else []
 
@@ -492,6 +537,8 @@ def measure(tmp: Path, rounds: int, seconds: float, parts: set[str],
             progress("small requests: warming up")
             for t in TARGETS:
                 http_get(ports["web"][t])  # lazyd: the cold start, not counted
+                if t == "kernel":
+                    wait_steering(tmp, "web-kernel")
                 run_wrk(ports["web"][t], 1)
             wrk_rows: dict[str, list[WrkResult]] = {t: [] for t in TARGETS}
             wrk_cpu: dict[str, list[float]] = {t: [] for t in TARGETS}
@@ -506,6 +553,10 @@ def measure(tmp: Path, rounds: int, seconds: float, parts: set[str],
                              f"p99 {result.p99_ms:.2f} ms")
             value = report_small(wrk_rows, wrk_cpu, out)
             pieces.append(f"small requests lazyd/proxyd {value:.2f}x ({verdict(value)})")
+            kernel = (statistics.median(r.rps for r in wrk_rows["kernel"])
+                      / statistics.median(r.rps for r in wrk_rows["direct"]))
+            report_kernel(kernel, "req/s", out)
+            pieces.append(f"small requests lazyd (kernel)/direct {kernel:.2f}x")
         if "bulk" in parts:
             progress("bulk: warming up")
             for t in TARGETS:
@@ -518,6 +569,8 @@ def measure(tmp: Path, rounds: int, seconds: float, parts: set[str],
                     notes.append(f"the warm-up iperf3 run through {LABELS[t]} failed "
                                  f"({error[1] if error else exc}) and was repeated")
                     run_iperf(ports["bulk"][t], 1)
+                if t == "kernel":
+                    wait_steering(tmp, "bulk-kernel")
             bulk_rows: dict[str, list[float]] = {t: [] for t in TARGETS}
             bulk_cpu: dict[str, list[float]] = {t: [] for t in TARGETS}
             for i in range(rounds):
@@ -530,6 +583,9 @@ def measure(tmp: Path, rounds: int, seconds: float, parts: set[str],
                     progress(f"  round {i + 1}/{rounds} {LABELS[t]}: {rate:.2f} GB/s")
             value = report_bulk(bulk_rows, bulk_cpu, out)
             pieces.append(f"bulk lazyd/proxyd {value:.2f}x ({verdict(value)})")
+            kernel = statistics.median(bulk_rows["kernel"]) / statistics.median(bulk_rows["direct"])
+            report_kernel(kernel, "GB/s", out)
+            pieces.append(f"bulk lazyd (kernel)/direct {kernel:.2f}x")
         return lz.text(), pieces
 
 
@@ -575,8 +631,8 @@ def main(argv: Sequence[str] = ()) -> int:
     pinning = (f"backend and proxy on CPU {SERVER_CPU}, load generator on CPU {CLIENT_CPU}"
                if PINNED else "not pinned (fewer than 2 CPUs)")
     print("**lazyd proxy mode against systemd-socket-proxyd: " + "; ".join(pieces) + "**\n")
-    print(f"{args.rounds} rounds x 3 paths x {args.seconds:g} s, interleaved (order rotated "
-          f"each round), after a warm-up request and a 1 s run per path; {pinning}; "
+    print(f"{args.rounds} rounds x {len(TARGETS)} paths x {args.seconds:g} s, interleaved "
+          f"(order rotated each round), after a warm-up request and a 1 s run per path; {pinning}; "
           f"{versions()}; load average before the report {os.getloadavg()[0]:.2f}.")
     starts = re.findall(r"^\w+: ready in .*$", log, re.MULTILINE)
     if starts:
