@@ -31,7 +31,7 @@ from lazyd.config import (
     parse_signal,
     plan,
 )
-from lazyd.config import loader as config_module
+from lazyd.config import keys as config_module
 from lazyd.errors import ConfigError
 from lazyd.net.addresses import Address, Kind, parse_address
 

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 from lazyd.net.addresses import Kind
 
 if TYPE_CHECKING:  # the model imports this module
-    from lazyd.config.loader import ServiceConfig
+    from lazyd.config.model import ServiceConfig
 
 
 class Datapath(enum.Enum):
@@ -53,7 +53,7 @@ _SERVICE_LIMITS = ("max_connections_per_source", "max_connections", "connection_
 
 def obstacles(service: ServiceConfig) -> list[str]:
     """What in `service`'s config keeps it off the kernel path, one reason each."""
-    from lazyd.config.loader import Mode, ServiceConfig
+    from lazyd.config.model import Mode, ServiceConfig
 
     if service.mode is not Mode.PROXY:
         return ["the kernel data path is for mode: proxy"]
