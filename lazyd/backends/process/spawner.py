@@ -8,7 +8,8 @@ makes it the current one for everything started inside (`current_spawner`).
 lazyd drops its privileges), `Spawner.reload` and `commit` make it re-read
 that from the config file; `Spawner.spawn` names a service and returns a
 `ServiceProcess`, which lazyd waits for, reads and signals much like a
-`trio.Process`.
+`trio.Process`; `Spawner.take_listener` gets a copy of a service's own
+listening socket for the kernel data path (`lazyd.privileged.listeners`).
 
 One reader task routes the spawner's messages: spawn replies to the caller
 waiting for them, exit notices to their `ServiceProcess`. Sending never
