@@ -321,3 +321,27 @@ async def test_auto_uses_the_kernel_path_where_it_can(tmp_path: Path) -> None:
         await ask(port)
         assert (await lz.status())["web"]["steered"] == 1
         assert "datapath auto" not in lz.log()
+
+
+async def test_a_reload_cannot_add_the_first_kernel_service(tmp_path: Path) -> None:
+    """Started with no service on the kernel path, lazyd has no steering (it is set up
+    before the privilege drop only): a reload adding a `kernel` service fails saying
+    so and changes nothing; one adding an `auto` service applies, and says once why
+    it uses the userspace path."""
+    port, upstream, other = free_port(), free_port(), free_port()
+    first = "services:\n" + _service("web", f"tcp://127.0.0.1:{port}", upstream)
+    async with run_lazyd(tmp_path, first) as lz:
+        config = tmp_path / "lazyd.yaml"
+        head = config.read_text().split("services:")[0]
+        config.write_text(head + first + _kernel("new", other, free_port()))
+        lz.process.send_signal(signal.SIGHUP)
+        await lz.wait_line(r"^lazyd: reload failed")
+        assert ("lazyd: reload: services.new.datapath: kernel: no service asked for the "
+                "kernel path when lazyd started" in lz.log())
+        assert set(await lz.status()) == {"web"}
+        config.write_text(config.read_text().replace("datapath: kernel", "datapath: auto"))
+        lz.process.send_signal(signal.SIGHUP)
+        await lz.wait_line(r"^lazyd: reloaded")
+        await lz.wait_line(r"^new: datapath auto: using the userspace path: no service asked")
+        assert (await ask(other)).endswith(b" hello\n")
+        assert (await lz.status())["new"]["datapath"] == "userspace"

@@ -44,6 +44,9 @@ BpfAddress = tuple[str, int]
 # Asks the privileged helper for a copy of the listener that process pid
 # binds for the named socket (Spawner.take_listener).
 TakeListener = Callable[[int, str], Awaitable[int]]
+# Why a service a reload adds cannot have the kernel path: see KernelPath.check.
+_NOT_OPENED = ("no service asked for the kernel path when lazyd started, and it is set up "
+               "then only (before the privilege drop); restart lazyd")
 
 
 def wants_kernel(service: ServiceConfig) -> bool:
@@ -76,7 +79,7 @@ class KernelPath:
             if service.datapath is not Datapath.AUTO:
                 continue
             why = "; ".join(fallback(service)) or (
-                self.unavailable if self.steering is None else None)
+                None if self.steering is not None else self.unavailable or _NOT_OPENED)
             if why is None or (service.name, why) in self._said:
                 continue
             self._said.add((service.name, why))
@@ -88,9 +91,7 @@ class KernelPath:
         (a reload's new service, when no steering was opened at start-up)."""
         for service in services:
             if service.datapath is Datapath.KERNEL and self.steering is None:
-                why = self.unavailable or (
-                    "no service wanted it when lazyd started, and it can only be set up "
-                    "before the privilege drop; restart lazyd")
+                why = self.unavailable or _NOT_OPENED
                 raise LazydError(f"services.{service.name}.datapath: kernel: {why}")
 
     def close(self) -> None:
