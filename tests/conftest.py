@@ -21,7 +21,9 @@ import trio
 
 from lazyd.runtime import control
 
-PROGRAMS = Path(__file__).parent / "programs"
+# The repository (tests/ is one level down): conf/, benchmarks/ and lazyd/ sit there.
+ROOT = Path(__file__).resolve().parent.parent
+PROGRAMS = ROOT / "tests" / "programs"
 PY = sys.executable
 # Every daemon the tests start treats a lifecycle event that does not fit its
 # state as the bug it is (an error with a traceback in the log), not a line.

@@ -76,7 +76,7 @@ async def test_gunicorn_answers_http_on_the_held_port(tmp_path: Path) -> None:
     config = f"""
 services:
   web:
-    command: [{gunicorn}, --workers, "1", --chdir, "{Path(__file__).parent / 'programs'}",
+    command: [{gunicorn}, --workers, "1", --chdir, "{PROGRAMS}",
               "gunicorn_app:app"]
     user: root
     sockets:

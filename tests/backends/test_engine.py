@@ -31,9 +31,7 @@ from lazyd.backends.container.engine import (
     default_address,
     parse_address,
 )
-from tests.conftest import free_port
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT, free_port
 
 # A container's program: the host's python3 serving one line per connection.
 # It is pid 1 in its own pid namespace, which ignores SIGTERM without a handler:

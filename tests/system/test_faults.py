@@ -27,7 +27,7 @@ from tests.conftest import (
     yaml_quote,
 )
 from tests.conftest import alive as _alive
-from tests.test_metrics import scrape, value
+from tests.observe.test_metrics import scrape, value
 
 
 def _config(port: int, unix: Path) -> str:

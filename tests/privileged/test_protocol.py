@@ -8,7 +8,6 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,8 +18,7 @@ from lazyd.privileged import boot, entries, protocol
 from lazyd.privileged.entries import BrokenEntry, ProcessEntry
 from lazyd.privileged.fields import ProtocolError
 from lazyd.privileged.handoff import identity, socket_identity
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT
 
 # -- strategies -----------------------------------------------------------------------
 

@@ -67,8 +67,9 @@ def blog(tmp_path: Path) -> str:
     return str(path)
 
 
-def test_design_example_loads(blog: str) -> None:
-    """The DESIGN.md example (pass mode parts) loads into exactly the expected dataclasses."""
+def test_readme_example_loads(blog: str) -> None:
+    """The README's "Configuration" example, plus a second service, loads into exactly the
+    expected dataclasses."""
     config = check(f"""\
         control: unix:/run/lazyd-test.sock      # status socket
         metrics: tcp://127.0.0.1:9464

@@ -17,7 +17,7 @@ from lazyd.errors import ConfigError
 from lazyd.net.access import REPORT_INTERVAL, Access, IPAddress, client_address, refusal
 from lazyd.net.addresses import Network, parse_network
 from tests.conftest import LazydProcess, free_port, program, run_lazyd
-from tests.test_metrics import scrape, value
+from tests.observe.test_metrics import scrape, value
 
 TRUE = "/bin/true"
 
