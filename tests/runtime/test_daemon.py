@@ -14,7 +14,7 @@ from pathlib import Path
 import trio
 
 from lazyd.runtime import control
-from tests.conftest import PROGRAMS, PY, exchange, free_port, needs, program, run_lazyd
+from tests.conftest import PROGRAMS, PY, burst, exchange, free_port, needs, program, run_lazyd
 from tests.conftest import alive as _alive
 
 PROXYD = "/lib/systemd/systemd-socket-proxyd"
@@ -148,20 +148,14 @@ services:
       tcp: tcp://127.0.0.1:{port}
 """
     async with run_lazyd(tmp_path, config) as lz:
-        answers: list[bytes] = []
-
-        async def client(i: int) -> None:
-            answers.append(await exchange(port, b"hello %d\n" % i))
-
         with trio.fail_after(15):
-            async with trio.open_nursery() as nursery:
-                for i in range(50):
-                    nursery.start_soon(client, i)
-        pids = {a.split()[0] for a in answers}
+            answers, failures = await burst(port, 50)
+        assert failures == []
+        pids = {a.split()[0] for a in answers.values()}
         assert len(answers) == 50 and len(pids) == 1
-        assert sorted(a.split(b" ", 1)[1] for a in answers) == sorted(
-            b"hello %d\n" % i for i in range(50)
-        )
+        assert {i: a.split(b" ", 1)[1] for i, a in answers.items()} == {
+            i: b"request %d\n" % i for i in range(50)
+        }
         status = (await lz.status())["lines"]
         assert status["activations"] == 1
         assert status["state"] == "running"
