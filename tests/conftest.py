@@ -53,6 +53,18 @@ def alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+async def wait_gone(pid: int) -> None:
+    """Wait until `pid` (not our child) has exited."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        await trio.lowlevel.wait_readable(fd)
+    finally:
+        os.close(fd)
+
+
 def program(name: str, *args: object) -> str:
     """A YAML flow list running one of tests/programs with this Python."""
     parts = [PY, str(PROGRAMS / name), *map(str, args)]

@@ -16,7 +16,6 @@ from typing import Any
 import trio
 
 from lazyd.runtime import control
-from tests.conftest import alive as _alive
 from tests.conftest import (
     exchange,
     free_port,
@@ -24,6 +23,7 @@ from tests.conftest import (
     program,
     proxy_service,
     run_lazyd,
+    wait_gone,
     yaml_quote,
 )
 from tests.observe.test_metrics import scrape, value
@@ -60,8 +60,7 @@ async def test_sigkill_then_immediate_restart_binds_the_same_addresses(tmp_path:
     # The service runs in a session of its own, out of reach of the killpg above; the
     # spawner sees lazyd go and takes the services with it.
     with trio.fail_after(2):
-        while _alive(service):
-            await trio.sleep(0.005)
+        await wait_gone(service)
     assert unix.exists()  # left behind by the crash
     async with run_lazyd(tmp_path, _config(port, unix)) as lz:
         with socket.create_connection(("127.0.0.1", port)) as s:

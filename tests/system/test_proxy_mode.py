@@ -200,9 +200,7 @@ async def test_queue_limit_stops_accepting_without_refusing_anyone(tmp_path: Pat
         async with trio.open_nursery() as nursery:
             for i in range(20):
                 nursery.start_soon(client, i)
-            with trio.fail_after(5):
-                while (await lz.status())["small"]["queued"] != 5:
-                    await trio.sleep(0.02)
+            await lz.wait_status("small", queued=5, timeout=5)
         assert sorted(r.split(b" ", 1)[1] for r in results) == sorted(
             b"q%d\n" % i for i in range(20)
         )
