@@ -8,17 +8,21 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import lazyd
 from lazyd.privileged import boot, entries, protocol
 from lazyd.privileged.entries import BrokenEntry, ProcessEntry
 from lazyd.privileged.fields import ProtocolError
 from lazyd.privileged.handoff import identity, socket_identity
-from tests.conftest import ROOT
+
+# The directory holding the lazyd package in use (the source tree, or site-packages).
+INSTALLED_AT = Path(lazyd.__file__).resolve().parent.parent
 
 # -- strategies -----------------------------------------------------------------------
 
@@ -373,7 +377,7 @@ def test_the_helpers_modules_import_only_the_standard_library(module: str) -> No
         " - {'__main__'})); print('typing' in sys.modules); "
         "print(sorted(m for m in sys.modules if m.startswith('lazyd')))"
     )
-    out = subprocess.run([sys.executable, "-I", "-S", "-c", check, str(ROOT), module],
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", check, str(INSTALLED_AT), module],
                          capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[:2] == ["['lazyd']", "False"]
     assert set(json.loads(out[2].replace("'", '"'))) <= HELPER_MODULES
