@@ -3,7 +3,7 @@ privileges: a small helper process that starts and signals the configured
 services, as its sealed table says, and nothing else.  Standard library
 only (and `lazyd.privileged.handoff`, which is too), and not even
 `typing`: it imports nothing a non-root user could have changed
-(tests/test_protocol.py checks each module under ``python -I -S``).
+(tests/privileged/test_protocol.py checks each module under ``python -I -S``).
 
 `protocol` is every message between the daemon and the helper, built and
 checked by both sides; `entries` the table's entries (kinds: ``process``)

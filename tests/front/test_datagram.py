@@ -3,29 +3,18 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 import trio.testing
 
-from lazyd.front.datagram import DatagramProxy
 from lazyd.net.addresses import Address, Kind
-from tests.conftest import Recorder
+from tests.conftest import proxying
 
 TIMEOUT = 5.0
-
-
-@pytest.fixture
-def sockets() -> Iterator[list[socket.socket]]:
-    """Held sockets a test made (lazyd's side); closed afterwards."""
-    made: list[socket.socket] = []
-    yield made
-    for sock in made:
-        sock.close()
 
 
 def held_socket(made: list[socket.socket], family: socket.AddressFamily, address: Any
@@ -34,20 +23,6 @@ def held_socket(made: list[socket.socket], family: socket.AddressFamily, address
     made.append(sock)
     sock.bind(address)  # left blocking, as lazyd.runtime.binding binds it
     return sock
-
-
-@asynccontextmanager
-async def running(
-    sock: socket.socket, upstream: Address, **options: Any
-) -> AsyncIterator[tuple[DatagramProxy, Recorder]]:
-    rec = Recorder()
-    options.setdefault("queue_limit", 1024)
-    proxy = DatagramProxy("svc", sock, upstream, on_traffic=rec.on_traffic,
-                          log=rec.lines.append, **options)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(proxy.run)
-        yield proxy, rec
-        nursery.cancel_scope.cancel()
 
 
 class Echo:
@@ -102,7 +77,7 @@ async def test_queued_datagrams_go_out_in_order_and_replies_find_their_client(
         await a.bind(("127.0.0.1", 0))
         await b.bind(("127.0.0.1", 0))
         async with echo_service(socket.AF_INET, ("127.0.0.1", 0)) as (echo, upstream), \
-                running(held, upstream) as (proxy, rec):
+                proxying(held, upstream) as (proxy, rec):
             for i in range(3):
                 await a.sendto(b"a%d" % i, held.getsockname())
                 await b.sendto(b"b%d" % i, held.getsockname())
@@ -135,7 +110,7 @@ async def test_ipv6(sockets: list[socket.socket]) -> None:
     with trio.fail_after(TIMEOUT), udp_client(socket.AF_INET6) as client:
         await client.bind(("::1", 0))
         async with echo_service(socket.AF_INET6, ("::1", 0)) as (echo, upstream), \
-                running(held, upstream) as (proxy, _rec):
+                proxying(held, upstream) as (proxy, _rec):
             proxy.release()
             await client.sendto(b"hi", held.getsockname()[:2])
             data, source = await client.recvfrom(65536)
@@ -149,7 +124,7 @@ async def test_queue_overflow_is_dropped_and_counted(sockets: list[socket.socket
     held = held_socket(sockets, socket.AF_INET, ("127.0.0.1", 0))
     with trio.fail_after(TIMEOUT), udp_client() as client:
         async with echo_service(socket.AF_INET, ("127.0.0.1", 0), reply=False) as \
-                (echo, upstream), running(held, upstream, queue_limit=3) as (proxy, rec):
+                (echo, upstream), proxying(held, upstream, queue_limit=3) as (proxy, rec):
             for i in range(5):
                 await client.sendto(b"%d" % i, held.getsockname())
             await rec.wait_traffic(5)
@@ -163,7 +138,7 @@ async def test_drop_discards_the_queue(sockets: list[socket.socket]) -> None:
     """drop(reason) discards queued datagrams, returns how many, and logs the reason once."""
     held = held_socket(sockets, socket.AF_INET, ("127.0.0.1", 0))
     with trio.fail_after(TIMEOUT), udp_client() as client:
-        async with running(held, Address(Kind.UDP, host="127.0.0.1", port=9)) as (proxy, rec):
+        async with proxying(held, Address(Kind.UDP, host="127.0.0.1", port=9)) as (proxy, rec):
             for _ in range(4):
                 await client.sendto(b"x", held.getsockname())
             await rec.wait_traffic(4)
@@ -178,7 +153,7 @@ async def test_idle_flows_expire(sockets: list[socket.socket]) -> None:
     with trio.fail_after(TIMEOUT), udp_client() as client:
         await client.bind(("127.0.0.1", 0))
         async with echo_service(socket.AF_INET, ("127.0.0.1", 0)) as (echo, upstream), \
-                running(held, upstream, flow_timeout=0.2) as (proxy, _rec):
+                proxying(held, upstream, flow_timeout=0.2) as (proxy, _rec):
             proxy.release()
             await client.sendto(b"one", held.getsockname())
             await client.recvfrom(65536)
@@ -204,7 +179,7 @@ async def test_flow_expiry_timing_under_a_mock_clock(
         await a.bind(("127.0.0.1", 0))
         await b.bind(("127.0.0.1", 0))
         async with echo_service(socket.AF_INET, ("127.0.0.1", 0), reply=False) as \
-                (echo, upstream), running(held, upstream) as (proxy, _rec):
+                (echo, upstream), proxying(held, upstream) as (proxy, _rec):
             proxy.release()
             start = trio.current_time()
             await a.sendto(b"a", held.getsockname())
@@ -227,7 +202,7 @@ async def test_flow_limit(sockets: list[socket.socket]) -> None:
     held = held_socket(sockets, socket.AF_INET, ("127.0.0.1", 0))
     with trio.fail_after(TIMEOUT), udp_client() as a, udp_client() as b, udp_client() as c:
         async with echo_service(socket.AF_INET, ("127.0.0.1", 0)) as (_echo, upstream), \
-                running(held, upstream, max_flows=2) as (proxy, _rec):
+                proxying(held, upstream, max_flows=2) as (proxy, _rec):
             proxy.release()
             for client in (a, b, c):
                 await client.sendto(b"x", held.getsockname())
@@ -247,7 +222,7 @@ async def test_replies_leave_from_the_address_the_client_used(
     with trio.fail_after(TIMEOUT), udp_client() as client:
         await client.bind(("127.0.0.1", 0))
         async with echo_service(socket.AF_INET, ("127.0.0.1", 0)) as (_echo, upstream), \
-                running(held, upstream) as (proxy, _rec):
+                proxying(held, upstream) as (proxy, _rec):
             proxy.release()
             await client.sendto(b"x", ("127.0.0.2", port))
             _data, source = await client.recvfrom(65536)
@@ -263,7 +238,7 @@ async def test_unix_dgram(sockets: list[socket.socket], tmp_path: Path) -> None:
     with trio.fail_after(TIMEOUT), trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as client:
         await client.bind(str(tmp_path / "client.sock"))
         async with echo_service(socket.AF_UNIX, str(tmp_path / "back.sock"), reply=False) as \
-                (echo, upstream), running(held, upstream) as (proxy, rec):
+                (echo, upstream), proxying(held, upstream) as (proxy, rec):
             for i in range(30):
                 await client.sendto(b"%d" % i, held.getsockname())
             await rec.wait_traffic(30)
@@ -289,7 +264,7 @@ async def test_unready_queues_again_and_closes_flows(sockets: list[socket.socket
     with trio.fail_after(TIMEOUT), udp_client() as client:
         await client.bind(("127.0.0.1", 0))
         async with echo_service(socket.AF_INET, ("127.0.0.1", 0)) as (_echo, upstream), \
-                running(held, upstream) as (proxy, rec):
+                proxying(held, upstream) as (proxy, rec):
             proxy.release()
             await client.sendto(b"one", held.getsockname())
             await client.recvfrom(65536)

@@ -22,7 +22,7 @@ from lazyd.privileged.fields import ProtocolError
 from lazyd.privileged.handoff import identity, socket_identity
 
 # The directory holding the lazyd package in use (the source tree, or site-packages).
-ROOT = Path(lazyd.__file__).resolve().parent.parent
+INSTALLED_AT = Path(lazyd.__file__).resolve().parent.parent
 
 # -- strategies -----------------------------------------------------------------------
 
@@ -377,7 +377,7 @@ def test_the_helpers_modules_import_only_the_standard_library(module: str) -> No
         " - {'__main__'})); print('typing' in sys.modules); "
         "print(sorted(m for m in sys.modules if m.startswith('lazyd')))"
     )
-    out = subprocess.run([sys.executable, "-I", "-S", "-c", check, str(ROOT), module],
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", check, str(INSTALLED_AT), module],
                          capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[:2] == ["['lazyd']", "False"]
     assert set(json.loads(out[2].replace("'", '"'))) <= HELPER_MODULES

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from lazyd import config as config_mod
 from lazyd.errors import ConfigError
+from tests.conftest import ROOT
 
-CONF = Path(__file__).parent.parent / "conf"
+CONF = ROOT / "conf"
 
 
 def test_demo_shows_a_cold_start_with_every_held_connection_answered() -> None:

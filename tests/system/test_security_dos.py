@@ -360,7 +360,7 @@ async def test_one_address_holds_at_most_256_connections_by_default(tmp_path: Pa
             for _ in range(256):
                 idle.append(await trio.open_tcp_stream("127.0.0.1", port))
             with trio.fail_after(5):
-                await _wait_active(lz, "web", 256)
+                await lz.wait_status("web", active=256)
             assert await _reset(port)
             start = time.monotonic()
             with trio.fail_after(5):
@@ -386,11 +386,6 @@ async def _reset(port: int) -> bool:
                 return await stream.receive_some(100) == b""
         except (OSError, trio.BrokenResourceError):
             return True
-
-
-async def _wait_active(lz: LazydProcess, service: str, count: int) -> None:
-    while (await lz.status())[service]["active"] < count:
-        await trio.sleep(0.02)
 
 
 async def test_connection_idle_timeout_closes_only_quiet_connections(tmp_path: Path) -> None:

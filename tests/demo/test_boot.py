@@ -13,6 +13,7 @@ from lazyd.core.lifecycle import Outcome
 from lazyd.demo import boot
 from lazyd.runtime.daemon import serve
 from lazyd.runtime.service import Options
+from tests.conftest import ROOT
 
 USER = "root" if os.geteuid() == 0 else None
 
@@ -81,7 +82,7 @@ async def test_parallel_boot_starts_all_at_once_and_sequential_one_after_another
 
 def test_boot_config_is_what_conf_boot_yaml_describes() -> None:
     """conf/boot.yaml is a valid config with the same dependency shape as the demo's."""
-    conf = Path(__file__).parent.parent / "conf" / "boot.yaml"
+    conf = ROOT / "conf" / "boot.yaml"
     config = config_mod.load(str(conf), as_root=False)
     assert config.services["device"].requires == ("bus",)
     assert config.services["bus"].requires == ("logd",)

@@ -3,18 +3,30 @@
 from __future__ import annotations
 
 import json
+import os
 import pwd
 import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from functools import partial
 from pathlib import Path
 
 import trio
 
 from lazyd.runtime import control
-from tests.conftest import PROGRAMS, PY, exchange, free_port, needs, program, run_lazyd
+from tests.conftest import (
+    PROGRAMS,
+    PY,
+    burst,
+    exchange,
+    free_port,
+    needs,
+    program,
+    run_lazyd,
+    wait_gone,
+)
 from tests.conftest import alive as _alive
 
 PROXYD = "/lib/systemd/systemd-socket-proxyd"
@@ -76,7 +88,7 @@ async def test_gunicorn_answers_http_on_the_held_port(tmp_path: Path) -> None:
     config = f"""
 services:
   web:
-    command: [{gunicorn}, --workers, "1", --chdir, "{Path(__file__).parent / 'programs'}",
+    command: [{gunicorn}, --workers, "1", --chdir, "{PROGRAMS}",
               "gunicorn_app:app"]
     user: root
     sockets:
@@ -148,20 +160,14 @@ services:
       tcp: tcp://127.0.0.1:{port}
 """
     async with run_lazyd(tmp_path, config) as lz:
-        answers: list[bytes] = []
-
-        async def client(i: int) -> None:
-            answers.append(await exchange(port, b"hello %d\n" % i))
-
         with trio.fail_after(15):
-            async with trio.open_nursery() as nursery:
-                for i in range(50):
-                    nursery.start_soon(client, i)
-        pids = {a.split()[0] for a in answers}
+            answers, failures = await burst(port, 50)
+        assert failures == []
+        pids = {a.split()[0] for a in answers.values()}
         assert len(answers) == 50 and len(pids) == 1
-        assert sorted(a.split(b" ", 1)[1] for a in answers) == sorted(
-            b"hello %d\n" % i for i in range(50)
-        )
+        assert {i: a.split(b" ", 1)[1] for i, a in answers.items()} == {
+            i: b"request %d\n" % i for i in range(50)
+        }
         status = (await lz.status())["lines"]
         assert status["activations"] == 1
         assert status["state"] == "running"
@@ -198,9 +204,12 @@ services:
             status = (await lz.status())["crash"]
             assert status["state"] == "failed"
             assert status["activations"] == 3
-            before = _cpu_ticks(lz.process.pid)
-            await trio.sleep(1.0)  # measuring idleness takes a stretch of time
-            assert _cpu_ticks(lz.process.pid) - before <= 2  # <= 20 ms of CPU in 1 s
+            # The promise is about time (no spinning once it has given up), so it is
+            # measured over a stretch of it: CPU ticks over the wall time that passed.
+            before, start = _cpu_ticks(lz.process.pid), time.monotonic()
+            await trio.sleep(1.0)
+            ticks, window = _cpu_ticks(lz.process.pid) - before, time.monotonic() - start
+            assert ticks / os.sysconf("SC_CLK_TCK") <= 0.02 * window, (ticks, window)
             assert len([ln for ln in lz.lines if "exited with status 3" in ln]) == 3
         finally:
             client.close()
@@ -277,8 +286,8 @@ services:
     assert "stubborn: still running 0.3 s after SIGTERM; sending SIGKILL" in lz.log()
     # SIGKILL is delivered asynchronously: give the kernel a moment, no more.
     with trio.move_on_after(2):
-        while any(_alive(pid) for pid in pids):
-            await trio.sleep(0.01)
+        for pid in pids:
+            await wait_gone(pid)
     for pid in pids:
         assert not _alive(pid), f"pid {pid} survived"
 

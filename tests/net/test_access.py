@@ -16,8 +16,8 @@ from lazyd.config import loads, plan
 from lazyd.errors import ConfigError
 from lazyd.net.access import REPORT_INTERVAL, Access, IPAddress, client_address, refusal
 from lazyd.net.addresses import Network, parse_network
-from tests.conftest import LazydProcess, free_port, program, run_lazyd
-from tests.test_metrics import scrape, value
+from tests.conftest import free_port, program, run_lazyd
+from tests.observe.test_metrics import scrape, value
 
 TRUE = "/bin/true"
 
@@ -395,16 +395,6 @@ async def _echo(sock: trio.socket.SocketType, payload: bytes) -> None:
     await _expect(sock, payload)
 
 
-async def _wait_status(lz: LazydProcess, key: str, value: object) -> dict[str, Any]:
-    """Poll status (the only view in) until the service's `key` reads `value`."""
-    with trio.fail_after(10):
-        while True:
-            svc: dict[str, Any] = (await lz.status())["web"]
-            if svc[key] == value:
-                return svc
-            await trio.sleep(0.02)
-
-
 async def test_denied_client_is_reset_and_starts_nothing(tmp_path: Path) -> None:
     """deny: [127.0.0.1] resets every client from 127.0.0.1 at once, counts each (status
     and metrics), logs one line for the burst, and the service is never started."""
@@ -453,14 +443,14 @@ async def test_denied_datagrams_are_dropped_and_start_nothing(tmp_path: Path) ->
             await allowed.bind(("127.0.0.2", 0))
             for i in range(3):
                 await denied.sendto(b"denied %d" % i, ("127.0.0.1", port))
-            svc = await _wait_status(lz, "refused", 3)
+            svc = await lz.wait_status("web", refused=3)
             assert (svc["state"], svc["activations"], svc["queued"]) == ("idle", 0, 0)
             await allowed.sendto(b"hello", ("127.0.0.1", port))
             with trio.fail_after(10):
                 reply = await allowed.recv(65536)
             assert reply.endswith(b" hello")
             await denied.sendto(b"denied again", ("127.0.0.1", port))
-            svc = await _wait_status(lz, "refused", 4)
+            svc = await lz.wait_status("web", refused=4)
             assert (svc["state"], svc["active"]) == ("running", 1)  # one flow: 127.0.0.2's
 
 
@@ -486,7 +476,7 @@ async def test_max_connections_per_source(tmp_path: Path) -> None:
             with await _connect(port, "127.0.0.2") as other:
                 await _echo(other, b"another source\n")
                 first.pop().close()
-                await _wait_status(lz, "active", 3)
+                await lz.wait_status("web", active=3)
                 with await _connect(port) as again:
                     await _echo(again, b"room again\n")
             assert (await lz.status())["web"]["refused"] == 2

@@ -7,7 +7,6 @@ import pwd
 import resource
 import socket
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,18 +44,9 @@ def config(**services: tuple[SocketConfig, ...]) -> Config:
     )
 
 
-@pytest.fixture
-def bound() -> Iterator[list[socket.socket]]:
-    """Sockets a test bound; closed afterwards whatever happened."""
-    socks: list[socket.socket] = []
-    yield socks
-    for s in socks:
-        s.close()
-
-
-def bind(bound: list[socket.socket], sc: SocketConfig) -> socket.socket:
+def bind(sockets: list[socket.socket], sc: SocketConfig) -> socket.socket:
     sock = bind_socket(sc)
-    bound.append(sock)
+    sockets.append(sock)
     return sock
 
 
@@ -95,9 +85,9 @@ def free_port() -> int:
         return port
 
 
-def test_tcp_v4(bound: list[socket.socket]) -> None:
+def test_tcp_v4(sockets: list[socket.socket]) -> None:
     """A tcp://127.0.0.1 socket is a blocking IPv4 listener with SO_REUSEADDR."""
-    sock = bind(bound, sockconf(tcp("127.0.0.1")))
+    sock = bind(sockets, sockconf(tcp("127.0.0.1")))
     assert sock.family == socket.AF_INET
     assert_blocking(sock)
     assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)
@@ -106,36 +96,36 @@ def test_tcp_v4(bound: list[socket.socket]) -> None:
     assert_stream_works(sock, socket.AF_INET, sock.getsockname())
 
 
-def test_tcp_v6_only(bound: list[socket.socket]) -> None:
+def test_tcp_v6_only(sockets: list[socket.socket]) -> None:
     """A tcp://[::1] socket is IPv6 only."""
-    sock = bind(bound, sockconf(tcp("::1")))
+    sock = bind(sockets, sockconf(tcp("::1")))
     assert sock.family == socket.AF_INET6
     assert_blocking(sock)
     assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
     assert_stream_works(sock, socket.AF_INET6, sock.getsockname()[:2])
 
 
-def test_dual_stack_takes_v4_and_v6(bound: list[socket.socket]) -> None:
+def test_dual_stack_takes_v4_and_v6(sockets: list[socket.socket]) -> None:
     """A bare port accepts both an IPv4 and an IPv6 connection on one socket."""
     addr = Address(Kind.TCP, host="::", port=0, dual_stack=True)
-    sock = bind(bound, sockconf(addr))
+    sock = bind(sockets, sockconf(addr))
     assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 0
     port = sock.getsockname()[1]
     assert assert_stream_works(sock, socket.AF_INET, ("127.0.0.1", port)) == "::ffff:127.0.0.1"
     assert assert_stream_works(sock, socket.AF_INET6, ("::1", port)) == "::1"
 
 
-def test_reuse_port(bound: list[socket.socket]) -> None:
+def test_reuse_port(sockets: list[socket.socket]) -> None:
     """reuse_port sets SO_REUSEPORT, so two sockets can share a port."""
-    first = bind(bound, sockconf(tcp("127.0.0.1"), reuse_port=True))
+    first = bind(sockets, sockconf(tcp("127.0.0.1"), reuse_port=True))
     assert first.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
-    second = bind(bound, sockconf(tcp("127.0.0.1", first.getsockname()[1]), reuse_port=True))
+    second = bind(sockets, sockconf(tcp("127.0.0.1", first.getsockname()[1]), reuse_port=True))
     assert second.getsockname() == first.getsockname()
 
 
-def test_udp(bound: list[socket.socket]) -> None:
+def test_udp(sockets: list[socket.socket]) -> None:
     """A udp socket receives datagrams and is not listening or SO_REUSEADDR."""
-    sock = bind(bound, sockconf(Address(Kind.UDP, host="127.0.0.1", port=0)))
+    sock = bind(sockets, sockconf(Address(Kind.UDP, host="127.0.0.1", port=0)))
     assert sock.type == socket.SOCK_DGRAM
     assert_blocking(sock)
     assert not sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR)
@@ -147,19 +137,19 @@ def test_udp(bound: list[socket.socket]) -> None:
         assert c.recv(16) == b"pong"
 
 
-def test_unix_stream(bound: list[socket.socket], tmp_path: Path) -> None:
+def test_unix_stream(sockets: list[socket.socket], tmp_path: Path) -> None:
     """A unix: socket is a blocking listener at its path, with the default mode 0666."""
     path = str(tmp_path / "s.sock")
-    sock = bind(bound, sockconf(f"unix:{path}"))
+    sock = bind(sockets, sockconf(f"unix:{path}"))
     assert_blocking(sock)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o666
     assert_stream_works(sock, socket.AF_UNIX, path)
 
 
-def test_unix_dgram(bound: list[socket.socket], tmp_path: Path) -> None:
+def test_unix_dgram(sockets: list[socket.socket], tmp_path: Path) -> None:
     """A unix-dgram: socket receives datagrams sent to its path."""
     path = str(tmp_path / "d.sock")
-    sock = bind(bound, sockconf(f"unix-dgram:{path}"))
+    sock = bind(sockets, sockconf(f"unix-dgram:{path}"))
     assert sock.type == socket.SOCK_DGRAM
     assert_blocking(sock)
     with client(socket.AF_UNIX, socket.SOCK_DGRAM) as c:
@@ -167,11 +157,11 @@ def test_unix_dgram(bound: list[socket.socket], tmp_path: Path) -> None:
         assert sock.recv(64) == b"log line"
 
 
-def test_abstract(bound: list[socket.socket], tmp_path: Path) -> None:
+def test_abstract(sockets: list[socket.socket], tmp_path: Path) -> None:
     """A unix:@name socket is abstract: it works and creates no file."""
     name = f"@lazyd-test-{os.getpid()}-{tmp_path.name}"
     before = set(os.listdir(tmp_path))
-    sock = bind(bound, sockconf(f"unix:{name}"))
+    sock = bind(sockets, sockconf(f"unix:{name}"))
     assert_blocking(sock)
     assert_stream_works(sock, socket.AF_UNIX, "\0" + name[1:])
     assert set(os.listdir(tmp_path)) == before
@@ -223,23 +213,23 @@ def test_bind_all_in_config_order(tmp_path: Path) -> None:
         release(cfg, socks)
 
 
-def test_stale_socket_file_is_replaced(bound: list[socket.socket], tmp_path: Path) -> None:
+def test_stale_socket_file_is_replaced(sockets: list[socket.socket], tmp_path: Path) -> None:
     """A socket file nobody answers on, left by a crashed run, is replaced."""
     path = str(tmp_path / "s.sock")
     with socket.socket(socket.AF_UNIX) as dead:
         dead.bind(path)
         dead.listen()
     assert stat.S_ISSOCK(os.stat(path).st_mode)
-    sock = bind(bound, sockconf(f"unix:{path}"))
+    sock = bind(sockets, sockconf(f"unix:{path}"))
     assert_stream_works(sock, socket.AF_UNIX, path)
 
 
-def test_stale_dgram_socket_file_is_replaced(bound: list[socket.socket], tmp_path: Path) -> None:
+def test_stale_dgram_socket_file_is_replaced(sockets: list[socket.socket], tmp_path: Path) -> None:
     """The same holds for a datagram socket file."""
     path = str(tmp_path / "d.sock")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as dead:
         dead.bind(path)
-    sock = bind(bound, sockconf(f"unix-dgram:{path}"))
+    sock = bind(sockets, sockconf(f"unix-dgram:{path}"))
     with client(socket.AF_UNIX, socket.SOCK_DGRAM) as c:
         c.sendto(b"x", path)
         assert sock.recv(1) == b"x"
@@ -302,20 +292,20 @@ def test_missing_directory(tmp_path: Path) -> None:
     assert str(info.value).endswith(f"cannot bind: directory {missing} does not exist")
 
 
-def test_mode_owner_group(bound: list[socket.socket], tmp_path: Path) -> None:
+def test_mode_owner_group(sockets: list[socket.socket], tmp_path: Path) -> None:
     """mode, owner and group are applied to the socket file."""
     path = tmp_path / "s.sock"
-    bind(bound, sockconf(f"unix:{path}", mode=0o660, owner="nobody", group="nogroup"))
+    bind(sockets, sockconf(f"unix:{path}", mode=0o660, owner="nobody", group="nogroup"))
     st = os.stat(path)
     assert stat.S_IMODE(st.st_mode) == 0o660
     assert st.st_uid == pwd.getpwnam("nobody").pw_uid
     assert st.st_gid == grp.getgrnam("nogroup").gr_gid
 
 
-def test_group_only(bound: list[socket.socket], tmp_path: Path) -> None:
+def test_group_only(sockets: list[socket.socket], tmp_path: Path) -> None:
     """A group without an owner changes the group and keeps our user."""
     path = tmp_path / "s.sock"
-    bind(bound, sockconf(f"unix-dgram:{path}", mode=0o600, group="nogroup"))
+    bind(sockets, sockconf(f"unix-dgram:{path}", mode=0o600, group="nogroup"))
     st = os.stat(path)
     assert stat.S_IMODE(st.st_mode) == 0o600
     assert st.st_uid == os.getuid()
@@ -366,9 +356,9 @@ def test_release_spares_inherited_sockets(tmp_path: Path) -> None:
     assert os.path.exists(path)
 
 
-def test_accept_queue_length(bound: list[socket.socket]) -> None:
+def test_accept_queue_length(sockets: list[socket.socket]) -> None:
     """accept_queue_length counts connections waiting for accept()."""
-    listener = bind(bound, sockconf(tcp("127.0.0.1")))
+    listener = bind(sockets, sockconf(tcp("127.0.0.1")))
     assert accept_queue_length(listener) == 0
     clients = [client(socket.AF_INET, socket.SOCK_STREAM) for _ in range(3)]
     try:
@@ -385,11 +375,11 @@ def test_accept_queue_length(bound: list[socket.socket]) -> None:
             c.close()
 
 
-def test_accept_queue_length_none_for_others(bound: list[socket.socket], tmp_path: Path) -> None:
+def test_accept_queue_length_none_for_others(sockets: list[socket.socket], tmp_path: Path) -> None:
     """accept_queue_length is None for UDP, Unix and non-listening TCP sockets."""
-    udp = bind(bound, sockconf(Address(Kind.UDP, host="127.0.0.1", port=0)))
+    udp = bind(sockets, sockconf(Address(Kind.UDP, host="127.0.0.1", port=0)))
     assert accept_queue_length(udp) is None
-    unix = bind(bound, sockconf(f"unix:{tmp_path / 's.sock'}"))
+    unix = bind(sockets, sockconf(f"unix:{tmp_path / 's.sock'}"))
     assert accept_queue_length(unix) is None
     with socket.socket() as plain:
         assert accept_queue_length(plain) is None

@@ -17,17 +17,16 @@ import trio
 
 from lazyd.runtime import control
 from tests.conftest import (
-    LazydProcess,
     exchange,
     free_port,
     needs,
     program,
     proxy_service,
     run_lazyd,
+    wait_gone,
     yaml_quote,
 )
-from tests.conftest import alive as _alive
-from tests.test_metrics import scrape, value
+from tests.observe.test_metrics import scrape, value
 
 
 def _config(port: int, unix: Path) -> str:
@@ -61,8 +60,7 @@ async def test_sigkill_then_immediate_restart_binds_the_same_addresses(tmp_path:
     # The service runs in a session of its own, out of reach of the killpg above; the
     # spawner sees lazyd go and takes the services with it.
     with trio.fail_after(2):
-        while _alive(service):
-            await trio.sleep(0.005)
+        await wait_gone(service)
     assert unix.exists()  # left behind by the crash
     async with run_lazyd(tmp_path, _config(port, unix)) as lz:
         with socket.create_connection(("127.0.0.1", port)) as s:
@@ -158,12 +156,6 @@ async def _read_to_end(stream: trio.SocketStream) -> bytes:
     return data
 
 
-async def _wait_idle_connections(lz: LazydProcess, service: str) -> None:
-    with trio.fail_after(10):
-        while (await lz.status())[service]["active"] != 0:
-            await trio.sleep(0.02)
-
-
 async def test_silent_client_while_never_ready_is_closed_at_start_timeout(tmp_path: Path) -> None:
     """A client that connects and sends nothing to a service that never gets ready is held
     until start_timeout, then closed; the log says why; lazyd keeps no fd of it."""
@@ -194,7 +186,7 @@ async def test_silent_client_is_closed_when_the_backend_times_it_out(tmp_path: P
     command = program("stall_backend.py", f"127.0.0.1:{upstream}", "--read-timeout", "0.3")
     async with run_lazyd(tmp_path, _proxy("strict", command, port, upstream)) as lz:
         assert (await exchange(port, b"warm\n")).endswith(b" warm\n")
-        await _wait_idle_connections(lz, "strict")
+        await lz.wait_status("strict", active=0)
         before = await _settled_fds(lz.process.pid)
         streams = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(5)]
         for stream in streams:
@@ -202,7 +194,7 @@ async def test_silent_client_is_closed_when_the_backend_times_it_out(tmp_path: P
                 with trio.fail_after(5):
                     assert await _read_to_end(stream) == b""
         await lz.wait_line(r"^strict: closing a connection that sent nothing", count=5)
-        await _wait_idle_connections(lz, "strict")
+        await lz.wait_status("strict", active=0)
         assert await _settled_fds(lz.process.pid) == before
         assert (await lz.status())["strict"]["state"] == "running"
         assert "Traceback" not in lz.log()
@@ -226,7 +218,7 @@ async def test_a_backend_that_stops_reading_pushes_back_on_the_client(tmp_path: 
             gate_writer = await trio.to_thread.run_sync(gate.open, "wb")
             gate_writer.close()
             assert (await _read_to_end(warm)).startswith(b"300000 ")
-        await _wait_idle_connections(lz, "sink")
+        await lz.wait_status("sink", active=0)
         rss_before = _rss_kb(lz.process.pid)
         digest = hashlib.sha256()
         with socket.create_connection(("127.0.0.1", port)) as sock:

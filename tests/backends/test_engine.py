@@ -32,10 +32,10 @@ from lazyd.backends.container.engine import (
     default_address,
     parse_address,
 )
-from tests.conftest import free_port
+from tests.conftest import ROOT, free_port
 
 # The directory holding the lazyd package in use (the source tree, or site-packages).
-ROOT = Path(lazyd.__file__).resolve().parent.parent
+INSTALLED_AT = Path(lazyd.__file__).resolve().parent.parent
 
 # A container's program: the host's python3 serving one line per connection.
 # It is pid 1 in its own pid namespace, which ignores SIGTERM without a handler:
@@ -304,7 +304,7 @@ def test_the_client_imports_only_the_standard_library() -> None:
         " - {'__main__'})); print('typing' in sys.modules)"
     )
     # As lazyd.spawner starts the helper: the package's directory on sys.path.
-    out = subprocess.run([sys.executable, "-I", "-S", "-c", check, str(ROOT)],
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", check, str(INSTALLED_AT)],
                          capture_output=True, text=True, check=True).stdout
     assert out.split("\n")[:2] == ["['lazyd']", "False"]
 

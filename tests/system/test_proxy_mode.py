@@ -11,7 +11,7 @@ from pathlib import Path
 
 import trio
 
-from tests.conftest import PY, exchange, free_port, needs, program, proxy_service, run_lazyd
+from tests.conftest import PY, burst, exchange, free_port, needs, program, proxy_service, run_lazyd
 
 
 async def test_two_hundred_clients_during_a_slow_start_are_all_answered(tmp_path: Path) -> None:
@@ -23,19 +23,8 @@ async def test_two_hundred_clients_during_a_slow_start_are_all_answered(tmp_path
         f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{upstream}",
     )
     async with run_lazyd(tmp_path, config) as lz:
-        answers: dict[int, bytes] = {}
-        failures: list[BaseException] = []
-
-        async def client(i: int) -> None:
-            try:
-                answers[i] = await exchange(port, b"request %d\n" % i)
-            except OSError as exc:
-                failures.append(exc)
-
         with trio.fail_after(20):
-            async with trio.open_nursery() as nursery:
-                for i in range(200):
-                    nursery.start_soon(client, i)
+            answers, failures = await burst(port, 200)
         assert failures == []
         assert all(answers[i].split(b" ", 1)[1] == b"request %d\n" % i for i in range(200))
         assert len({a.split()[0] for a in answers.values()}) == 1
@@ -211,9 +200,7 @@ async def test_queue_limit_stops_accepting_without_refusing_anyone(tmp_path: Pat
         async with trio.open_nursery() as nursery:
             for i in range(20):
                 nursery.start_soon(client, i)
-            with trio.fail_after(5):
-                while (await lz.status())["small"]["queued"] != 5:
-                    await trio.sleep(0.02)
+            await lz.wait_status("small", queued=5, timeout=5)
         assert sorted(r.split(b" ", 1)[1] for r in results) == sorted(
             b"q%d\n" % i for i in range(20)
         )

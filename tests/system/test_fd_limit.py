@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.conftest import exchange, free_port, program, run_lazyd
+from tests.conftest import burst, free_port, program, run_lazyd
 
 LIMIT = 64
 CLIENTS = 150  # each held client costs lazyd one fd, each forwarded one two
@@ -31,22 +31,6 @@ def _config(port: int, upstream: int, delay: float) -> str:
 
 
 
-async def _burst(port: int, count: int) -> tuple[dict[int, bytes], list[BaseException]]:
-    answers: dict[int, bytes] = {}
-    failures: list[BaseException] = []
-
-    async def client(i: int) -> None:
-        try:
-            answers[i] = await exchange(port, b"request %d\n" % i)
-        except OSError as exc:
-            failures.append(exc)
-
-    async with trio.open_nursery() as nursery:
-        for i in range(count):
-            nursery.start_soon(client, i)
-    return answers, failures
-
-
 async def test_a_burst_past_the_fd_limit_during_a_cold_start_is_served(tmp_path: Path) -> None:
     """With RLIMIT_NOFILE 64, 150 clients at once during a 0.3 s cold start are all
     answered, none refused or reset; the start succeeds and lazyd answers status after."""
@@ -54,7 +38,7 @@ async def test_a_burst_past_the_fd_limit_during_a_cold_start_is_served(tmp_path:
     prlimit = [str(shutil.which("prlimit")), f"--nofile={LIMIT}:{LIMIT}"]
     async with run_lazyd(tmp_path, _config(port, upstream, 0.3), prefix=prlimit) as lz:
         with trio.fail_after(30):
-            answers, failures = await _burst(port, CLIENTS)
+            answers, failures = await burst(port, CLIENTS)
         assert failures == []
         assert all(answers[i].split(b" ", 1)[1] == b"request %d\n" % i for i in range(CLIENTS))
         # One start served them all: the spawner's reply still found an fd.
@@ -66,7 +50,7 @@ async def test_a_burst_past_the_fd_limit_during_a_cold_start_is_served(tmp_path:
         assert (status["state"], status["activations"]) == ("running", 1)
         # And it goes on working once the burst is over.
         with trio.fail_after(10):
-            answers, failures = await _burst(port, CLIENTS)
+            answers, failures = await burst(port, CLIENTS)
         assert failures == [] and len(answers) == CLIENTS
         assert len(re.findall(r"(?m)^web: near the open-file limit", lz.log())) <= 2
         await lz.wait_line(r"^web: every connection that waited for fds is accepted")

@@ -12,9 +12,9 @@ from pathlib import Path
 import trio
 
 from lazyd.readiness.notify import open_notify_socket
-from tests.conftest import free_port, needs, program, run_lazyd
+from tests.conftest import ROOT, free_port, needs, program, run_lazyd
 
-CONF = Path(__file__).parent.parent / "conf"
+CONF = ROOT / "conf"
 
 
 @needs("systemd-socket-activate")

@@ -33,7 +33,7 @@ from lazyd.privileged import child, protocol, spawnerd
 from lazyd.privileged.handoff import socket_identity
 from lazyd.readiness.notify import open_notify_socket
 from lazyd.runtime.binding import bind_socket
-from tests.conftest import free_port, yaml_quote
+from tests.conftest import free_port, wait_gone, yaml_quote
 
 TIMEOUT = 5.0  # seconds; bounds every wait in these tests
 PATH = "/usr/bin:/bin"
@@ -141,18 +141,6 @@ async def raw_spawner(exec_wait_ms: int = spawnerd.EXEC_WAIT_MS) -> AsyncIterato
             if process.returncode is None:
                 process.kill()
                 await process.wait()
-
-
-async def wait_gone(pid: int) -> None:
-    """Wait until `pid` (not our child) has exited."""
-    try:
-        fd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return
-    try:
-        await trio.lowlevel.wait_readable(fd)
-    finally:
-        os.close(fd)
 
 
 async def read_all(fd: int) -> bytes:

@@ -13,7 +13,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import shutil
 import socket
 import struct
@@ -28,16 +27,22 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lazyd.config import Config, loads
 from lazyd.config import keys as config_module
+from lazyd.config import loads
 from lazyd.errors import ConfigError
 from lazyd.net import rights
 from lazyd.readiness import notify
 from lazyd.runtime import control
-from tests.conftest import LazydProcess, free_port, needs, program, run_lazyd
+from tests.conftest import (
+    LazydProcess,
+    assert_config_or_located_problems,
+    free_port,
+    needs,
+    program,
+    run_lazyd,
+)
 
 TRUE = shutil.which("true") or "/bin/true"
-LOCATED = re.compile(r"^lazyd\.yaml:\d+:\d+: ")
 
 # The keys lazyd knows, as config.py itself lists them: a key added there is fuzzed here.
 TOP_KEYS = [k for k in config_module._TOP_KEYS if k != "services"]
@@ -135,24 +140,13 @@ def documents(draw: st.DrawFn) -> str:
     return text
 
 
-def _config_or_located_problems(text: str, as_root: bool) -> None:
-    try:
-        result = loads(text, "lazyd.yaml", as_root=as_root)
-    except ConfigError as exc:
-        assert exc.problems, text
-        for line in str(exc).split("\n"):
-            assert LOCATED.match(line), (line, text)
-    else:
-        assert isinstance(result, Config)
-
-
 @settings(max_examples=250, deadline=None)
 @given(documents(), st.booleans())
 def test_junk_under_every_known_key(text: str, as_root: bool) -> None:
     """Junk YAML (tags, huge numbers, negative durations, control characters, nested
     collections) under any known top-level, service or socket key gives a Config or
     ConfigError lines that all start FILE:LINE:COL:, never another exception."""
-    _config_or_located_problems(text, as_root)
+    assert_config_or_located_problems(text, as_root)
 
 
 @settings(max_examples=300, deadline=None)
