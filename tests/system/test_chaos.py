@@ -718,7 +718,10 @@ class Walk:
                 continue
             for name in svc.requires:
                 dep_before, dep_after = before.get(name, {}), after.get(name, {})
+                # A dependency at its start limit is not started: it goes to
+                # `failed` instead (its start limit counts every start).
                 if (dep_before.get("state") == "idle"
+                        and dep_after.get("state") != "failed"
                         and dep_after.get("activations") == dep_before.get("activations")):
                     raise Violation(f"{svc.name} started, but not {name}, which it requires")
 
