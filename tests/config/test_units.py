@@ -25,7 +25,8 @@ from lazyd.config.units import (
 from lazyd.net.addresses import parse_address
 from tests.conftest import PROGRAMS, PY, free_port, run_lazyd
 
-SEED = Path("/work/shared/seed/units")
+# The seed's four units exactly as the article prints them (a copy of shared/seed/units).
+SEED = Path(__file__).resolve().parent.parent / "data" / "seed-units"
 SEED_UNITS = ("lehu-http.socket", "lehu-https.socket", "lehu-quic.socket", "lehu.service")
 # The service runs as nobody, who cannot reach the test's own interpreter under /root.
 SYSTEM_PY = "/usr/bin/python3"
