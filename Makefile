@@ -34,7 +34,7 @@ CHAOS_SECONDS ?= 600
 chaos:
 	PYTHON=$(PYTHON) scripts/setup test
 	CHAOS_SECONDS=$(CHAOS_SECONDS) CHAOS_SEED=$(CHAOS_SEED) CHAOS_STEPS=$(CHAOS_STEPS) \
-		$(BIN)/python -m pytest tests/test_chaos.py -k test_chaos_for_a_while \
+		$(BIN)/python -m pytest tests/system/test_chaos.py -k test_chaos_for_a_while \
 		-o timeout=0 -p no:cacheprovider -s -q
 
 clean:

@@ -1,4 +1,5 @@
-"""Shared helpers: free ports, and a real lazyd daemon run as a subprocess."""
+"""Shared helpers: free ports, a real lazyd daemon run as a subprocess, proxies run in
+the test's own event loop, bursts of clients, and the config oracle."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import stat
 import subprocess
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,16 @@ from typing import Any
 import pytest
 import trio
 
+from lazyd.config import Config, loads
+from lazyd.errors import ConfigError
+from lazyd.front.datagram import DatagramProxy
+from lazyd.front.stream import StreamProxy
+from lazyd.net.addresses import Address
 from lazyd.runtime import control
 
-PROGRAMS = Path(__file__).parent / "programs"
+# The repository (tests/ is one level down): conf/, benchmarks/ and lazyd/ sit there.
+ROOT = Path(__file__).resolve().parent.parent
+PROGRAMS = ROOT / "tests" / "programs"
 PY = sys.executable
 # Every daemon the tests start treats a lifecycle event that does not fit its
 # state as the bug it is (an error with a traceback in the log), not a line.
@@ -43,6 +51,18 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state not in ("Z", "X")
+
+
+async def wait_gone(pid: int) -> None:
+    """Wait until `pid` (not our child) has exited."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        await trio.lowlevel.wait_readable(fd)
+    finally:
+        os.close(fd)
 
 
 def program(name: str, *args: object) -> str:
@@ -101,14 +121,23 @@ class LazydProcess:
         services: dict[str, Any] = reply["services"]
         return services
 
-    async def wait_state(self, service: str, state: str, timeout: float = 10.0) -> dict[str, Any]:
-        """Poll status until the service reaches a state (status is the only view in)."""
+    async def wait_status(
+        self, service: str, until: Callable[[dict[str, Any]], bool] | None = None,
+        timeout: float = 10.0, **fields: object,
+    ) -> dict[str, Any]:
+        """Poll status until the service's row has these `fields` and satisfies `until`;
+        return the row.  For counters and states lazyd logs no line for (a line, where
+        there is one, is awaited with wait_line): status is the only view in."""
         with trio.fail_after(timeout):
             while True:
                 svc: dict[str, Any] = (await self.status())[service]
-                if svc["state"] == state:
+                if all(svc[k] == v for k, v in fields.items()) and (until is None or until(svc)):
                     return svc
                 await trio.sleep(0.02)
+
+    async def wait_state(self, service: str, state: str, timeout: float = 10.0) -> dict[str, Any]:
+        """Poll status until the service reaches a state."""
+        return await self.wait_status(service, timeout=timeout, state=state)
 
     async def activate_until_idle(self, service: str, port: int, times: int) -> None:
         """`times` rounds of: one line to a serve_lines.py service that exits when idle,
@@ -206,6 +235,24 @@ def proxy_service(name: str, command: str, listen: str, upstream: str, *extra: s
     return "\n".join(lines) + "\n"
 
 
+async def burst(port: int, count: int) -> tuple[dict[int, bytes], list[BaseException]]:
+    """`count` clients at once, each sending "request N\\n" and reading the whole answer:
+    the answers by N, and the errors of those that got none."""
+    answers: dict[int, bytes] = {}
+    failures: list[BaseException] = []
+
+    async def client(i: int) -> None:
+        try:
+            answers[i] = await exchange(port, b"request %d\n" % i)
+        except OSError as exc:
+            failures.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(count):
+            nursery.start_soon(client, i)
+    return answers, failures
+
+
 class Recorder:
     """What a proxy (stream or datagram) told its runner: traffic seen, log lines."""
 
@@ -241,3 +288,46 @@ def needs(*programs: str) -> pytest.MarkDecorator:
     return pytest.mark.skipif(
         bool(missing), reason=f"needs {', '.join(missing)}: run scripts/setup test as root"
     )
+
+
+@pytest.fixture
+def sockets() -> Iterator[list[socket.socket]]:
+    """Sockets a test made or bound (lazyd's side); closed afterwards whatever happened."""
+    made: list[socket.socket] = []
+    yield made
+    for sock in made:
+        sock.close()
+
+
+@asynccontextmanager
+async def proxying(
+    sock: socket.socket, upstream: Address, **options: Any
+) -> AsyncIterator[tuple[Any, Recorder]]:
+    """lazyd's proxy for `sock` (a StreamProxy for a listening stream socket, else a
+    DatagramProxy) forwarding to `upstream`, run in the background of the test's own event
+    loop, with a Recorder of what it reports; not ready until the test says so."""
+    rec = Recorder()
+    options.setdefault("queue_limit", 1024)
+    cls = StreamProxy if sock.type == socket.SOCK_STREAM else DatagramProxy
+    proxy = cls("svc", sock, upstream, on_traffic=rec.on_traffic, log=rec.lines.append,
+                **options)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(proxy.run)
+        yield proxy, rec
+        nursery.cancel_scope.cancel()
+
+
+# Every line of a ConfigError starts with where the problem is: FILE:LINE:COL.
+LOCATED = re.compile(r"^lazyd\.yaml:\d+:\d+: ")
+
+
+def assert_config_or_located_problems(text: str, as_root: bool = False) -> None:
+    """`text` loads into a Config, or raises a ConfigError whose every line is located."""
+    try:
+        config = loads(text, "lazyd.yaml", as_root=as_root)
+    except ConfigError as exc:
+        assert exc.problems, text
+        for line in str(exc).split("\n"):
+            assert LOCATED.match(line), (line, text)
+    else:
+        assert isinstance(config, Config)

@@ -14,9 +14,8 @@ import trio
 
 from lazyd import cli, manpage
 from lazyd.config.units import parse_unit_text, split_words
-from tests.conftest import PROGRAMS, PY, needs, run_lazyd
+from tests.conftest import PROGRAMS, PY, ROOT, needs, run_lazyd
 
-ROOT = Path(__file__).parent.parent
 SYSTEM_PY = "/usr/bin/python3"  # services run as nobody, who cannot reach /root's Python
 COMMANDS = list(cli.COMMANDS)
 

@@ -5,7 +5,7 @@ socket of a service on the kernel data path, and nothing else.  Standard
 library only (and `lazyd.privileged.handoff` and `lazyd.datapath.bpf.diag`,
 which are too), and not even
 `typing`: it imports nothing a non-root user could have changed
-(tests/test_protocol.py checks each module under ``python -I -S``).
+(tests/privileged/test_protocol.py checks each module under ``python -I -S``).
 
 `protocol` is every message between the daemon and the helper, built and
 checked by both sides; `entries` the table's entries (kinds: ``process``)

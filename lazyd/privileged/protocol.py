@@ -7,7 +7,7 @@ helper (`lazyd.privileged.spawnerd`) reads requests with `parse_request` and
 answers with the ``*_reply`` functions and `exited_notice`.  So a field has
 one spelling, and a message one shape, on both sides.  Everything here is
 pure (bytes and dicts in, checked objects or ProtocolError out), so it is
-tested exhaustively without a process (tests/test_protocol.py).  It is one
+tested exhaustively without a process (tests/privileged/test_protocol.py).  It is one
 module of about 450 lines on purpose: every message, both ways, in one place,
 so that no field can be spelt or checked two ways (the entries of the table,
 which are longer still, live in `lazyd.privileged.entries`).

@@ -48,7 +48,7 @@ Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 def control_path(config: Config | None = None, explicit: str | None = None) -> str:
-    """Where the control socket is: see DESIGN.md, "Command line"."""
+    """Where the control socket is: see README.md, "Command line"."""
     if explicit:
         return explicit
     if config is not None and config.control:
