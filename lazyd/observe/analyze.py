@@ -128,7 +128,8 @@ def datapath_lines(services: Mapping[str, Any]) -> list[str]:
         return []
     lines = ["", "Kernel data path (new connections go straight to the warm service):"]
     for name, svc in kernel:
-        lines.append(f"  {name}: {svc.get('steered')} connections steered")
+        count = svc.get("steered")
+        lines.append(f"  {name}: {count} connection{'' if count == 1 else 's'} steered")
     return lines
 
 

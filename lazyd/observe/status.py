@@ -135,8 +135,9 @@ def format_status(services: dict[str, Any]) -> str:
     for name, svc in services.items():
         if svc.get("datapath") == "kernel":
             now = "steering new connections" if svc.get("steering") else "not steering now"
-            lines.append(f"{name}: kernel data path, {now}, "
-                         f"{svc.get('steered')} connections steered")
+            count = svc.get("steered")
+            lines.append(f"{name}: kernel data path, {now}, {count} "
+                         f"connection{'' if count == 1 else 's'} steered")
         if svc.get("status"):
             lines.append(f"{name}: {svc['status']}")
     return "\n".join(lines)

@@ -255,6 +255,9 @@ class ServiceRunner:
                     # idle service.
                     await self.watch.run(lambda name: self.start(f"traffic on {name}"))
         finally:
+            # Whatever ended the runner (a bug included), nothing stays steered
+            # into a service it no longer looks after.
+            self.steering.unsteer()
             if self._notify is not None:
                 self._notify.close()
             self.finished.set()

@@ -68,9 +68,11 @@ async def _steered_start(lz: LazydProcess, name: str, port: int, host: str = "12
 async def test_a_warm_service_accepts_new_connections_itself(tmp_path: Path) -> None:
     """Once ready, a new connection to lazyd's port is accepted by the service's own
     socket: the client still sees lazyd's address, lazyd forwards nothing of it
-    (no active connection, bytes unknown) and counts it as steered."""
-    port, upstream = free_port(), free_port()
-    async with run_lazyd(tmp_path, "services:\n" + _kernel("web", port, upstream)) as lz:
+    (no active connection, bytes unknown) and counts it as steered, in status,
+    metrics and analyze."""
+    port, upstream, metrics = free_port(), free_port(), free_port()
+    config = f"metrics: tcp://127.0.0.1:{metrics}\nservices:\n" + _kernel("web", port, upstream)
+    async with run_lazyd(tmp_path, config) as lz:
         pid = await _steered_start(lz, "web", port)
         assert "lazyd: dropped privileges: running as user" in lz.log()
         answer, sock = await trio.to_thread.run_sync(lambda: _ask(port, keep=True))
@@ -87,6 +89,25 @@ async def test_a_warm_service_accepts_new_connections_itself(tmp_path: Path) -> 
             inode = _accepted_inode(port, sock.getsockname())
             assert diag.fd_of_inode(pid, inode) is not None
             assert diag.fd_of_inode(lz.process.pid, inode) is None
+        exposition = await trio.to_thread.run_sync(_get_metrics, metrics)
+        assert 'lazyd_steered_connections_total{service="web"} 1.0' in exposition
+        assert 'lazyd_datapath{datapath="kernel",service="web"} 1.0' in exposition
+        assert 'lazyd_bytes_forwarded_total{direction="in",service="web"}' not in exposition
+        for argv, line in ((["status"], "web: kernel data path, steering new connections, "
+                                        "1 connection steered"),
+                           (["analyze", "blame"], "  web: 1 connection steered")):
+            shown = await trio.run_process([PY, "-m", "lazyd", *argv, "--control",
+                                            lz.control_path], capture_stdout=True)
+            assert line in shown.stdout.decode().splitlines()
+
+
+def _get_metrics(port: int) -> str:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data.decode()
 
 
 def _accepted_inode(port: int, client: tuple[str, int]) -> int:
