@@ -635,7 +635,7 @@ SERVICE_KEYS = [
     "start_timeout", "stop_signal", "stop_timeout", "restart", "start_limit",
     "start_limit_interval", "requires", "activate", "queue_limit", "datagram_queue_limit",
     "idle_timeout", "max_connections", "flow_timeout", "max_connections_per_source",
-    "connection_idle_timeout",
+    "connection_idle_timeout", "container", "engine", "engine_tls",
 ]  # fmt: skip
 SOCKET_KEYS = ["listen", "upstream", "backlog", "reuse_port", "mode", "owner", "group",
                "proxy_protocol", "allow", "deny"]  # fmt: skip

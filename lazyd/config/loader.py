@@ -109,6 +109,13 @@ class ServiceConfig:
     # long is closed.  Off unless asked for: a quiet websocket or ssh session
     # is not a broken one.
     connection_idle_timeout: float | None = None
+    # A service that is an existing container (instead of `command`): its
+    # name, the engine that has it (None: the default, see
+    # lazyd.backends.container.engine.default_address) and client TLS to a
+    # tcp:// engine (ca, cert, key: PEM files).
+    container: str | None = None
+    engine: str | None = None
+    engine_tls: tuple[str, str, str] | None = None
 
     @property
     def policy(self) -> Policy:
@@ -148,7 +155,7 @@ _SERVICE_KEYS = (
     "start_timeout", "stop_signal", "stop_timeout", "restart", "start_limit",
     "start_limit_interval", "requires", "activate", "queue_limit", "datagram_queue_limit",
     "idle_timeout", "max_connections", "flow_timeout", "max_connections_per_source",
-    "connection_idle_timeout",
+    "connection_idle_timeout", "container", "engine", "engine_tls",
 )
 _SOCKET_KEYS = ("listen", "upstream", "backlog", "reuse_port", "mode", "owner", "group",
                 "proxy_protocol", "allow", "deny")
@@ -535,25 +542,30 @@ def _service(
     keys = r.mapping(entry.value, path, _SERVICE_KEYS)
     if keys is None:
         return None
-    for key in ("command", "sockets"):
+    for key in ("sockets",) if "container" in keys else ("command", "sockets"):
         if key not in keys:
             r.problem(entry.key, path, f"missing required key {key!r}")
     args = _values(r, keys, path, _SERVICE_VALUES)
     # With an unreadable mode, `mode` is None and the checks that depend on it stay quiet.
     mode = None if "mode" in keys else _SERVICE_DEFAULTS["mode"]
     mode = args.get("mode", mode)
+    if "container" in keys:
+        # A container is reached through lazyd's proxy only: proxy is its default.
+        if "mode" not in keys:
+            mode = args["mode"] = Mode.PROXY
+        args.update(_container(r, keys, path, mode))
     if mode is Mode.PASS and "idle_timeout" in keys:
         r.problem(keys["idle_timeout"].value, _join(path, "idle_timeout"), _IDLE_IN_PASS_MODE)
     for key in _PROXY_ONLY_SERVICE_KEYS:
         if mode is Mode.PASS and key in keys:
             r.problem(keys[key].value, _join(path, key), f"{key} only applies to mode: proxy")
-    if as_root and "user" not in keys:
+    if as_root and "user" not in keys and "container" not in keys:
         r.problem(entry.key, path, _AS_ROOT)
     if "user" in args and "group" not in keys:
         with contextlib.suppress(KeyError):  # a gid without a name: the launcher uses the gid
             args["group"] = grp.getgrgid(pwd.getpwnam(args["user"]).pw_gid).gr_name
     if "ready" in keys:
-        args["ready"] = _ready(r, keys["ready"].value, _join(path, "ready"), mode)
+        args["ready"] = _ready(r, keys["ready"].value, _join(path, "ready"), mode, keys)
     elif mode is Mode.PROXY:
         args["ready"] = Ready(ReadyKind.CONNECT)
     if "environment" in keys:
@@ -569,12 +581,16 @@ def _service(
                            args.get("workdir"))
     if "sockets" in keys:
         sockets = _sockets(r, keys["sockets"].value, _join(path, "sockets"), mode, claimed)
+    if "container" in keys:
+        command = ()
     if command is None or sockets is None or None in args.values():
         return None  # its problems are recorded
     return ServiceConfig(name=name, command=command, sockets=sockets, **args)
 
 
-def _ready(r: _Reader, node: Node, path: str, mode: Mode | None) -> Ready | None:
+def _ready(
+    r: _Reader, node: Node, path: str, mode: Mode | None, path_keys: Collection[str] = ()
+) -> Ready | None:
     if isinstance(node, MappingNode):
         keys = r.mapping(node, path, ("delay",))
         if keys is None:
@@ -584,12 +600,93 @@ def _ready(r: _Reader, node: Node, path: str, mode: Mode | None) -> Ready | None
             return None
         delay = r.convert(keys["delay"].value, _join(path, "delay"), parse_duration, "a duration")
         return None if delay is None else Ready(ReadyKind.DELAY, delay)
-    kinds = _choice(ReadyKind, "started", "notify", "connect")
-    kind = r.convert(node, path, kinds, "started, notify, connect or {delay: DURATION}")
+    kinds = _choice(ReadyKind, "started", "notify", "connect", "health")
+    kind = r.convert(node, path, kinds, "started, notify, connect, health or {delay: DURATION}")
+    if kind is ReadyKind.HEALTH and "container" not in path_keys:
+        r.problem(node, path, "ready: health only applies to a container (its own healthcheck)")
+        return None
     if kind is ReadyKind.CONNECT and mode is Mode.PASS:
         r.problem(node, path, "ready: connect only applies to mode: proxy")
         return None
     return None if kind is None else Ready(kind)
+
+
+# Keys of a process that mean nothing for a container, and why.
+_NOT_FOR_CONTAINERS = {
+    "command": "command and container are exclusive: a service is one or the other",
+    "user": "the container runs as its image and the engine say",
+    "group": "the container runs as its image and the engine say",
+    "workdir": "the container's working directory is its own",
+    "environment": "a container's environment is set when it is created",
+    "stop_signal": "the engine stops a container with its own stop signal (podman/docker create "
+                   "--stop-signal)",
+}
+
+
+def _container(r: _Reader, keys: dict[str, _Entry], path: str, mode: Mode | None) -> dict[str, Any]:
+    """The container keys of a service that has `container:` (each problem recorded;
+    a value with one is None): container, engine, engine_tls."""
+    args: dict[str, Any] = {}
+    name_path = _join(path, "container")
+    args["container"] = r.convert(keys["container"].value, name_path, _container_name,
+                                  "a container name")
+    for key, why in _NOT_FOR_CONTAINERS.items():
+        if key in keys:
+            r.problem(keys[key].value, _join(path, key), f"{key} does not apply to a container: "
+                      f"{why}")
+    if mode is Mode.PASS:
+        r.problem(keys["mode"].value, _join(path, "mode"), "a container service is mode: proxy: "
+                  "the engine's API cannot hand a container lazyd's listening sockets")
+    if "ready" in keys and isinstance(keys["ready"].value, ScalarNode) \
+            and keys["ready"].value.value == "notify":
+        r.problem(keys["ready"].value, _join(path, "ready"), "ready: notify does not apply to a "
+                  "container (use connect, health, started or {delay: DURATION})")
+    if "engine" in keys:
+        args["engine"] = r.convert(keys["engine"].value, _join(path, "engine"), _engine,
+                                   "unix:/PATH or tcp://HOST:PORT")
+    if "engine_tls" in keys:
+        tls_path = _join(path, "engine_tls")
+        tls = r.mapping(keys["engine_tls"].value, tls_path, ("ca", "cert", "key"))
+        files = {}
+        for key in ("ca", "cert", "key"):
+            if tls is not None and key not in tls:
+                r.problem(keys["engine_tls"].value, tls_path, f"missing required key {key!r}")
+            elif tls is not None:
+                files[key] = r.convert(tls[key].value, _join(tls_path, key), _tls_file,
+                                       "an absolute path to a PEM file")
+        args["engine_tls"] = (files["ca"], files["cert"], files["key"]) \
+            if len(files) == 3 and None not in files.values() else None
+        engine = args.get("engine")
+        if engine is not None and not engine.startswith("tcp://"):
+            r.problem(keys["engine_tls"].value, tls_path, "engine_tls applies to a tcp:// engine")
+    return args
+
+
+def _container_name(value: object) -> str:
+    # Docker's own rule for container names (as lazyd.backends.container.engine checks).
+    name = _string(value)
+    if not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*", name):
+        raise ValueError(f"bad container name {name!r}: letters, digits, '_', '.' and '-', "
+                         "starting with a letter or digit")
+    return name
+
+
+def _engine(value: object) -> str:
+    # A host name is fine (TLS checks the engine's certificate against it), so
+    # not net.addresses, which binds and takes IP addresses only.
+    text = _string(value)
+    host, _, port = text.removeprefix("tcp://").rpartition(":")
+    tcp = text.startswith("tcp://") and host and port.isdigit() and 0 < int(port) < 65536
+    if not tcp and not (text.startswith("unix:/") and "\0" not in text):
+        raise ValueError(f"bad engine {text!r}: expected unix:/PATH or tcp://HOST:PORT")
+    return text
+
+
+def _tls_file(value: object) -> str:
+    path = _string(value)
+    if not path.startswith("/"):
+        raise ValueError(f"{path!r} is not an absolute path")
+    return path
 
 
 def _environment(r: _Reader, node: Node, service: str) -> dict[str, str] | None:
@@ -943,7 +1040,11 @@ def plan(config: Config) -> str:
                       if (networks := getattr(socket, key))]
             notes_text = f"  ({', '.join(notes)})" if notes else ""
             lines.append(f"  {label}{socket.name:<{width}}  {where}{notes_text}")
-        lines.append(f"  command: {shlex.join(service.command)}")
+        if service.container is not None:
+            engine = service.engine or "the default engine"
+            lines.append(f"  container: {service.container} on {engine}")
+        else:
+            lines.append(f"  command: {shlex.join(service.command)}")
         if service.requires:
             lines.append(f"  requires: {', '.join(service.requires)}")
         limits = [f"{key} {value}" for key in ("max_connections", "max_connections_per_source",
