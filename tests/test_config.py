@@ -331,7 +331,7 @@ SINGLE_PROBLEMS = [
     (web("group: nogrup"), "3:12: services.web.group: unknown group 'nogrup'"),
     (web("user: 65534"), "3:11: services.web.user: expected a non-empty string, got 65534"),
     # the other service keys
-    (web("ready: soon"), "3:12: services.web.ready: expected started, notify or connect, got "
+    (web("ready: soon"), "3:12: services.web.ready: expected started, notify, connect or health, got "
      "'soon'"),
     (web("ready: {delay: forever}"), "3:20: services.web.ready.delay: bad duration 'forever': "
      "expected seconds or a number with ms, s, m or h"),
