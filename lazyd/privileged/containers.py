@@ -55,9 +55,11 @@ _DIED = ("die", "died")  # what Docker and Podman call a container's end in thei
 class _Run:
     """A container this helper started and still follows."""
 
-    __slots__ = ("engine", "entry", "events", "output", "over")
+    __slots__ = ("engine", "entry", "events", "output", "over", "service")
 
-    def __init__(self, engine: Engine, entry: ContainerEntry, output: socket.socket) -> None:
+    def __init__(self, service: str, engine: Engine, entry: ContainerEntry,
+                 output: socket.socket) -> None:
+        self.service = service
         self.engine = engine
         self.entry = entry
         self.output = output  # the helper's end of the output socket
@@ -83,6 +85,12 @@ class Containers:
         """Run `request` in a thread of its own; its reply comes out of `drain`.
         Raises ProtocolError for a request the table does not allow."""
         name = request.service
+        if request.action in ("stop", "kill"):
+            # What was started is what is stopped, even if a reload has since
+            # removed its service or named another container for it.
+            with self._lock:
+                live = [run.entry for run in self._runs.values() if run.service == name]
+            entry = live[-1] if live else entry
         if entry is None:
             raise ProtocolError(f"unknown service {name!r}")
         if not isinstance(entry, ContainerEntry):
@@ -131,7 +139,7 @@ class Containers:
         name = entry.container
         try:
             if request.action == "start":
-                self._start(request.id, entry, engine)
+                self._start(request.id, request.service, entry, engine)
                 return
             if request.action == "stop":
                 assert request.timeout is not None
@@ -150,7 +158,8 @@ class Containers:
             reply = protocol.error_reply(request.id, ENGINE_STAGE, 0, str(exc))
         self._put(reply)
 
-    def _start(self, request_id: int, entry: ContainerEntry, engine: Engine) -> None:
+    def _start(self, request_id: int, service: str, entry: ContainerEntry,
+               engine: Engine) -> None:
         """Start the container; reply with its output socket; follow it until it dies."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         name = entry.container
@@ -166,7 +175,7 @@ class Containers:
         # The reply goes first: the start's time is the engine's answer, and
         # what the follower learns (its id, its death) comes after it.
         self._put(protocol.container_reply(request_id, {"state": "running"}), [theirs.detach()])
-        run = _Run(engine, entry, ours)
+        run = _Run(service, engine, entry, ours)
         with self._lock:
             self._runs[request_id] = run
         # The thread counted for the output at submit time is this one.

@@ -120,6 +120,8 @@ class StartedContainer:
                 health = info.health if info is not None else None
             except SpawnError as exc:
                 health = str(exc)
+            if info is not None:
+                self.run.health = health  # for status
             if health == "healthy":
                 return
             if health != last:
