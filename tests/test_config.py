@@ -31,7 +31,7 @@ from lazyd.config import (
     parse_signal,
     plan,
 )
-from lazyd.config import loader as config_module
+from lazyd.config import keys as config_module
 from lazyd.errors import ConfigError
 from lazyd.net.addresses import Address, Kind, parse_address
 
@@ -331,8 +331,8 @@ SINGLE_PROBLEMS = [
     (web("group: nogrup"), "3:12: services.web.group: unknown group 'nogrup'"),
     (web("user: 65534"), "3:11: services.web.user: expected a non-empty string, got 65534"),
     # the other service keys
-    (web("ready: soon"), "3:12: services.web.ready: expected started, notify, connect or health, got "
-     "'soon'"),
+    (web("ready: soon"), "3:12: services.web.ready: expected started, notify, connect or "
+     "health, got 'soon'"),
     (web("ready: {delay: forever}"), "3:20: services.web.ready.delay: bad duration 'forever': "
      "expected seconds or a number with ms, s, m or h"),
     (web("ready: {}"), "3:12: services.web.ready: missing required key 'delay'"),

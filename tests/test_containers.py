@@ -24,6 +24,7 @@ import trio
 from lazyd import config as config_mod
 from lazyd.backends.process.launch import table
 from lazyd.backends.process.spawner import SpawnError, open_spawner
+from lazyd.errors import ConfigError
 from tests.conftest import PROGRAMS, free_port, run_lazyd
 from tests.test_engine import podman_unavailable, start_service
 from tests.test_spawner import raw_spawner
@@ -393,3 +394,34 @@ async def test_the_helper_acts_only_on_the_containers_of_its_table(
                 reply, _ = await raw.request(forged)
                 assert message in reply["error"], (forged, reply)
     assert podman.inspect(stranger)["Status"] == "created"
+
+
+# -- the config ------------------------------------------------------------------------
+
+
+def test_container_config_errors_say_why() -> None:
+    """A container service is proxy mode by default; pass mode, a command, a process's
+    keys, ready: notify, engine_tls on a unix engine are refused saying why, and
+    ready: health is for containers only."""
+    base = ("services:\n  wiki:\n    container: wiki\n    sockets:\n      http: "
+            "{listen: 'tcp://127.0.0.1:18080', upstream: 'tcp://127.0.0.1:18081'}\n")
+    wiki = config_mod.loads(base + "    ready: health\n", as_root=True).services["wiki"]
+    assert (wiki.mode, wiki.container, wiki.engine, str(wiki.ready)) == (
+        config_mod.Mode.PROXY, "wiki", None, "health")
+    for extra, message in [
+        ("    mode: pass\n", "services.wiki.mode: a container service is mode: proxy: the "
+         "engine's API cannot hand a container lazyd's listening sockets"),
+        ("    command: /bin/true\n", "services.wiki.command: command does not apply to a "
+         "container: command and container are exclusive"),
+        ("    user: nobody\n", "services.wiki.user: user does not apply to a container"),
+        ("    ready: notify\n", "services.wiki.ready: ready: notify does not apply to a container"),
+        ("    engine: unix:/run/podman/podman.sock\n    engine_tls: {ca: /a, cert: /b, key: /c}\n",
+         "services.wiki.engine_tls: engine_tls applies to a tcp:// engine"),
+        ("    engine: http://host\n", "services.wiki.engine: bad engine 'http://host'"),
+    ]:
+        with pytest.raises(ConfigError) as caught:
+            config_mod.loads(base + extra, as_root=True)
+        assert message in str(caught.value), (extra, str(caught.value))
+    with pytest.raises(ConfigError, match="ready: health only applies to a container"):
+        config_mod.loads("services:\n  x:\n    command: /bin/true\n    user: root\n"
+                         "    ready: health\n    sockets: {a: 'tcp://127.0.0.1:1234'}\n")

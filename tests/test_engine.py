@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+import lazyd
 from lazyd.backends.container.engine import (
     MAX_BODY,
     MAX_EVENT,
@@ -33,7 +34,8 @@ from lazyd.backends.container.engine import (
 )
 from tests.conftest import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+# The directory holding the lazyd package in use (the source tree, or site-packages).
+ROOT = Path(lazyd.__file__).resolve().parent.parent
 
 # A container's program: the host's python3 serving one line per connection.
 # It is pid 1 in its own pid namespace, which ignores SIGTERM without a handler:

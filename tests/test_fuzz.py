@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lazyd.config import Config, loads
-from lazyd.config import loader as config_module
+from lazyd.config import keys as config_module
 from lazyd.errors import ConfigError
 from lazyd.net import rights
 from lazyd.readiness import notify

@@ -15,12 +15,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import lazyd
 from lazyd.privileged import boot, entries, protocol
 from lazyd.privileged.entries import BrokenEntry, ProcessEntry
 from lazyd.privileged.fields import ProtocolError
 from lazyd.privileged.handoff import identity, socket_identity
 
-ROOT = Path(__file__).resolve().parent.parent
+# The directory holding the lazyd package in use (the source tree, or site-packages).
+ROOT = Path(lazyd.__file__).resolve().parent.parent
 
 # -- strategies -----------------------------------------------------------------------
 

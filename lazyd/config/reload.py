@@ -19,7 +19,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from lazyd.config.loader import Config, Mode, ServiceConfig, SocketConfig
+from lazyd.config.model import Config, Mode, ServiceConfig, SocketConfig
 
 # Sockets with the same key are the same socket across a reload.
 SocketKey = tuple[str, str]

@@ -142,8 +142,7 @@ class Daemon:
             new = config_mod.load(
                 self.config.path,
                 # Checked as what lazyd was started as: a service must still name its user.
-                as_root=self.user is not None or None,
-                find_programs=self.user is None,
+                host=config_mod.Machine.after_privilege_drop() if self.user is not None else None,
             )
             if names is not None and set(names) != set(new.services):
                 raise LazydError(f"{new.path} changed while it was read; reload again")

@@ -53,10 +53,11 @@ from lazyd.errors import LaunchError
 from lazyd.front.datagram import DatagramProxy
 from lazyd.front.stream import StreamProxy
 from lazyd.front.watch import PassWatch
-from lazyd.logs import ThrottledLog, log_at
+from lazyd.logs import log_at
 from lazyd.net.access import Access
-from lazyd.readiness.notify import NotifySocket, belongs_to, open_notify_socket
+from lazyd.readiness.notify import NotifySocket, open_notify_socket
 from lazyd.readiness.probe import wait_connectable
+from lazyd.readiness.sender import SenderPolicy
 from lazyd.runtime.binding import accept_queue_length
 
 LogFn = Callable[[str], None]
@@ -123,7 +124,8 @@ class ServiceRunner:
         self.backend: Backend = self._backend(config)
         self.started: Started | None = None
         self.status_text: str | None = None
-        self.main_pid: int | None = None  # MAINPID= may move it from the child we spawned
+        # Who is believed on the notify socket; MAINPID= may move the main pid.
+        self.senders = SenderPolicy(self.name, options.log)
         self.history = StartHistory()
         self.changed = trio.Event()  # set and replaced on every state change
         self.finished = trio.Event()  # run() has returned
@@ -146,6 +148,12 @@ class ServiceRunner:
         self._running_since = 0.0
 
     # -- public --------------------------------------------------------------
+
+    @property
+    def main_pid(self) -> int | None:
+        """The service's main process (MAINPID= may have moved it from the one
+        started), or None when it has none here."""
+        return self.senders.main_pid
 
     @property
     def closing(self) -> bool:
@@ -535,7 +543,7 @@ class ServiceRunner:
             self.dispatch(SpawnFailed(str(exc).removeprefix(f"{self.name}: ")))
             return
         self.started = started
-        self.main_pid = started.pid
+        self.senders.main_pid = started.pid
         self.status_text = None
         try:
             self.dispatch(Spawned(started.handle))
@@ -546,7 +554,7 @@ class ServiceRunner:
         finally:
             await started.aclose()
         self.started = None
-        self.main_pid = None
+        self.senders.main_pid = None
         self.dispatch(Exited(returncode))
 
     async def _relay(self, stream: trio.abc.ReceiveStream) -> None:
@@ -556,39 +564,17 @@ class ServiceRunner:
             await stream.aclose()
 
     async def _run_notify(self, notify: NotifySocket) -> None:
-        # Any local process can write to the socket (an abstract name has no
-        # file mode): what it sends is logged once per sender, and no sender,
-        # however many pids it uses, can flood the log.
-        warned: set[int] = set()
-        junk, foreign = ThrottledLog(self.options.log), ThrottledLog(self.options.log)
+        """Take what the service says on its notify socket (see readiness.sender)."""
         while True:
             try:
                 message = await notify.receive()
             except ValueError as exc:
-                junk.say(f"{self.name}: ignoring malformed notify message: {exc}", "more ignored")
+                self.senders.malformed(str(exc))
                 continue
-            main = self.main_pid
-            if main is None or not belongs_to(message.pid, main):
-                if message.pid not in warned:
-                    line = (f"{self.name}: ignoring notify message from pid {message.pid}, "
-                            "which is not one of the service's processes")
-                    if len(warned) < 64:  # once per sender, for the first 64 senders
-                        warned.add(message.pid)
-                        self.options.log(line)
-                    else:
-                        foreign.say(line, "more ignored")
+            if not self.senders.believe(message):
                 continue
             if message.status is not None:
                 self.status_text = message.status
-            if message.mainpid is not None and message.mainpid != main:
-                if message.uid == 0 or belongs_to(message.mainpid, main):
-                    self.main_pid = message.mainpid
-                else:
-                    # MAINPID=1 would make every process on the machine "one
-                    # of the service's" and let any local user send READY=1
-                    # for it.  Only root may name a pid outside the service.
-                    foreign.say(f"{self.name}: ignoring MAINPID={message.mainpid}, which is "
-                                "not one of the service's processes", "more ignored")
             if message.stopping:
                 self.options.log(f"{self.name}: service says it is stopping")
             if message.ready:
