@@ -91,6 +91,13 @@ class ServiceConfig:
     # long is closed.  Off unless asked for: a quiet websocket or ssh session
     # is not a broken one.
     connection_idle_timeout: float | None = None
+    # A service that is an existing container (instead of `command`): its
+    # name, the engine that has it (None: the default, see
+    # lazyd.backends.container.engine.default_address) and client TLS to a
+    # tcp:// engine (ca, cert, key: PEM files).
+    container: str | None = None
+    engine: str | None = None
+    engine_tls: tuple[str, str, str] | None = None
 
     @property
     def policy(self) -> Policy:

@@ -223,9 +223,14 @@ def service_spec(
 
 
 def table(config: Config, nofile_soft: int | None = None) -> dict[str, dict[str, Any]]:
-    """The spawner's table for `config`: service name -> `entry`."""
+    """The spawner's table for `config`: service name -> `entry` (a container
+    service's: `lazyd.backends.container.backend.table_entry`)."""
+    from lazyd.backends.container.backend import table_entry
+
     return {
-        name: entry(service_spec(service, nofile_soft)) for name, service in config.services.items()
+        name: entry(service_spec(service, nofile_soft)) if service.container is None
+        else table_entry(service)
+        for name, service in config.services.items()
     }
 
 
@@ -247,6 +252,14 @@ def print_table(config_path: str, nofile_soft: int) -> None:
             config_path = os.path.realpath(config_path)
             _check_root_only(config_path)
         config = config_mod.load(config_path)
+        if any(service.container is not None for service in config.services.values()):
+            from lazyd.backends.container.checks import container_problems
+
+            # A container that is missing is a config error, as at start-up;
+            # an engine out of reach is not (each start says so).
+            missing, _unreachable = container_problems(config)
+            if missing:
+                raise ConfigError(missing)
     except ConfigError as exc:
         answer = protocol.problems_answer(exc.problems)
     else:
