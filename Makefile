@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint bench soak chaos clean
+.PHONY: demo test lint bench soak chaos man install clean
 
 # scripts/setup builds the virtual environment from nothing when it is missing,
 # reinstalls when pyproject.toml changed, and (for the tests, as root) installs
@@ -37,5 +37,19 @@ chaos:
 		$(BIN)/python -m pytest tests/system/test_chaos.py -k test_chaos_for_a_while \
 		-o timeout=0 -p no:cacheprovider -s -q
 
+# lazyd(8), made from the same text as `lazyd --help`.
+man: lazyd.8
+lazyd.8: lazyd/cli.py lazyd/manpage.py
+	PYTHON=$(PYTHON) scripts/setup demo
+	$(BIN)/python -m lazyd.manpage > $@
+
+# As root: lazyd for every user (pip into the system's Python under PREFIX),
+# its man page, and the systemd unit, which stays disabled until you enable it.
+PREFIX ?= /usr/local
+install: lazyd.8
+	$(PYTHON) -m pip install -q --root $(or $(DESTDIR),/) --prefix $(PREFIX) .
+	install -D -m 0644 lazyd.8 $(DESTDIR)$(PREFIX)/share/man/man8/lazyd.8
+	install -D -m 0644 conf/lazyd.service $(DESTDIR)/etc/systemd/system/lazyd.service
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info lazyd.8

@@ -19,7 +19,14 @@ from contextlib import redirect_stdout
 from pathlib import Path
 from typing import TextIO
 
-from benchmarks import bench_activation, bench_boot, bench_flood, bench_idle, bench_proxy
+from benchmarks import (
+    bench_activation,
+    bench_boot,
+    bench_container,
+    bench_flood,
+    bench_idle,
+    bench_proxy,
+)
 from benchmarks.results import Section, render
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
@@ -32,6 +39,7 @@ BENCHMARKS: list[tuple[str, str, Callable[[Sequence[str]], int], list[str]]] = [
     ("flood", "bench_flood", bench_flood.main, ["--quick"]),
     ("boot", "bench_boot", bench_boot.main, ["--quick"]),
     ("idle", "bench_idle", bench_idle.main, ["--quick"]),
+    ("container", "bench_container", bench_container.main, ["--quick"]),
 ]
 
 

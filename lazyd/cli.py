@@ -184,6 +184,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from lazyd.runtime.privileges import daemon_user
 
     config = config_mod.load(args.config)
+    if any(service.container is not None for service in config.services.values()):
+        from lazyd.backends.container.checks import container_problems
+
+        missing, unreachable = container_problems(config)
+        if missing or unreachable:
+            raise ConfigError(missing + unreachable)
     print(config_mod.plan(config))
     # The same choice `run` makes, with the same warnings (on stderr).
     user = daemon_user(config.user, lambda line: print(line, file=sys.stderr))

@@ -57,6 +57,9 @@ def obstacles(service: ServiceConfig) -> list[str]:
 
     if service.mode is not Mode.PROXY:
         return ["the kernel data path is for mode: proxy"]
+    if service.container is not None:
+        # The listener must be a process's that lazyd's helper started itself.
+        return ["the kernel data path is for a command, not a container"]
     defaults = {f.name: f.default for f in dataclasses.fields(ServiceConfig)}
     found = [f"{key} is set, and lazyd does not see steered connections"
              for key in _SERVICE_LIMITS if getattr(service, key) != defaults[key]]

@@ -90,6 +90,10 @@ _SERVICE_KEYS: Mapping[str, Key] = {
     "max_connections_per_source": Key(c.whole, "a whole number", proxy_only=True),
     "connection_idle_timeout": Key(c.positive_duration, "a duration", proxy_only=True),
     "datapath": Key(c.choice(Datapath), "userspace, kernel or auto", proxy_only=True),
+    # A container instead of a command (lazyd.config.containers).
+    "container": _STRUCTURED,
+    "engine": _STRUCTURED,
+    "engine_tls": _STRUCTURED,
 }
 # listen and mode are read by the socket walker (the short form, a mode's text
 # as written); allow and deny apply only to mode: proxy too, with their own message.

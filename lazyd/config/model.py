@@ -94,6 +94,13 @@ class ServiceConfig:
     connection_idle_timeout: float | None = None
     # Proxy, TCP: which path the bytes take once warm (lazyd.config.datapath).
     datapath: Datapath = Datapath.USERSPACE
+    # A service that is an existing container (instead of `command`): its
+    # name, the engine that has it (None: the default, see
+    # lazyd.backends.container.engine.default_address) and client TLS to a
+    # tcp:// engine (ca, cert, key: PEM files).
+    container: str | None = None
+    engine: str | None = None
+    engine_tls: tuple[str, str, str] | None = None
 
     @property
     def policy(self) -> Policy:

@@ -35,7 +35,11 @@ def plan(config: Config) -> str:
                       if (networks := getattr(socket, key))]
             notes_text = f"  ({', '.join(notes)})" if notes else ""
             lines.append(f"  {label}{socket.name:<{width}}  {where}{notes_text}")
-        lines.append(f"  command: {shlex.join(service.command)}")
+        if service.container is not None:
+            engine = service.engine or "the default engine"
+            lines.append(f"  container: {service.container} on {engine}")
+        else:
+            lines.append(f"  command: {shlex.join(service.command)}")
         if service.requires:
             lines.append(f"  requires: {', '.join(service.requires)}")
         limits = [f"{key} {value}" for key in ("max_connections", "max_connections_per_source",

@@ -18,6 +18,7 @@ from collections.abc import Collection, Mapping, Sequence
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from lazyd.config import datapath as datapath_mod
+from lazyd.config.containers import read_container
 from lazyd.config.convert import choice, parse_duration, string
 from lazyd.config.datapath import Datapath
 from lazyd.config.host import Host
@@ -87,26 +88,32 @@ def _service(
     keys = r.mapping(entry.value, path, _SERVICE_KEYS)
     if keys is None:
         return None
-    for key in ("command", "sockets"):
+    for key in ("sockets",) if "container" in keys else ("command", "sockets"):
         if key not in keys:
             r.problem(entry.key, path, f"missing required key {key!r}")
     args = r.values(keys, path, scalars(_SERVICE_KEYS, host))
     # With an unreadable mode, `mode` is None and the checks that depend on it stay quiet.
     mode = None if "mode" in keys else _SERVICE_DEFAULTS["mode"]
     mode = args.get("mode", mode)
+    if "container" in keys:
+        # A container is reached through lazyd's proxy only: proxy is its default.
+        if "mode" not in keys:
+            mode = args["mode"] = Mode.PROXY
+        args.update(read_container(r, keys, path, mode))
     if mode is Mode.PASS and "idle_timeout" in keys:
         r.problem(keys["idle_timeout"].value, join(path, "idle_timeout"), _IDLE_IN_PASS_MODE)
     for key in _PROXY_ONLY:
         if mode is Mode.PASS and key in keys:
             r.problem(keys[key].value, join(path, key), f"{key} only applies to mode: proxy")
-    if host.as_root and "user" not in keys:
+    if host.as_root and "user" not in keys and "container" not in keys:
         r.problem(entry.key, path, _AS_ROOT)
     if "user" in args and "group" not in keys:
         # A gid without a name (None): the group stays unset and the launcher uses the gid.
         if (group := host.primary_group(args["user"])) is not None:
             args["group"] = group
     if "ready" in keys:
-        args["ready"] = _ready(r, keys["ready"].value, join(path, "ready"), mode)
+        args["ready"] = _ready(r, keys["ready"].value, join(path, "ready"), mode,
+                               "container" in keys)
     elif mode is Mode.PROXY:
         args["ready"] = Ready(ReadyKind.CONNECT)
     if "environment" in keys:
@@ -123,6 +130,8 @@ def _service(
     if "sockets" in keys:
         sockets = read_sockets(r, keys["sockets"].value, join(path, "sockets"), mode, claimed,
                                host)
+    if "container" in keys:
+        command = ()
     if command is None or sockets is None or None in args.values():
         return None  # its problems are recorded
     service = ServiceConfig(name=name, command=command, sockets=sockets, **args)
@@ -136,7 +145,9 @@ def _service(
     return service
 
 
-def _ready(r: Reader, node: Node, path: str, mode: Mode | None) -> Ready | None:
+def _ready(
+    r: Reader, node: Node, path: str, mode: Mode | None, container: bool = False
+) -> Ready | None:
     if isinstance(node, MappingNode):
         keys = r.mapping(node, path, ("delay",))
         if keys is None:
@@ -146,8 +157,11 @@ def _ready(r: Reader, node: Node, path: str, mode: Mode | None) -> Ready | None:
             return None
         delay = r.convert(keys["delay"].value, join(path, "delay"), parse_duration, "a duration")
         return None if delay is None else Ready(ReadyKind.DELAY, delay)
-    kinds = choice(ReadyKind, "started", "notify", "connect")
-    kind = r.convert(node, path, kinds, "started, notify, connect or {delay: DURATION}")
+    kinds = choice(ReadyKind, "started", "notify", "connect", "health")
+    kind = r.convert(node, path, kinds, "started, notify, connect, health or {delay: DURATION}")
+    if kind is ReadyKind.HEALTH and not container:
+        r.problem(node, path, "ready: health only applies to a container (its own healthcheck)")
+        return None
     if kind is ReadyKind.CONNECT and mode is Mode.PASS:
         r.problem(node, path, "ready: connect only applies to mode: proxy")
         return None

@@ -24,6 +24,7 @@ class ReadyKind(enum.Enum):
     NOTIFY = "notify"
     CONNECT = "connect"
     DELAY = "delay"
+    HEALTH = "health"  # a container's own healthcheck passes
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,9 @@ def service_status(runner: ServiceRunner, now: float, *, history: bool = False) 
         "bytes_in": traffic.bytes_in,
         "bytes_out": traffic.bytes_out,
     }
+    container = runner.container_status()
+    if container is not None:
+        entry["container"] = container  # name, engine, id, state, health
     if history:
         entry["starts"] = [r.to_json() for r in records]
     return entry
@@ -107,6 +110,13 @@ def _last_start(svc: dict[str, Any]) -> str:
     return format_ms(svc.get("last_start_ms"))
 
 
+def _container_id(svc: dict[str, Any]) -> str | None:
+    """A container service's short id (as `docker ps` shows it), in the PID column."""
+    container = svc.get("container") or {}
+    running = svc.get("state") in ("starting", "running", "stopping")
+    return str(container["id"])[:12] if running and container.get("id") else None
+
+
 def format_status(services: dict[str, Any]) -> str:
     """The table `lazyd status` prints."""
     from lazyd.observe.analyze import format_ms
@@ -119,7 +129,7 @@ def format_status(services: dict[str, Any]) -> str:
             (
                 name,
                 str(svc.get("state")),
-                _cell(svc.get("pid")),
+                _cell(svc.get("pid") or _container_id(svc)),
                 format_uptime(svc.get("uptime_s")),
                 _cell(svc.get("activations")),
                 _cell(svc.get("queued")),

@@ -8,11 +8,19 @@ the table reader a reload runs.  The helper checks each with `parse_table`
 before anything of it is used.
 
 An entry has a ``kind``: ``process`` (a command the helper forks and execs as
-the service's user; the default when the field is absent) is the only one so
-far.  Operations name the kind they act on (``spawn``: a process), so that
+the service's user; the default when the field is absent) or ``container``
+(an existing container the helper starts and stops through its engine's API,
+`lazyd.privileged.containers`).  Operations name the kind they act on
+(``spawn``: a process; ``container``: a container), so that
 another kind of service, with operations of its own, is one more kind here
 and one more parser in `_PARSERS`, not a change to what a process entry may
 be.
+
+A container entry is ``{"kind", "container", "engine", "tls"}``: the
+container's name (Docker's rule for names), its engine's address
+(``unix:/PATH`` or ``tcp://HOST:PORT``) and ``tls`` null or ``{"ca", "cert",
+"key"}``, absolute paths of PEM files.  It names the only container the
+helper may act on for that service.
 
 A process entry is ``{"kind", "executable", "argv", "env", "uid", "gid",
 "groups", "workdir", "nofile_soft", "sockets", "notify"}``: ``executable``
@@ -52,7 +60,8 @@ if TYPE_CHECKING:
     from typing import Any, TypeAlias
 
 PROCESS = "process"  # the kind of a service the helper forks and execs
-KINDS = (PROCESS,)
+CONTAINER = "container"  # the kind of a service that is a container on an engine
+KINDS = (PROCESS, CONTAINER)
 
 MAX_SERVICES = 65536  # entries in the table of services
 MAX_SOCKETS = 253  # sockets one service is handed: Linux's SCM_MAX_FD
@@ -64,6 +73,8 @@ PROCESS_FIELDS = ("kind", "executable", "argv", "env", "uid", "gid", "groups", "
                   "nofile_soft", "sockets", "notify", "steer")
 SOCKET_FIELDS = ("name", *SOCKET_IDENTITY_FIELDS)
 ERROR = "error"  # the one field of a broken entry
+CONTAINER_FIELDS = ("kind", "container", "engine", "tls")
+TLS_FIELDS = ("ca", "cert", "key")
 
 
 # -- building (the daemon and the table reader) ------------------------------------------
@@ -98,6 +109,14 @@ def process_entry(
         "notify": notify,
         "steer": {name: list(address) for name, address in (steer or {}).items()},
     }
+
+
+def container_entry(
+    *, container: str, engine: str, tls: Mapping[str, str] | None
+) -> dict[str, Any]:
+    """The entry of a service that is a container (see the module's docstring)."""
+    return {"kind": CONTAINER, "container": container, "engine": engine,
+            "tls": None if tls is None else dict(tls)}
 
 
 def broken_entry(reason: str) -> dict[str, Any]:
@@ -175,11 +194,41 @@ class ProcessEntry:
         self.steer = _steer(entry.get("steer", {}))
 
 
+class ContainerEntry:
+    """A checked entry of a service that is a container: which one, on which engine."""
+
+    __slots__ = ("container", "engine", "tls")
+
+    kind = CONTAINER
+
+    def __init__(self, entry: Mapping[str, Any]) -> None:
+        only(entry, CONTAINER_FIELDS)
+        self.container = text(entry.get("container"), "container")
+        first = self.container[:1]
+        if not (first.isascii() and first.isalnum()) or not all(
+            c.isascii() and (c.isalnum() or c in "_.-") for c in self.container
+        ):
+            raise ProtocolError(f"container {self.container!r} is not a container name")
+        self.engine = text(entry.get("engine"), "engine")
+        if not self.engine.startswith(("unix:/", "tcp://")):
+            raise ProtocolError("engine must be unix:/PATH or tcp://HOST:PORT")
+        tls = entry.get("tls")
+        if tls is not None:
+            if not isinstance(tls, dict) or set(tls) != set(TLS_FIELDS):
+                raise ProtocolError(f"tls must be null or an object of {list(TLS_FIELDS)}")
+            for key in TLS_FIELDS:
+                if not text(tls[key], f"tls {key}").startswith("/"):
+                    raise ProtocolError(f"tls {key} must be an absolute path")
+        self.tls: dict[str, str] | None = tls
+
+
 if TYPE_CHECKING:
-    Entry: TypeAlias = "ProcessEntry | BrokenEntry"
+    Entry: TypeAlias = "ProcessEntry | ContainerEntry | BrokenEntry"
 
 # How each kind of entry is checked.
-_PARSERS = {PROCESS: ProcessEntry}
+_PARSERS: dict[str, type[ProcessEntry | ContainerEntry]] = {
+    PROCESS: ProcessEntry, CONTAINER: ContainerEntry,
+}
 
 
 def parse_entry(entry: object) -> Entry:

@@ -51,6 +51,20 @@ table entry's ``steer`` gives for ``socket`` (`lazyd.privileged.listeners`),
 for the kernel data path.  Reply ``{"id", "listener": SOCKET}`` with the
 socket as its one fd, or an error.
 
+``{"op": "container", "id", "service", "action", "timeout", "signal"}``:
+act on the container of a ``container`` entry of the table, through its
+engine (`lazyd.privileged.containers`), and on nothing else.  ``action`` is
+one of CONTAINER_ACTIONS: ``start`` (reply ``{"id", "container": {"id",
+"state", "health"}}`` once the engine's start has answered, with the read
+end of a pipe that carries the container's output as its one fd; from then
+on ``{"container_notice": START_ID, ...}`` notices follow it, START_ID
+being the start request's id), ``stop`` (its stop signal, then SIGKILL
+after ``timeout`` whole seconds; reply ``{"id", "ok": true}`` once
+stopped), ``kill`` (``signal``; reply ok), ``inspect`` and ``health`` (run
+its healthcheck) (reply ``{"id", "container": {...}}``).  ``timeout`` and
+``signal`` are null where the action takes none.  Each runs in a thread of
+its own, so the engine, however slow, never holds up another request.
+
 An error reply is ``{"id", "error", "stage", "errno"}`` (and ``problems``
 for a reload): ``error`` is ``"STAGE: reason"``, ``stage`` names the step
 that failed ("request" for a request refused as malformed or not allowed,
@@ -59,7 +73,12 @@ that failed ("request" for a request refused as malformed or not allowed,
 
 Notices (helper → daemon): ``{"exited": pid, "returncode": rc}`` once a
 service's process was reaped (rc negative for a signal, as in `subprocess`);
-it always follows the spawn reply of that pid.
+it always follows the spawn reply of that pid.  ``{"container_notice":
+START_ID, "id", "state", "returncode", "error"}``: what became of a
+container started by request START_ID: its id and state as the engine says
+(``returncode`` null while it runs); once ``returncode`` or ``error``
+(following it failed: the engine went away) is not null, that start is
+over and nothing more comes for it.
 
 The table reader a reload runs prints one more kind of message on its
 stdout, read by the helper with `parse_table_answer`: ``{"services":
@@ -107,6 +126,10 @@ FD_BYTES = array.array("i").itemsize
 
 DEFINE, RELOAD, COMMIT, SPAWN, SIGNAL = "define", "reload", "commit", "spawn", "signal"
 LISTENER = "listener"
+CONTAINER = "container"
+CONTAINER_ACTIONS = ("start", "stop", "kill", "inspect", "health")
+MAX_STOP_TIMEOUT = 24 * 3600  # seconds a container stop may wait
+MAX_TEXT = 4096  # characters of an engine's id, state or error in a message
 # The fields of each request beside "op" and "id".
 REQUEST_FIELDS = {
     DEFINE: ("services", "config", "path", "nofile_soft", "seal"),
@@ -115,6 +138,7 @@ REQUEST_FIELDS = {
     SPAWN: ("service", "env"),
     SIGNAL: ("pid", "signal", "group"),
     LISTENER: ("pid", "socket"),
+    CONTAINER: ("service", "action", "timeout", "signal"),
 }
 # The only request that carries fds.
 WITH_FDS = (SPAWN,)
@@ -201,6 +225,15 @@ def listener_request(request_id: int, pid: int, socket_name: str) -> dict[str, A
     return {"op": LISTENER, "id": request_id, "pid": pid, "socket": socket_name}
 
 
+def container_request(
+    request_id: int, service: str, action: str, *, timeout: int | None = None,
+    sig: int | None = None,
+) -> dict[str, Any]:
+    """Act on `service`'s container: one of CONTAINER_ACTIONS."""
+    return {"op": CONTAINER, "id": request_id, "service": service, "action": action,
+            "timeout": timeout, "signal": None if sig is None else int(sig)}
+
+
 # -- requests: checked by the helper ---------------------------------------------------
 
 
@@ -284,12 +317,35 @@ class Listener:
         self.socket = text(message.get("socket"), "socket")
 
 
+class Container:
+    """A checked container request: what it may do to which service's container
+    is for the table to say (`lazyd.privileged.containers`)."""
+
+    __slots__ = ("action", "id", "service", "signal", "timeout")
+
+    def __init__(self, request_id: int, message: Mapping[str, Any]) -> None:
+        self.id = request_id
+        self.service = text(message.get("service"), "service")
+        action = message.get("action")
+        if action not in CONTAINER_ACTIONS:
+            raise ProtocolError(f"action must be one of {list(CONTAINER_ACTIONS)}")
+        self.action: str = action
+        self.timeout = optional_integer(message.get("timeout"), "timeout", 0, MAX_STOP_TIMEOUT)
+        self.signal = optional_integer(message.get("signal"), "signal", 1, MAX_SIGNAL)
+        if self.signal is not None and self.signal not in _SIGNALS:
+            raise ProtocolError(f"no signal {self.signal}")
+        if (self.timeout is None) != (action != "stop"):
+            raise ProtocolError("a stop takes a timeout, nothing else does")
+        if (self.signal is None) != (action != "kill"):
+            raise ProtocolError("a kill takes a signal, nothing else does")
+
+
 if TYPE_CHECKING:
-    Request: TypeAlias = "Define | Reload | Commit | Spawn | Signal | Listener"
+    Request: TypeAlias = "Define | Reload | Commit | Spawn | Signal | Listener | Container"
 
 _REQUESTS: dict[str, Callable[[int, Mapping[str, Any]], Request]] = {
     DEFINE: Define, RELOAD: Reload, COMMIT: Commit, SPAWN: Spawn, SIGNAL: Signal,
-    LISTENER: Listener,
+    LISTENER: Listener, CONTAINER: Container,
 }
 
 
@@ -342,6 +398,28 @@ def spawned_reply(request_id: int, pid: int) -> dict[str, Any]:
 def listener_reply(request_id: int, socket_name: str) -> dict[str, Any]:
     """The listener for `socket_name` goes with the message."""
     return {"id": request_id, "listener": socket_name}
+
+
+def container_reply(request_id: int, info: Mapping[str, Any]) -> dict[str, Any]:
+    """A container start, inspect or healthcheck done: what the engine says of it
+    (a start's output pipe goes with the message)."""
+    return {"id": request_id, "container": _container_info(info)}
+
+
+def container_notice(
+    start_id: int, info: Mapping[str, Any], returncode: int | None, error: str | None = None
+) -> dict[str, Any]:
+    """What became of the container started by request `start_id`."""
+    return {"container_notice": start_id, **_container_info(info), "returncode": returncode,
+            "error": None if error is None else error[:MAX_TEXT]}
+
+
+def _container_info(info: Mapping[str, Any]) -> dict[str, Any]:
+    def short(value: object) -> str | None:
+        return None if value is None else str(value)[:MAX_TEXT]
+
+    return {"id": short(info.get("id")), "state": short(info.get("state")),
+            "health": short(info.get("health"))}
 
 
 def error_reply(
@@ -423,8 +501,52 @@ class Failed:
         self.problems = problems
 
 
+class ContainerInfo:
+    """A container as a reply or notice describes it (what the engine said)."""
+
+    __slots__ = ("health", "id", "state")
+
+    def __init__(self, message: Mapping[str, Any]) -> None:
+        for key in ("id", "state", "health"):
+            value = message.get(key)
+            if value is not None and not isinstance(value, str):
+                raise ProtocolError(f"container {key} must be a string or null")
+        self.id: str | None = message.get("id")
+        self.state: str | None = message.get("state")
+        self.health: str | None = message.get("health")
+
+
+class ContainerDone:
+    """A container start, inspect or healthcheck done (a start's output pipe came as its fd)."""
+
+    __slots__ = ("container", "id")
+
+    def __init__(self, request_id: int, container: ContainerInfo) -> None:
+        self.id = request_id
+        self.container = container
+
+
+class ContainerNotice:
+    """What became of the container that request `start` started; `over` once
+    it has exited (`returncode`) or can no longer be followed (`error`)."""
+
+    __slots__ = ("container", "error", "returncode", "start")
+
+    def __init__(self, start: int, container: ContainerInfo, returncode: int | None,
+                 error: str | None) -> None:
+        self.start = start
+        self.container = container
+        self.returncode = returncode
+        self.error = error
+
+    @property
+    def over(self) -> bool:
+        return self.returncode is not None or self.error is not None
+
+
 if TYPE_CHECKING:
-    Reply: TypeAlias = "Exited | Done | Spawned | Taken | Failed"
+    Reply: TypeAlias = (
+        "Exited | Done | Spawned | Taken | Failed | ContainerDone | ContainerNotice")
 
 
 def _strings(value: object, what: str) -> list[str]:
@@ -436,6 +558,22 @@ def _strings(value: object, what: str) -> list[str]:
 def parse_reply(data: bytes) -> Reply:
     """A checked message from the helper: a reply or a notice. Raises ProtocolError."""
     message = decode(data)
+    if "container_notice" in message:
+        only(message, ("container_notice", "id", "state", "health", "returncode", "error"))
+        error = message.get("error")
+        if error is not None and not isinstance(error, str):
+            raise ProtocolError("error must be a string or null")
+        return ContainerNotice(
+            integer(message["container_notice"], "container_notice", 0, MAX_ID),
+            ContainerInfo(message),
+            optional_integer(message.get("returncode"), "returncode", -MAX_SIGNAL, 255), error)
+    if "container" in message:
+        only(message, ("id", "container"))
+        info = message["container"]
+        if not isinstance(info, dict):
+            raise ProtocolError("container must be an object")
+        only(info, ("id", "state", "health"))
+        return ContainerDone(integer(message.get("id"), "id", 0, MAX_ID), ContainerInfo(info))
     if "exited" in message:
         only(message, ("exited", "returncode"))
         return Exited(integer(message["exited"], "exited", 1, MAX_PID),

@@ -41,7 +41,9 @@ class TableReader:
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         try:
             actions = [(os.POSIX_SPAWN_DUP2, stdin, 0), (os.POSIX_SPAWN_DUP2, write_fd, 1)]
-            self.pid = os.posix_spawn(argv[0], argv, {"PATH": path}, file_actions=actions)
+            # DOCKER_HOST, as lazyd had it: a container's default engine.
+            env = {"PATH": path, **{k: v for k, v in os.environ.items() if k == "DOCKER_HOST"}}
+            self.pid = os.posix_spawn(argv[0], argv, env, file_actions=actions)
         except BaseException:
             os.close(read_fd)
             raise

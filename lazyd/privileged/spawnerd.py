@@ -73,7 +73,8 @@ import sys
 from lazyd.privileged import protocol
 from lazyd.privileged.checks import spawn_env
 from lazyd.privileged.child import MAX_ERROR, Credentials, ForkError, fork_child, read_failure
-from lazyd.privileged.entries import MAX_SERVICES, BrokenEntry
+from lazyd.privileged.containers import Containers
+from lazyd.privileged.entries import MAX_SERVICES, BrokenEntry, ContainerEntry
 from lazyd.privileged.fields import ProtocolError
 from lazyd.privileged.handoff import LISTEN_FDS_START
 from lazyd.privileged.listeners import take as take_listener
@@ -159,6 +160,10 @@ class Spawnerd:
         self.nofile_soft: int | None = None
         self.reading: TableReader | None = None  # the table reader of a reload under way
         self.pending: dict[str, Entry] | None = None  # read by a reload, not committed
+        # Container operations run in threads of their own; what they say
+        # wakes the poll loop (see lazyd.privileged.containers).
+        self.containers = Containers()
+        self.poller.register(self.containers.wake_r, select.POLLIN)
 
     def run(self) -> None:
         """Serve requests until the daemon's end closes; then kill what is left."""
@@ -179,6 +184,8 @@ class Spawnerd:
                         self.confirm(self.in_flight[fd])
                     elif self.reading is not None and fd == self.reading.fd:
                         self.read_table(self.reading)
+                    elif fd == self.containers.wake_r:
+                        self.send_container_results()
         except _Gone:
             return
         finally:
@@ -212,6 +219,9 @@ class Spawnerd:
             elif isinstance(request, protocol.Define):
                 self.define(request)
                 self.send(protocol.ok_reply(request_id))
+            elif isinstance(request, protocol.Container):
+                # Answered from its thread, through send_container_results.
+                self.containers.submit(request, self.table.get(request.service))
             elif isinstance(request, protocol.Reload):
                 self.reload(request_id)  # answered once the table is read
             elif isinstance(request, protocol.Listener):
@@ -293,7 +303,8 @@ class Spawnerd:
         if isinstance(entry, BrokenEntry):
             self.fail(request.id, "resolve", errno.ENOENT, entry.error)
             return
-        # (A spawn acts on a process entry: the only kind there is so far.)
+        if isinstance(entry, ContainerEntry):
+            raise ProtocolError(f"service {name!r} is a container: it is not spawned")
         extra, fds = spawn_env(name, entry, request.env, fds, self.lazyd_pid)
         env = {**entry.env, **extra}
         if len(self.in_flight_pids) >= MAX_IN_FLIGHT:
@@ -413,8 +424,18 @@ class Spawnerd:
             if self.children.pop(pid, False):
                 self.send(protocol.exited_notice(pid, os.waitstatus_to_exitcode(status)))
 
+    def send_container_results(self) -> None:
+        """Send what the container operations have to say (`Containers.drain`)."""
+        for message, fds in self.containers.drain():
+            try:
+                self.send(message, fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
     def kill_all(self) -> None:
-        """SIGKILL every process group started here; reap them all."""
+        """SIGKILL every process group started here, and every container; reap them all."""
+        self.containers.close()
         for pid in self.children:
             _quietly(os.killpg, pid, signal.SIGKILL)
             _quietly(os.kill, pid, signal.SIGKILL)  # in case it had not called setsid yet

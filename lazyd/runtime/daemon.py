@@ -17,6 +17,7 @@ from typing import Any
 import trio
 
 from lazyd import config as config_mod
+from lazyd.backends.container.backend import check_containers
 from lazyd.backends.process import launch
 from lazyd.backends.process.spawner import Spawner, SpawnError, open_spawner
 from lazyd.config import Activate, Config
@@ -435,6 +436,8 @@ async def _serve(
                 nofile_soft=options.nofile_soft,
                 seal=True,
             )
+            # A container service whose container is missing is a start-up error.
+            await check_containers(spawner, config, options.log)
             if user is not None:
                 privileges.drop(user)
                 options.log(f"lazyd: dropped privileges: running as user {user.name}")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import trio
 
 from lazyd.backends.base import Backend, Started
+from lazyd.backends.container.backend import ContainerBackend, StartedContainer
 from lazyd.backends.process import launch
 from lazyd.backends.process.backend import ProcessBackend
 from lazyd.backends.process.spawner import current_spawner
@@ -124,7 +125,7 @@ class ServiceRunner:
         self.on_spawn = on_spawn
         self.machine = Lifecycle(config.policy, trio.current_time(), strict=options.strict)
         # Where the service comes from, and the start now running, if any.
-        self.backend: Backend = ProcessBackend(config, options.nofile_soft)
+        self.backend: Backend = self._backend(config)
         self.started: Started | None = None
         self.status_text: str | None = None
         # Who is believed on the notify socket; MAINPID= may move the main pid.
@@ -171,6 +172,16 @@ class ServiceRunner:
     @closing.setter
     def closing(self, value: bool) -> None:
         self.watch.closing = value
+
+    def _backend(self, config: ServiceConfig) -> Backend:
+        """Where the service comes from: the one place that chooses."""
+        if config.container is not None:
+            return ContainerBackend(config, self.options.log)
+        return ProcessBackend(config, self.options.nofile_soft)
+
+    def container_status(self) -> dict[str, object] | None:
+        """A container service's container (name, engine, id, state); None for a process."""
+        return self.backend.status() if isinstance(self.backend, ContainerBackend) else None
 
     def _named(self, sockets: Sequence[socket.socket]) -> list[tuple[str, socket.socket]]:
         return [(sc.name, sock) for sc, sock in zip(self.config.sockets, sockets, strict=True)]
@@ -301,7 +312,7 @@ class ServiceRunner:
         watched from now on (the caller closes the ones no longer used)."""
         self.config = config
         self.machine.policy = config.policy
-        self.backend = ProcessBackend(config, self.options.nofile_soft)  # from the next start
+        self.backend = self._backend(config)  # from the next start
         self._open_notify()  # in case it has just become `ready: notify`
         if list(sockets) != self.sockets:
             self.sockets = list(sockets)
@@ -336,6 +347,14 @@ class ServiceRunner:
             and self._nursery is not None
         ):
             self._nursery.start_soon(self._probe_upstreams, event.handle)
+        if (
+            isinstance(event, Spawned)
+            and self.config.ready.kind is ReadyKind.HEALTH
+            and self.machine.state is State.STARTING
+            and isinstance(self.started, StartedContainer)
+            and self._nursery is not None
+        ):
+            self._nursery.start_soon(self._wait_healthy, self.started, event.handle)
 
     # -- actions -------------------------------------------------------------
 
@@ -509,6 +528,16 @@ class ServiceRunner:
                         proxy.adopt(connection)
                     else:
                         connection.close()
+            if self.machine.instance == handle and self.machine.state is State.STARTING:
+                self.dispatch(Ready())
+        if self._probe_scope is scope:
+            self._probe_scope = None
+
+    async def _wait_healthy(self, started: StartedContainer, handle: int | str) -> None:
+        """Readiness `health`: ready once the container's own healthcheck passes."""
+        with trio.CancelScope() as scope:
+            self._probe_scope = scope
+            await started.wait_healthy()
             if self.machine.instance == handle and self.machine.state is State.STARTING:
                 self.dispatch(Ready())
         if self._probe_scope is scope:

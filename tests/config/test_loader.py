@@ -331,8 +331,8 @@ SINGLE_PROBLEMS = [
     (web("group: nogrup"), "3:12: services.web.group: unknown group 'nogrup'"),
     (web("user: 65534"), "3:11: services.web.user: expected a non-empty string, got 65534"),
     # the other service keys
-    (web("ready: soon"), "3:12: services.web.ready: expected started, notify or connect, got "
-     "'soon'"),
+    (web("ready: soon"), "3:12: services.web.ready: expected started, notify, connect or "
+     "health, got 'soon'"),
     (web("ready: {delay: forever}"), "3:20: services.web.ready.delay: bad duration 'forever': "
      "expected seconds or a number with ms, s, m or h"),
     (web("ready: {}"), "3:12: services.web.ready: missing required key 'delay'"),
@@ -635,7 +635,7 @@ SERVICE_KEYS = [
     "start_timeout", "stop_signal", "stop_timeout", "restart", "start_limit",
     "start_limit_interval", "requires", "activate", "queue_limit", "datagram_queue_limit",
     "idle_timeout", "max_connections", "flow_timeout", "max_connections_per_source",
-    "connection_idle_timeout", "datapath",
+    "connection_idle_timeout", "datapath", "container", "engine", "engine_tls",
 ]  # fmt: skip
 SOCKET_KEYS = ["listen", "upstream", "backlog", "reuse_port", "mode", "owner", "group",
                "proxy_protocol", "allow", "deny"]  # fmt: skip

@@ -222,7 +222,26 @@ REFUSED_REQUESTS: list[tuple[bytes, int, str]] = [
     (_msg(id=1, op="define", services={"s": 1}), 0, "service 's': each service must be an object"),
     (_msg(id=1, op="define", services={"s": {"error": "x", "argv": []}}), 0,
      "service 's': an entry with an error has nothing else"),
-    (_define(kind="container"), 0, "kind must be one of ['process'], not 'container'"),
+    (_define(kind="cluster"), 0, "kind must be one of ['process', 'container'], not 'cluster'"),
+    (_msg(id=1, op="define", services={"s": {"kind": "container", "container": "../x",
+                                             "engine": "unix:/e", "tls": None}}), 0,
+     "container '../x' is not a container name"),
+    (_msg(id=1, op="define", services={"s": {"kind": "container", "container": "x",
+                                             "engine": "http://e", "tls": None}}), 0,
+     "engine must be unix:/PATH or tcp://HOST:PORT"),
+    (_msg(id=1, op="define", services={"s": {"kind": "container", "container": "x",
+                                             "engine": "unix:/e", "tls": {"ca": "/a"}}}), 0,
+     "tls must be null or an object of ['ca', 'cert', 'key']"),
+    (_msg(id=1, op="container", service="s", action="exec", timeout=None, signal=None), 0,
+     "action must be one of ['start', 'stop', 'kill', 'inspect', 'health']"),
+    (_msg(id=1, op="container", service="s", action="stop", timeout=None, signal=None), 0,
+     "a stop takes a timeout, nothing else does"),
+    (_msg(id=1, op="container", service="s", action="start", timeout=None, signal=9), 0,
+     "a kill takes a signal, nothing else does"),
+    (_msg(id=1, op="container", service="s", action="start", timeout=None, signal=None,
+          container="other"), 0, "unknown field 'container'"),
+    (_msg(id=1, op="container", service="s", action="start", timeout=None, signal=None), 1,
+     "container takes no fds"),
     (_define(executable="true"), 0, "executable must be an absolute path"),
     (_define(argv=[]), 0, "argv must be a non-empty list"),
     (_define(argv=["a\0b"]), 0, "each argument must be a string without NUL"),
@@ -383,11 +402,13 @@ HELPER_MODULES = {
     # The kernel's socket table, for the listener a kernel-path service binds.
     "lazyd.datapath", "lazyd.datapath.bpf", "lazyd.datapath.bpf.diag",
     "lazyd.datapath.bpf.syscall",
+    "lazyd.privileged.containers", "lazyd.backends.container",
+    "lazyd.backends.container.engine",
 }
 
 
-@pytest.mark.parametrize("module", sorted(HELPER_MODULES - {"lazyd", "lazyd.backends",
-                                                             "lazyd.backends.process"}))
+@pytest.mark.parametrize("module", sorted(HELPER_MODULES - {
+    "lazyd", "lazyd.backends", "lazyd.backends.process", "lazyd.backends.container"}))
 def test_the_helpers_modules_import_only_the_standard_library(module: str) -> None:
     """Under python -I -S, each module the helper loads imports nothing outside the
     standard library and lazyd's helper modules, and not typing."""

@@ -224,10 +224,16 @@ def service_spec(
 
 
 def table(config: Config, nofile_soft: int | None = None) -> dict[str, dict[str, Any]]:
-    """The spawner's table for `config`: service name -> `entry`, with ``steer``
+    """The spawner's table for `config`: service name -> `entry` (a container
+    service's: `lazyd.backends.container.backend.table_entry`), with ``steer``
     for a service on the kernel data path (`lazyd.config.datapath.steered_sockets`)."""
+    from lazyd.backends.container.backend import table_entry
+
     made = {}
     for name, service in config.services.items():
+        if service.container is not None:
+            made[name] = table_entry(service)
+            continue
         made[name] = entry(service_spec(service, nofile_soft))
         if (steer := steered_sockets(service)) and made[name].get("kind") == entries.PROCESS:
             made[name]["steer"] = steer
@@ -252,6 +258,14 @@ def print_table(config_path: str, nofile_soft: int) -> None:
             config_path = os.path.realpath(config_path)
             _check_root_only(config_path)
         config = config_mod.load(config_path)
+        if any(service.container is not None for service in config.services.values()):
+            from lazyd.backends.container.checks import container_problems
+
+            # A container that is missing is a config error, as at start-up;
+            # an engine out of reach is not (each start says so).
+            missing, _unreachable = container_problems(config)
+            if missing:
+                raise ConfigError(missing)
     except ConfigError as exc:
         answer = protocol.problems_answer(exc.problems)
     else:

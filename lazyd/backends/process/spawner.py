@@ -113,13 +113,61 @@ class ServiceProcess:
         self._exited.set()
 
 
+class ContainerRun:
+    """A container started by the spawner (`Spawner.start_container`).
+
+    `output` carries its output (both streams, demultiplexed); the owner
+    closes it. `wait()` returns once it has died, with its exit status; `id`,
+    `state` and `health` are what the engine said of it last.
+    """
+
+    def __init__(self, service: str, start_id: int, output_fd: int) -> None:
+        self.service = service
+        self.start_id = start_id
+        self.output = trio.lowlevel.FdStream(output_fd)
+        self.id: str | None = None
+        self.state: str | None = "running"
+        self.health: str | None = None
+        self.returncode: int | None = None
+        self.error: str | None = None  # why it can no longer be followed
+        self._over = trio.Event()
+
+    @property
+    def over(self) -> bool:
+        return self._over.is_set()
+
+    async def wait(self) -> int:
+        """Wait until the container has died; its exit status. Raises LaunchError
+        when it can no longer be followed (the engine or the spawner went away)."""
+        await self._over.wait()
+        if self.returncode is None:
+            raise LaunchError(self.error or f"{self.service}: lost with lazyd's spawner")
+        return self.returncode
+
+    def _notice(self, notice: protocol.ContainerNotice) -> None:
+        info = notice.container
+        self.id = info.id or self.id
+        self.state = info.state or self.state
+        self.health = info.health or self.health
+        if notice.over:
+            self.returncode, self.error = notice.returncode, notice.error
+            self._over.set()
+
+    def _lost(self, why: str) -> None:
+        self.error = why
+        self._over.set()
+
+
 class _Reply:
     """What a spawn request is waiting for."""
 
-    __slots__ = ("abandoned", "done", "error", "fd", "message", "process")
+    __slots__ = ("abandoned", "container", "done", "error", "fd", "message", "process",
+                 "run")
 
     def __init__(self) -> None:
         self.done = trio.Event()
+        self.container: str | None = None  # a container start's service
+        self.run: ContainerRun | None = None  # what a container start started
         self.process: ServiceProcess | None = None
         self.fd: int | None = None  # a listener request's socket
         self.error: SpawnError | None = None
@@ -142,6 +190,7 @@ class Spawner:
         self._next_id = 0
         self._waiting: dict[int, _Reply] = {}
         self._processes: dict[int, ServiceProcess] = {}
+        self._runs: dict[int, ContainerRun] = {}  # container starts, by their request id
         self._outbox: deque[tuple[bytes, list[int]]] = deque()
         self._outbox_ready = trio.Event()
         self._slots = trio.Semaphore(MAX_SPAWNS_WAITING)
@@ -236,8 +285,38 @@ class Spawner:
         assert reply.fd is not None
         return reply.fd
 
+    async def start_container(self, service: str) -> ContainerRun:
+        """Start `service`'s container (a ``container`` entry of the table);
+        return once its engine has answered. Raises SpawnError (stage "engine"
+        with the engine's words, or "request") when it could not be started."""
+        build = functools.partial(protocol.container_request, service=service, action="start")
+        reply = await self._request(build, container=service)
+        assert reply.run is not None
+        return reply.run
+
+    async def container(
+        self, service: str, action: str, *, timeout: int | None = None, sig: int | None = None
+    ) -> protocol.ContainerInfo | None:
+        """Have the spawner `action` (stop, kill, inspect, health) `service`'s
+        container; what the engine said of it (inspect, health). Raises SpawnError."""
+        build = functools.partial(protocol.container_request, service=service, action=action,
+                                  timeout=timeout, sig=sig)
+        reply = await self._request(build)
+        message = reply.message
+        return message.container if isinstance(message, protocol.ContainerDone) else None
+
+    def container_soon(
+        self, service: str, action: str, *, timeout: int | None = None, sig: int | None = None
+    ) -> None:
+        """`container` without waiting for the reply (stop and kill from a
+        signal: what becomes of it shows in the container's notices)."""
+        if self._lost is None:
+            self._send(protocol.container_request(self._new_id(), service, action,
+                                                  timeout=timeout, sig=sig))
+
     async def _request(
-        self, build: Callable[[int], dict[str, Any]], fds: Sequence[int] = ()
+        self, build: Callable[[int], dict[str, Any]], fds: Sequence[int] = (),
+        container: str | None = None,
     ) -> _Reply:
         """Send the request `build` makes for a new id and wait for its reply; raise
         SpawnError for an error reply."""
@@ -251,6 +330,7 @@ class Spawner:
             request_id = self._new_id()
             header = build(request_id)
             reply = _Reply()
+            reply.container = container
             self._waiting[request_id] = reply
             sent = False
             try:
@@ -266,6 +346,8 @@ class Spawner:
                     reply.process.stdout.close()
                 elif reply.fd is not None:
                     os.close(reply.fd)
+                elif reply.run is not None:
+                    self._abandon(reply.run)
                 else:
                     reply.abandoned = True
                 raise
@@ -366,7 +448,22 @@ class Spawner:
                 raise
             self._route(message, fds)
 
+    def _abandon(self, run: ContainerRun) -> None:
+        """A container started for a caller that is gone: kill it."""
+        run.output.close()
+        if not run.over:
+            self.container_soon(run.service, "kill", sig=signal.SIGKILL)
+
     def _route(self, message: protocol.Reply, fds: list[int]) -> None:
+        if isinstance(message, protocol.ContainerNotice):
+            for fd in fds:
+                os.close(fd)
+            run = self._runs.get(message.start)
+            if run is not None:
+                run._notice(message)
+                if run.over:
+                    del self._runs[message.start]
+            return
         if isinstance(message, protocol.Exited):
             process = self._processes.pop(message.pid, None)
             if process is not None:
@@ -382,14 +479,21 @@ class Spawner:
                 os.close(fd)
             return
         reply.message = message
-        if isinstance(message, protocol.Spawned) and len(fds) == 1:
+        if isinstance(message, protocol.ContainerDone) and reply.container and len(fds) == 1:
+            run = ContainerRun(reply.container, message.id, fds[0])
+            run.id, run.state = message.container.id, message.container.state
+            if reply.abandoned:
+                self._abandon(run)
+            else:
+                reply.run = self._runs[message.id] = run
+        elif isinstance(message, protocol.Spawned) and len(fds) == 1:
             if reply.abandoned:
                 os.close(fds[0])
                 self._signal(message.pid, signal.SIGKILL, group=True)
             else:
                 process = ServiceProcess(self, message.pid, fds[0])
                 reply.process = self._processes[message.pid] = process
-        elif isinstance(message, protocol.Done):
+        elif isinstance(message, protocol.Done | protocol.ContainerDone) and not reply.container:
             for fd in fds:
                 os.close(fd)
         elif isinstance(message, protocol.Taken) and len(fds) == 1:
@@ -407,6 +511,11 @@ class Spawner:
             if isinstance(message, protocol.Failed):
                 reply.error = SpawnError(message.reason, message.stage, message.errno)
                 reply.error.problems = message.problems
+            elif reply.container is not None:
+                # Started, but its output socket did not come with it.
+                self.container_soon(reply.container, "kill", sig=signal.SIGKILL)
+                reply.error = SpawnError("the container's output socket did not come with "
+                                         "its start", "spawner", 0)
             else:
                 # Started, but its output pipe did not come with it (lazyd out
                 # of fds): nobody can own it.
@@ -430,6 +539,9 @@ class Spawner:
         for process in self._processes.values():
             process._exit(None)
         self._processes.clear()
+        for run in self._runs.values():
+            run._lost(why)
+        self._runs.clear()
         for _, fds in self._outbox:
             for fd in fds:
                 os.close(fd)
@@ -474,7 +586,9 @@ async def open_spawner() -> AsyncIterator[Spawner]:
         process = await trio.lowlevel.open_process(
             spawner_command(),
             stdin=theirs.fileno(),
-            env={},
+            # DOCKER_HOST alone: a reload's table reader resolves a container
+            # service's default engine as lazyd did (see its `engine`).
+            env={key: os.environ[key] for key in ("DOCKER_HOST",) if key in os.environ},
             close_fds=True,
             start_new_session=True,
         )
