@@ -78,6 +78,12 @@ _WATCH_OPEN = select.EPOLLIN | select.EPOLLOUT | select.EPOLLET
 # A released connection whose upstream does not answer a connect within this
 # time is closed (a local service that is ready answers at once).
 CONNECT_TIMEOUT = 10.0
+# A released connection whose upstream refuses it is held again and tried
+# again this often, for at most CONNECT_TIMEOUT: the service has just exited
+# (the runner will know in a moment and start it again for this client), or
+# is restarting.
+REFUSED_RETRY = 0.05
+_REFUSED = (errno.ECONNREFUSED, errno.ENOENT, errno.ECONNRESET, errno.ECONNABORTED)
 
 # As in trio's serve_listeners: out of fds or memory, accept() fails for every
 # connection alike; wait a little for some to close instead of spinning.
@@ -417,7 +423,8 @@ class StreamProxy(Forwarder):
                 self._held -= 1
                 moved = True
                 conn.state = CONNECTING
-                conn.started = trio.current_time()
+                if not conn.started:  # its first release (it may be held again)
+                    conn.started = trio.current_time()
                 self._connecting += 1
                 self.activity.add(1)
                 self._connect(conn)
@@ -481,10 +488,37 @@ class StreamProxy(Forwarder):
         self._connect(conn)
 
     def _connect_failed(self, conn: Connection, exc: OSError) -> None:
+        if (exc.errno in _REFUSED and not self._stopping
+                and trio.current_time() - conn.started < CONNECT_TIMEOUT):
+            # Ready a moment ago, refused now: the service has most likely
+            # just exited, and the runner hears of it in a moment.  Hold the
+            # client again, first in line, for the next start (or for this
+            # one, should it listen again) rather than close it.
+            self._connect_log.failed(
+                f"{describe(exc)}; holding the connection from {show_peer(conn.peer)} again"
+            )
+            self._hold_again(conn)
+            return
         self._connect_log.failed(
             f"{describe(exc)}; closing the connection from {show_peer(conn.peer)}"
         )
         self._close(conn)
+
+    def _hold_again(self, conn: Connection) -> None:
+        self._drop_upstream(conn)
+        self._connecting -= 1
+        self.activity.add(-1)
+        conn.state = HELD
+        conn.attempt += 1  # its connect timers are stale now
+        self._reactor.modify(conn.client_fd, _WATCH_HELD)
+        self._pending.appendleft(conn)
+        self._held += 1
+        if not self._ready:
+            self.on_traffic()
+        elif not self._pump_later:
+            # Still believed ready: look again shortly, not at once (no spin).
+            self._pump_later = True
+            self._reactor.at(trio.current_time() + REFUSED_RETRY, None, _PUMP_TIMER)
 
     def _connected(self, conn: Connection) -> None:
         self._connect_log.succeeded()

@@ -418,28 +418,53 @@ async def test_backend_dying_mid_transfer_closes_only_that_connection(
     assert not [line for line in rec.lines if "failed" in line]
 
 
-async def test_refused_upstream_closes_the_client_and_logs_once(
+async def test_a_refused_upstream_holds_the_clients_again_until_it_listens(
     sockets: list[socket.socket],
 ) -> None:
-    """Released into a dead upstream: clients closed, one log line per burst, nothing crashes."""
+    """Released into an upstream that refuses (the service has just exited, or listens
+    later than its readiness said): each client is held again, not closed, with one log
+    line per burst, and is answered, request and all, once the upstream listens."""
+    listener = tcp_listener(sockets)
+    upstream = tcp_upstream()
+    with trio.fail_after(TIMEOUT):
+        async with proxying(listener, upstream) as (proxy, rec):
+            streams = [await connect(listener) for _ in range(5)]
+            for i, stream in enumerate(streams):
+                await stream.send_all(b"early %d\n" % i)
+            await rec.wait_traffic(5)
+            proxy.release()
+            while not any("holding the connection" in line for line in rec.lines):
+                await trio.sleep(0.01)  # no event for a refused connect but its log line
+            assert proxy.held == 5 or proxy.held + proxy.active == 5
+            assert len([line for line in rec.lines if "connecting to" in line]) == 1
+            assert "Connection refused" in rec.lines[0]
+            async with backend(upstream, reply_to_line):
+                for i, stream in enumerate(streams):
+                    async with stream:
+                        await stream.send_eof()
+                        assert await read_all(stream) == b"reply to early %d\n" % i
+    assert rec.lines[-1].startswith(f"svc: connecting to {upstream} works again (")
+
+
+async def test_an_upstream_that_keeps_refusing_closes_its_clients_at_the_connect_timeout(
+    sockets: list[socket.socket], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An upstream that never listens: held clients are closed once CONNECT_TIMEOUT has
+    passed since their release, cleanly (they sent nothing), and nothing spins meanwhile."""
+    monkeypatch.setattr(proxy_module, "CONNECT_TIMEOUT", 0.3)
     listener = tcp_listener(sockets)
     upstream = tcp_upstream()
     with trio.fail_after(TIMEOUT):
         async with proxying(listener, upstream) as (proxy, rec):
             streams = [await connect(listener) for _ in range(5)]
             await rec.wait_traffic(5)
+            start = trio.current_time()
             proxy.release()
             for stream in streams:
-                async with stream:  # it sent nothing: closed cleanly, not reset
+                async with stream:
                     assert await read_all(stream) == b""
-            while proxy.active:
-                await proxy.activity_changed.wait()
-            assert len([line for line in rec.lines if "connecting to" in line]) == 1
-            assert "Connection refused" in rec.lines[0]
-            async with backend(upstream, reply_to_line), await connect(listener) as stream:
-                await stream.send_all(b"now\n")
-                assert await read_all(stream) == b"reply to now\n"
-    assert rec.lines[-1] == f"svc: connecting to {upstream} works again (5 failures in a row)"
+            assert trio.current_time() - start >= 0.3
+            assert proxy.held == 0 and proxy.active == 0
 
 
 async def test_unready_reports_connections_still_waiting_for_a_slot(

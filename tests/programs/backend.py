@@ -7,7 +7,9 @@ seconds before binding (its start-up), then serves: stream clients get
 "PID LINE" for each line (or, with --echo, every byte back, and EOF after the
 client's EOF); UDP clients get "PID ADDRESS DATA" for each datagram, where
 ADDRESS is the sender it saw.  With --notify it sends READY=1 to its
-NOTIFY_SOCKET once it listens, and exits 3 if it has none.
+NOTIFY_SOCKET once it listens, and exits 3 if it has none.  A stream client
+that sends the line "stop listening" makes it close its listening socket at
+once and exit 0.5 s later, as a service on its way out does.
 """
 
 import argparse
@@ -68,11 +70,19 @@ def serve(conn: socket.socket) -> None:
                 return
             with conn.makefile("rb") as lines:
                 for line in lines:
+                    if line == b"stop listening\n":
+                        # shutdown(), not just close(): the main thread's accept
+                        # holds the socket, and only shutdown stops the listening.
+                        server.shutdown(socket.SHUT_RDWR)
+                        threading.Timer(0.5, os._exit, (0,)).start()
                     conn.sendall(b"%d %s" % (pid, line))
         except OSError as exc:
             print(f"connection: {exc}", file=sys.stderr, flush=True)
 
 
 while True:
-    conn, _ = server.accept()
+    try:
+        conn, _ = server.accept()
+    except OSError:  # "stop listening": wait for the exit it scheduled
+        threading.Event().wait()
     threading.Thread(target=serve, args=(conn,), daemon=True).start()

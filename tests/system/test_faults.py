@@ -318,3 +318,27 @@ async def test_a_datagram_flood_while_starting_is_bounded_counted_and_delivered_
             assert reply.split(b" ", 2)[2] == b"after"
         assert dropped(await scrape(metrics)) == 450
         assert "Traceback" not in lz.log()
+
+
+async def test_a_client_refused_by_a_service_on_its_way_out_is_answered_by_the_next(
+    tmp_path: Path,
+) -> None:
+    """A proxy service closes its listening socket half a second before it exits, as a
+    service on its way out does: a client connecting in between, while lazyd still has it
+    running, is refused by the upstream, held again, and answered by the service started
+    after the exit (it used to be closed: the chaos walk found it)."""
+    port, upstream = free_port(), free_port()
+    config = "services:\n" + proxy_service(
+        "web", program("backend.py", f"tcp:127.0.0.1:{upstream}"),
+        f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{upstream}",
+    )
+    async with run_lazyd(tmp_path, config) as lz:
+        for _round in range(2):
+            leaving = await exchange(port, b"stop listening\n")
+            old_pid = int(leaving.split()[0])
+            with trio.fail_after(10):
+                answer = await exchange(port, b"next\n")
+            pid, line = answer.split(b" ", 1)
+            assert line == b"next\n" and int(pid) != old_pid
+        assert "holding the connection" in lz.log()
+        assert "closing the connection" not in lz.log()
