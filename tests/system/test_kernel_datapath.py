@@ -13,8 +13,19 @@ from pathlib import Path
 import pytest
 import trio
 
+from lazyd.backends.process.spawner import SpawnError, open_spawner
 from lazyd.datapath.bpf import diag, supported
-from tests.conftest import PY, LazydProcess, alive, free_port, program, proxy_service, run_lazyd
+from lazyd.privileged import entries
+from tests.conftest import (
+    PROGRAMS,
+    PY,
+    LazydProcess,
+    alive,
+    free_port,
+    program,
+    proxy_service,
+    run_lazyd,
+)
 
 pytestmark = pytest.mark.skipif(
     supported() is not None, reason=f"no kernel data path here: {supported()}"
@@ -366,3 +377,60 @@ async def test_a_reload_cannot_add_the_first_kernel_service(tmp_path: Path) -> N
         await lz.wait_line(r"^new: datapath auto: using the userspace path: no service asked")
         assert (await ask(other)).endswith(b" hello\n")
         assert (await lz.status())["new"]["datapath"] == "userspace"
+
+
+def _entry(argv: list[str], steer: dict[str, list[object]] | None) -> dict[str, object]:
+    return entries.process_entry(
+        executable=argv[0], argv=argv, env={"PATH": os.defpath}, uid=None, gid=None,
+        groups=None, workdir=None, nofile_soft=None, sockets=[], notify=False, steer=steer)
+
+
+async def test_the_helper_hands_over_only_a_kernel_path_services_own_listener() -> None:
+    """The root helper gives a listener only for a process it started for a service
+    whose table entry steers that socket, and only the one that process holds on
+    the entry's address: another service's, another socket name, a foreign pid, a
+    socket some other process holds, or a reaped process are refused."""
+    up_a, up_b, other = free_port(), free_port(), free_port()
+    backend = str(PROGRAMS / "backend.py")
+    with socket.create_server(("127.0.0.1", other)), trio.fail_after(20):
+        async with open_spawner() as spawner:
+            await spawner.define({
+                "steered": _entry([PY, backend, f"tcp:127.0.0.1:{up_a}"],
+                                  {"main": ["127.0.0.1", up_a]}),
+                "plain": _entry([PY, backend, f"tcp:127.0.0.1:{up_b}"], None),
+                # Its steer names a socket this test holds, not the service.
+                "liar": _entry(["/bin/sleep", "60"], {"main": ["127.0.0.1", other]}),
+            })
+            started = [await spawner.spawn(name) for name in ("steered", "plain", "liar")]
+            a, b, liar = started
+            for port in (up_a, up_b):
+                await wait_connectable_port(port)
+            fd = await spawner.take_listener(a.pid, "main")
+            with socket.socket(fileno=fd) as taken:
+                assert taken.getsockname() == ("127.0.0.1", up_a)
+                assert taken.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            refusals = [
+                (b.pid, "main", "service 'plain' does not use the kernel data path"),
+                (a.pid, "other", "does not use the kernel data path for socket 'other'"),
+                (os.getpid(), "main", f"pid {os.getpid()} is not a running process"),
+                (liar.pid, "main", "no process of service 'liar' holds the socket"),
+            ]
+            for pid, name, error in refusals:
+                with pytest.raises(SpawnError, match=re.escape(error)):
+                    await spawner.take_listener(pid, name)
+            a.send_signal(signal.SIGKILL)
+            await a.wait()
+            with pytest.raises(SpawnError, match="is not a running process"):
+                await spawner.take_listener(a.pid, "main")
+            for process in started:
+                process.signal_group(signal.SIGKILL)
+                await process.stdout.aclose()
+
+
+async def wait_connectable_port(port: int) -> None:
+    while True:
+        try:
+            (await trio.open_tcp_stream("127.0.0.1", port)).socket.close()
+            return
+        except OSError:
+            await trio.sleep(0.02)
