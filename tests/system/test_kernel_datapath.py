@@ -48,13 +48,17 @@ def _ask(port: int, line: bytes = b"hello\n", host: str = "127.0.0.1",
          keep: bool = False) -> tuple[bytes, socket.socket | None]:
     """One line to a backend.py service: its answer, and the socket if `keep`."""
     sock = socket.create_connection((host, port), timeout=10)
-    assert sock.getpeername() == (host, port)  # what the client dialled, either path
-    sock.sendall(line)
-    answer = b""
-    while not answer.endswith(b"\n"):
-        chunk = sock.recv(4096)
-        assert chunk, "closed before the answer"
-        answer += chunk
+    try:
+        assert sock.getpeername() == (host, port)  # what the client dialled, either path
+        sock.sendall(line)
+        answer = b""
+        while not answer.endswith(b"\n"):
+            chunk = sock.recv(4096)
+            assert chunk, "closed before the answer"
+            answer += chunk
+    except BaseException:
+        sock.close()
+        raise
     if keep:
         return answer, sock
     sock.close()
@@ -430,7 +434,7 @@ async def test_the_helper_hands_over_only_a_kernel_path_services_own_listener() 
 async def wait_connectable_port(port: int) -> None:
     while True:
         try:
-            (await trio.open_tcp_stream("127.0.0.1", port)).socket.close()
-            return
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
+                return
         except OSError:
             await trio.sleep(0.02)
