@@ -73,7 +73,6 @@ import sys
 from lazyd.privileged import protocol
 from lazyd.privileged.checks import spawn_env
 from lazyd.privileged.child import MAX_ERROR, Credentials, ForkError, fork_child, read_failure
-from lazyd.privileged.containers import Containers
 from lazyd.privileged.entries import MAX_SERVICES, BrokenEntry, ContainerEntry
 from lazyd.privileged.fields import ProtocolError
 from lazyd.privileged.handoff import LISTEN_FDS_START
@@ -161,9 +160,20 @@ class Spawnerd:
         self.reading: TableReader | None = None  # the table reader of a reload under way
         self.pending: dict[str, Entry] | None = None  # read by a reload, not committed
         # Container operations run in threads of their own; what they say
-        # wakes the poll loop (see lazyd.privileged.containers).
-        self.containers = Containers()
-        self.poller.register(self.containers.wake_r, select.POLLIN)
+        # wakes the poll loop (see lazyd.privileged.containers).  Set up at
+        # the first one: the engine client (http.client, ssl) is megabytes of
+        # a helper that never starts a container.
+        self._containers: Any = None
+
+    @property
+    def containers(self) -> Any:
+        """The container operations (a `lazyd.privileged.containers.Containers`)."""
+        if self._containers is None:
+            from lazyd.privileged.containers import Containers
+
+            self._containers = Containers()
+            self.poller.register(self._containers.wake_r, select.POLLIN)
+        return self._containers
 
     def run(self) -> None:
         """Serve requests until the daemon's end closes; then kill what is left."""
@@ -184,7 +194,7 @@ class Spawnerd:
                         self.confirm(self.in_flight[fd])
                     elif self.reading is not None and fd == self.reading.fd:
                         self.read_table(self.reading)
-                    elif fd == self.containers.wake_r:
+                    elif self._containers is not None and fd == self._containers.wake_r:
                         self.send_container_results()
         except _Gone:
             return
@@ -435,7 +445,8 @@ class Spawnerd:
 
     def kill_all(self) -> None:
         """SIGKILL every process group started here, and every container; reap them all."""
-        self.containers.close()
+        if self._containers is not None:
+            self._containers.close()
         for pid in self.children:
             _quietly(os.killpg, pid, signal.SIGKILL)
             _quietly(os.kill, pid, signal.SIGKILL)  # in case it had not called setsid yet

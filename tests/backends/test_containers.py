@@ -25,9 +25,9 @@ from lazyd import config as config_mod
 from lazyd.backends.process.launch import table
 from lazyd.backends.process.spawner import SpawnError, open_spawner
 from lazyd.errors import ConfigError
+from tests.backends.test_engine import podman_unavailable, start_service
 from tests.conftest import PROGRAMS, free_port, run_lazyd
-from tests.test_engine import podman_unavailable, start_service
-from tests.test_spawner import raw_spawner
+from tests.privileged.test_spawnerd import raw_spawner
 
 WAIT = 10.0  # seconds any one thing may take before a test fails
 SERVICE = PROGRAMS / "container_service.py"

@@ -31,7 +31,6 @@ from typing import Any
 
 import trio
 
-from lazyd.backends.container.engine import default_address
 from lazyd.backends.process.spawner import ContainerRun, Spawner, SpawnError, current_spawner
 from lazyd.config import Config, ServiceConfig
 from lazyd.errors import ConfigError, LaunchError
@@ -54,7 +53,13 @@ LOST = 255
 
 def engine_address(service: ServiceConfig) -> str:
     """The engine of a container service: its own, else the default."""
-    return service.engine or default_address()
+    if service.engine:
+        return service.engine
+    # Here, not at the top: the engine client (http.client, ssl) is megabytes
+    # of a daemon that runs no container (only the helper talks to engines).
+    from lazyd.backends.container.engine import default_address
+
+    return default_address()
 
 
 def table_entry(service: ServiceConfig) -> dict[str, Any]:
