@@ -76,7 +76,6 @@ from lazyd.privileged.child import MAX_ERROR, Credentials, ForkError, fork_child
 from lazyd.privileged.entries import MAX_SERVICES, BrokenEntry, ContainerEntry
 from lazyd.privileged.fields import ProtocolError
 from lazyd.privileged.handoff import LISTEN_FDS_START
-from lazyd.privileged.listeners import take as take_listener
 from lazyd.privileged.protocol import MAX_FDS, MAX_MESSAGE, received_fds
 from lazyd.privileged.reloading import TableReader
 
@@ -398,6 +397,10 @@ class Spawnerd:
 
     def listener(self, request: protocol.Listener) -> None:
         """Answer with a copy of a service's own listener (`lazyd.privileged.listeners`)."""
+        # Imported at the first request: ctypes and the socket table's reader
+        # are memory that a helper with no service on the kernel path never needs.
+        from lazyd.privileged.listeners import take as take_listener
+
         running = self.children.get(request.pid, False)
         service = self.service_of.get(request.pid) if running else None
         entry = None if service is None else self.table.get(service)
