@@ -31,7 +31,6 @@ even `typing` (see `lazyd.privileged`).
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 
 from lazyd.datapath.bpf import diag, syscall
@@ -86,18 +85,7 @@ def _take_from(candidate: int, session: int, inode: int) -> int | None:
             fd = diag.fd_of_inode(candidate, inode)
         except PermissionError:
             return None  # not a process of ours after all (another namespace's, say)
-        if fd is None:
-            return None
-        try:
-            taken = syscall.pidfd_getfd(pidfd, fd)
-        except OSError as exc:
-            if exc.errno in (errno.EBADF, errno.ESRCH):
-                return None
-            raise
-        if os.fstat(taken).st_ino != inode:
-            os.close(taken)
-            return None
-        return taken
+        return None if fd is None else diag.take_socket(pidfd, fd, inode)
     finally:
         os.close(pidfd)
 

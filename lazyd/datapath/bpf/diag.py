@@ -179,21 +179,27 @@ def take_listener(pid: int, address: Address) -> int | None:
         return None
     try:
         inode = listening_inode(address)
-        fd = None if inode is None else fd_of_inode(pid, inode)
-        if fd is None:
+        if inode is None:
             return None
-        try:
-            taken = syscall.pidfd_getfd(pidfd, fd)
-        except OSError as e:
-            if e.errno in (errno.EBADF, errno.ESRCH):
-                return None
-            raise
-        if os.fstat(taken).st_ino != inode:
-            os.close(taken)
-            return None
-        return taken
+        fd = fd_of_inode(pid, inode)
+        return None if fd is None else take_socket(pidfd, fd, inode)
     finally:
         os.close(pidfd)
+
+
+def take_socket(pidfd: int, fd: int, inode: int) -> int | None:
+    """A copy of the pinned process's `fd` if it is still the socket `inode`, else None
+    (closed or reused since it was looked up, or the process has gone)."""
+    try:
+        taken = syscall.pidfd_getfd(pidfd, fd)
+    except OSError as e:
+        if e.errno in (errno.EBADF, errno.ESRCH):
+            return None
+        raise
+    if os.fstat(taken).st_ino != inode:
+        os.close(taken)
+        return None
+    return taken
 
 
 def fd_of_inode(pid: int, inode: int) -> int | None:
