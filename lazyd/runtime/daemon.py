@@ -215,7 +215,12 @@ class Daemon:
                 fresh_runner = ServiceRunner(svc, plan[name], self.options, on_spawn=self._started)
                 self.runners[name] = fresh_runner
                 replaced.append(runner)
-                self._nursery_start(self._replace, runner, fresh_runner)
+                # Handed over now, not when _replace gets to run: a client
+                # arriving in between would be forwarded to the process this
+                # reload is about to stop, and lose its answer.
+                was_running = runner.machine.process
+                runner.hand_over("reload")
+                self._nursery_start(self._replace, runner, fresh_runner, was_running)
                 continue
             self.runners[name] = runner
             runner.reconfigure(svc, plan[name])
@@ -254,9 +259,8 @@ class Daemon:
         assert self._nursery is not None
         self._nursery.start_soon(fn, *args)
 
-    async def _replace(self, old: ServiceRunner, new: ServiceRunner) -> None:
-        was_running = old.machine.process
-        old.hand_over("reload")
+    async def _replace(self, old: ServiceRunner, new: ServiceRunner, was_running: bool) -> None:
+        """Once `old` (handed over already) has stopped and ended, `new` takes over."""
         await old.wait_stopped()
         old.cancel()
         await old.finished.wait()

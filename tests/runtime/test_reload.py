@@ -9,7 +9,7 @@ from pathlib import Path
 
 import trio
 
-from tests.conftest import PY, free_port, program, run_lazyd
+from tests.conftest import PY, exchange, free_port, program, proxy_service, run_lazyd
 
 
 def _config(services: dict[str, tuple[str, int]]) -> str:
@@ -145,3 +145,32 @@ async def test_removing_a_started_pass_mode_service_leaves_the_daemon_running(
                 await trio.sleep(0.02)
         assert lz.process.returncode is None
         assert "Traceback" not in lz.log(), lz.log()
+
+
+async def test_a_client_right_after_a_reload_that_replaces_a_runner_is_answered(
+    tmp_path: Path,
+) -> None:
+    """A reload that changes how lazyd serves a running proxy service (a new runner, the
+    process restarted): a client that connects the moment the reload is done is held
+    for the new process and answered by it, not forwarded to the one being stopped."""
+    port, upstream = free_port(), free_port()
+    backend = program("backend.py", f"tcp:127.0.0.1:{upstream}")
+    config = tmp_path / "lazyd.yaml"
+
+    def write(idle: str) -> str:
+        return "services:\n" + proxy_service(
+            "web", backend, f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{upstream}",
+            f"idle_timeout: {idle}")
+
+    async with run_lazyd(tmp_path, write("1h")) as lz:
+        header = config.read_text().splitlines()[0]
+        old = int((await exchange(port, b"first\n")).split()[0])
+        for n, idle in enumerate(("2h", "3h", "4h"), start=1):
+            config.write_text(f"{header}\n{write(idle)}")
+            lz.process.send_signal(signal.SIGHUP)
+            await lz.wait_line(r"^lazyd: reloaded ", count=n)
+            with trio.fail_after(10):
+                answer = await exchange(port, b"after\n")
+            pid, line = answer.split(b" ", 1)
+            assert line == b"after\n" and int(pid) != old, lz.log()
+            old = int(pid)
