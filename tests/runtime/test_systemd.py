@@ -7,6 +7,8 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
@@ -15,6 +17,56 @@ from lazyd.readiness.notify import open_notify_socket
 from tests.conftest import ROOT, free_port, needs, program, run_lazyd
 
 CONF = ROOT / "conf"
+
+
+@asynccontextmanager
+async def socket_activated(
+    config: Path, listen: Sequence[int], names: str, *env: str
+) -> AsyncIterator[trio.Process]:
+    """lazyd run under systemd-socket-activate, which binds `listen` (127.0.0.1 ports)
+    as fds named `names` and execs lazyd on the first connection; killed if still
+    running at the end."""
+    command = ["systemd-socket-activate"]
+    for port in listen:
+        command += ["-l", f"127.0.0.1:{port}"]
+    command += [f"--fdname={names}", "-E", f"PATH={os.environ['PATH']}"]
+    for variable in env:
+        command += ["-E", variable]
+    command += [sys.executable, "-m", "lazyd", "run", "-c", str(config)]
+    activate = await trio.lowlevel.open_process(
+        command, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        yield activate
+    finally:
+        if activate.returncode is None:
+            os.killpg(activate.pid, signal.SIGKILL)
+            await activate.wait()
+
+
+async def first_connection(port: int) -> socket.socket:
+    """Connect once systemd-socket-activate listens (it binds right after it starts)."""
+    while True:
+        try:
+            return socket.create_connection(("127.0.0.1", port))
+        except ConnectionRefusedError:  # not listening yet
+            await trio.sleep(0.01)
+
+
+async def early_line(client: socket.socket) -> bytes:
+    """Send "early", half-close, and read the whole answer."""
+    with client:
+        client.sendall(b"early\n")
+        client.shutdown(socket.SHUT_WR)
+        return await trio.to_thread.run_sync(client.makefile("rb").read)
+
+
+async def stderr_of(process: trio.Process) -> str:
+    """All a process wrote to its stderr pipe, once it has closed it."""
+    assert process.stderr is not None
+    data = b""
+    while chunk := await process.stderr.receive_some(1 << 16):
+        data += chunk
+    return data.decode()
 
 
 @needs("systemd-socket-activate")
@@ -37,27 +89,11 @@ async def test_lazyd_started_by_systemd_socket_activate_uses_the_inherited_socke
         f"      http: tcp://127.0.0.1:{port}\n"
     )
     with open_notify_socket("lazyd-test") as notify:
-        activate = await trio.lowlevel.open_process(
-            [
-                "systemd-socket-activate", "-l", f"127.0.0.1:{port}", "--fdname=web.http",
-                "-E", f"NOTIFY_SOCKET={notify.address}", "-E", f"PATH={os.environ['PATH']}",
-                sys.executable, "-m", "lazyd", "run", "-c", str(config),
-            ],
-            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-        )
-        try:
+        async with socket_activated(config, [port], "web.http",
+                                    f"NOTIFY_SOCKET={notify.address}") as activate:
             with trio.fail_after(20):
                 # systemd-socket-activate execs lazyd on the first connection.
-                while True:
-                    try:
-                        client = socket.create_connection(("127.0.0.1", port))
-                        break
-                    except ConnectionRefusedError:  # not listening yet
-                        await trio.sleep(0.01)
-                with client:
-                    client.sendall(b"early\n")
-                    client.shutdown(socket.SHUT_WR)
-                    answer = await trio.to_thread.run_sync(client.makefile("rb").read)
+                answer = await early_line(await first_connection(port))
                 assert answer.endswith(b" early\n")
                 ready = await notify.receive()
                 assert ready.ready and ready.pid == activate.pid  # lazyd is the exec'd process
@@ -65,17 +101,9 @@ async def test_lazyd_started_by_systemd_socket_activate_uses_the_inherited_socke
                 stopping = await notify.receive()
                 assert stopping.stopping
                 assert await activate.wait() == 0
-            assert activate.stderr is not None
-            data = b""
-            while chunk := await activate.stderr.receive_some(1 << 16):
-                data += chunk
-            log = data.decode()
+            log = await stderr_of(activate)
             adopted = "lazyd: using the inherited socket 'web.http' for services.web.sockets.http"
             assert adopted in log
-        finally:
-            if activate.returncode is None:
-                os.killpg(activate.pid, signal.SIGKILL)
-                await activate.wait()
 
 
 def test_example_units_name_configured_sockets() -> None:
@@ -111,41 +139,16 @@ async def test_a_notify_proxy_service_started_by_an_inherited_waiting_client_get
         f"      http: {{listen: 'tcp://127.0.0.1:{port}', upstream: 'tcp://127.0.0.1:{upstream}'}}\n"
         f"      other: {{listen: 'tcp://127.0.0.1:{other}', upstream: 'tcp://127.0.0.1:{upstream}'}}\n"
     )
-    activate = await trio.lowlevel.open_process(
-        [
-            "systemd-socket-activate", "-l", f"127.0.0.1:{port}", "-l", f"127.0.0.1:{other}",
-            "--fdname=web.http:web.other",
-            "-E", f"PATH={os.environ['PATH']}", "-E", "LAZYD_STRICT=1",
-            sys.executable, "-m", "lazyd", "run", "-c", str(config),
-        ],
-        stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-    )
-    try:
+    async with socket_activated(config, [port, other], "web.http:web.other",
+                                "LAZYD_STRICT=1") as activate:
         with trio.fail_after(20):
-            while True:
-                try:
-                    client = socket.create_connection(("127.0.0.1", port))
-                    break
-                except ConnectionRefusedError:  # not listening yet
-                    await trio.sleep(0.01)
-            with client:
-                client.sendall(b"early\n")
-                client.shutdown(socket.SHUT_WR)
-                answer = await trio.to_thread.run_sync(client.makefile("rb").read)
+            answer = await early_line(await first_connection(port))
             activate.send_signal(signal.SIGTERM)
             assert await activate.wait() == 0
-        assert activate.stderr is not None
-        data = b""
-        while chunk := await activate.stderr.receive_some(1 << 16):
-            data += chunk
-        log = data.decode()
+        log = await stderr_of(activate)
         assert "no NOTIFY_SOCKET" not in log, log
         assert answer.endswith(b" early\n"), log
         assert "web: ready in" in log and "Traceback" not in log, log
-    finally:
-        if activate.returncode is None:
-            os.killpg(activate.pid, signal.SIGKILL)
-            await activate.wait()
 
 
 async def test_readiness_reaches_a_supervisor_socket_the_dropped_user_cannot(
@@ -208,28 +211,10 @@ async def test_an_inherited_socket_bound_elsewhere_than_the_config_says_fails_at
     config = tmp_path / "lazyd.yaml"
     config.write_text(f"control: unix:{tmp_path / 'control.sock'}\nservices:\n"
                       + _line_service(other))
-    activate = await trio.lowlevel.open_process(
-        ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", "--fdname=web.http",
-         "-E", f"PATH={os.environ['PATH']}",
-         sys.executable, "-m", "lazyd", "run", "-c", str(config)],
-        stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-    )
-    try:
+    async with socket_activated(config, [port], "web.http") as activate:
         with trio.fail_after(20):
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port)).close()
-                    break
-                except ConnectionRefusedError:
-                    await trio.sleep(0.01)
-            assert activate.stderr is not None
-            data = b""
-            while chunk := await activate.stderr.receive_some(1 << 16):
-                data += chunk
+            (await first_connection(port)).close()
+            log = await stderr_of(activate)
             assert await activate.wait() == 1
         assert (f"services.web.sockets.http (tcp://127.0.0.1:{other}): the inherited socket "
-                f"is bound to 127.0.0.1:{port}") in data.decode()
-    finally:
-        if activate.returncode is None:
-            os.killpg(activate.pid, signal.SIGKILL)
-            await activate.wait()
+                f"is bound to 127.0.0.1:{port}") in log
