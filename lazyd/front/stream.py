@@ -73,7 +73,10 @@ CONNECTS_IN_FLIGHT = 128
 # that goes on after the reply is not cut.
 HALF_CLOSED_TIMEOUT = 60.0
 _WATCH_HELD = select.EPOLLRDHUP | select.EPOLLET  # the client hanging up only
-_WATCH_OPEN = select.EPOLLIN | select.EPOLLOUT | select.EPOLLET
+# EPOLLRDHUP: a peer's EOF may come in the same event as its last data,
+# which the shovel would otherwise not read past (see Flow.short_drains).
+_WATCH_OPEN = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+_HANGUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 
 # A released connection whose upstream does not answer a connect within this
 # time is closed (a local service that is ready answers at once).
@@ -590,6 +593,8 @@ class StreamProxy(Forwarder):
                     source, sink = conn.inbound, conn.outbound
                 else:
                     source, sink = conn.outbound, conn.inbound
+                if events & _HANGUP:
+                    source.hangup = True
                 if trouble or (events & select.EPOLLIN and not stuck(source)):
                     self._flow(conn, source)
                 if conn.state is OPEN and (trouble or (events & select.EPOLLOUT and stuck(sink))):
