@@ -108,7 +108,7 @@ class Flow:
                  "pipe", "queued", "rights", "short_drains", "skip", "src")
 
     def __init__(self, src: socket.socket, dst: socket.socket, inbound: bool,
-                 rights: bool = False) -> None:
+                 rights: bool = False, short_drains: bool = False) -> None:
         self.src = src
         self.dst = dst
         self.inbound = inbound
@@ -122,14 +122,15 @@ class Flow:
         # read with room for them, never splice (see lazyd/net/rights.py).
         self.rights = rights
         self.may_splice = _SPLICE and not rights
-        # A TCP read that returns less than asked for has emptied the receive
+        # src is TCP (the caller knows; socket.family costs an enum lookup):
+        # a TCP read that returns less than asked for has emptied the receive
         # queue (tcp_recvmsg stops only at an empty queue once it has
         # something), and whatever arrives next is a new edge-triggered
-        # event: so the flow may stop there instead of reading once more for
+        # event, so the flow may stop there instead of reading once more for
         # the EAGAIN, a syscall and an exception per message.  Not for Unix
         # sockets: their reads also stop where the sender's credentials or
         # attached fds change, with more data queued behind.
-        self.short_drains = src.family in (socket.AF_INET, socket.AF_INET6)
+        self.short_drains = short_drains
         # src's peer has shut down (an EPOLLRDHUP or an error seen): the
         # event for its EOF may have come with the data, so read to the EOF.
         self.hangup = False

@@ -36,9 +36,9 @@ HELD, CONNECTING, OPEN, CLOSED = State.HELD, State.CONNECTING, State.OPEN, State
 class Connection:
     """One accepted client, from held to closed."""
 
-    __slots__ = ("_client", "attempt", "backoff", "client_fd", "family", "inbound", "last_in",
-                 "last_io", "outbound", "peer", "started", "state", "syn_wait", "upstream",
-                 "upstream_fd")
+    __slots__ = ("_client", "attempt", "backoff", "client_fd", "family", "hangup", "inbound",
+                 "last_in", "last_io", "outbound", "peer", "started", "state", "syn_wait",
+                 "upstream", "upstream_fd", "watch")
 
     def __init__(self, family: int, client_fd: int, peer: Any,
                  client: socket.socket | None = None) -> None:
@@ -59,6 +59,10 @@ class Connection:
         self.backoff = 0.001  # between connects a full Unix backlog refused
         self.last_in = 0.0  # half-closed by the service: when the client last sent
         self.last_io = 0.0  # with an idle timeout: when either end last had something
+        self.watch = 0  # the epoll events the client's fd is registered for
+        # The client's peer hung up (EPOLLRDHUP) before the flows were made:
+        # the inbound flow starts out knowing it (see Flow.hangup).
+        self.hangup = False
 
     @property
     def client(self) -> socket.socket:

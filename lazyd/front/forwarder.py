@@ -49,13 +49,22 @@ class Activity:
         self._clock = clock
         self.count = 0
         self.last_change = clock()
-        self.changed = trio.Event()
+        # Made when someone asks for it: a proxy changes its count twice per
+        # connection, and the runner looks at most once per wake-up.
+        self._changed: trio.Event | None = None
+
+    @property
+    def changed(self) -> trio.Event:
+        if self._changed is None:
+            self._changed = trio.Event()
+        return self._changed
 
     def add(self, delta: int) -> None:
         self.count += delta
         self.last_change = self._clock()
-        self.changed.set()
-        self.changed = trio.Event()
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
 
 class Forwarder:

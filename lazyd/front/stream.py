@@ -55,7 +55,7 @@ from lazyd.front.connection import CLOSED, CONNECTING, HELD, OPEN, Connection, s
 from lazyd.front.forwarder import Activity, BurstLog, Clock, Forwarder, LogFn
 from lazyd.net.access import Gate, reset_and_close
 from lazyd.net.addresses import Address
-from lazyd.net.connect import begin_connect, close_socket, describe
+from lazyd.net.connect import close_socket, connector, describe
 from lazyd.net.proxy_protocol import VERSIONS as PROXY_PROTOCOL_VERSIONS
 from lazyd.net.proxy_protocol import encode as encode_proxy_header
 from lazyd.net.rights import allow_rights, kernel_refuses_rights, refuse_rights
@@ -175,12 +175,16 @@ class StreamProxy(Forwarder):
         self._pumping = False
         self._pump_later = False
         self._fds_short = False
-        self._room = trio.Event()
+        self._room: trio.Event | None = None  # made when the accept loop waits for room
         self._nursery: trio.Nursery | None = None
         # Every connection's fds (client and upstream) and timers; from run().
         self._reactor: Reactor[Connection, Flow]
         self._shovel = Shovel(clock)
         self._spare: socket.socket | None = None  # see adopt()
+        self._begin_connect = connector(upstream)
+        self._upstream_unix = upstream.is_unix
+        # The listener's family, asked once: socket.family costs an enum lookup.
+        self._family = listener.family
         self._accept_log = BurstLog(log, f"{name}: accept")
         self._connect_log = BurstLog(log, f"{name}: connecting to {upstream}")
 
@@ -306,6 +310,8 @@ class StreamProxy(Forwarder):
             while self._held >= self.queue_limit:
                 # Full: accept nothing more.  The kernel's backlog keeps the
                 # rest; accepting and closing would turn a wait into a refusal.
+                if self._room is None:
+                    self._room = trio.Event()
                 await self._room.wait()
             if not FDS.allows(FDS.reserve()):
                 # Near the fd limit: leave the rest in the backlog until
@@ -348,21 +354,28 @@ class StreamProxy(Forwarder):
 
     def _admit(self, fd: int, peer: Any) -> None:
         if self.refusing:
-            reset_and_close(socket.socket(self.listener.family, socket.SOCK_STREAM, 0, fd))
+            reset_and_close(socket.socket(self._family, socket.SOCK_STREAM, 0, fd))
             return
         FDS.opened()
         client = None
         if self.gate is not None:
-            client = socket.socket(self.listener.family, socket.SOCK_STREAM, 0, fd)
+            client = socket.socket(self._family, socket.SOCK_STREAM, 0, fd)
             if not self.gate.admit(client, peer):
                 FDS.closed()
                 return  # refused: reset, counted and logged; the service is not started
-        conn = Connection(self.listener.family, fd, peer, client)
+        conn = Connection(self._family, fd, peer, client)
         # Held, the connection is watched for nothing but its client leaving:
         # what it sends stays in the kernel's receive buffer until release
-        # (the client's TCP window closes once that is full).
+        # (the client's TCP window closes once that is full).  One the pump
+        # will forward at once is watched for data from the start instead:
+        # one epoll_ctl less than a change of events when it connects.
+        watch = (_WATCH_OPEN if self._ready and not self._pending
+                 and self._connecting < CONNECTS_IN_FLIGHT
+                 and (self.max_connections is None or self.activity.count < self.max_connections)
+                 else _WATCH_HELD)
         try:
-            self._reactor.register(fd, _WATCH_HELD, conn)
+            self._reactor.register(fd, watch, conn)
+            conn.watch = watch
         except OSError:
             conn.close_client()
             FDS.closed()
@@ -437,8 +450,9 @@ class StreamProxy(Forwarder):
             self._pumping = False
 
     def _room_freed(self) -> None:
-        self._room.set()
-        self._room = trio.Event()
+        if self._room is not None:
+            self._room.set()
+            self._room = None
 
     def _connect(self, conn: Connection) -> None:
         """One connect attempt; its answer arrives as an event (or at once)."""
@@ -447,7 +461,7 @@ class StreamProxy(Forwarder):
             sock, code, self._spare = self._spare, 0, None  # counted in the budget already
         else:
             try:
-                sock, code = begin_connect(self.upstream)
+                sock, code = self._begin_connect()
             except OSError as exc:
                 if exc.errno in _OUT_OF_RESOURCES:
                     self._reactor.at(trio.current_time() + ACCEPT_BACKOFF, conn, conn.attempt)
@@ -475,13 +489,16 @@ class StreamProxy(Forwarder):
         self._reactor.at(trio.current_time() + conn.syn_wait, conn, conn.attempt)
         conn.syn_wait = min(conn.syn_wait * 2, 2.0)
 
-    def _connect_answered(self, conn: Connection) -> None:
+    def _connect_answered(self, conn: Connection, events: int) -> None:
         assert conn.upstream is not None
-        code = conn.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if code:
-            self._connect_failed(conn, OSError(code, os.strerror(code)))
-        else:
-            self._connected(conn)
+        if events & (select.EPOLLERR | select.EPOLLHUP) or not events & select.EPOLLOUT:
+            # A failed connect always says EPOLLERR or EPOLLHUP; a writable
+            # socket without either is connected, no need to ask SO_ERROR.
+            code = conn.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                self._connect_failed(conn, OSError(code, os.strerror(code)))
+                return
+        self._connected(conn, events)
 
     def _connect_timer(self, conn: Connection) -> None:
         if trio.current_time() - conn.started >= CONNECT_TIMEOUT:
@@ -514,6 +531,7 @@ class StreamProxy(Forwarder):
         conn.state = HELD
         conn.attempt += 1  # its connect timers are stale now
         self._reactor.modify(conn.client_fd, _WATCH_HELD)
+        conn.watch = _WATCH_HELD
         self._pending.appendleft(conn)
         self._held += 1
         if not self._ready:
@@ -523,36 +541,45 @@ class StreamProxy(Forwarder):
             self._pump_later = True
             self._reactor.at(trio.current_time() + REFUSED_RETRY, None, _PUMP_TIMER)
 
-    def _connected(self, conn: Connection) -> None:
+    def _connected(self, conn: Connection, events: int = select.EPOLLIN) -> None:
+        """The upstream connection is made; `events`: what its fd's event
+        said (by default, as if it had data: nothing said so)."""
         self._connect_log.succeeded()
         self._connecting -= 1
         conn.state = OPEN
         client, upstream = conn.client, conn.upstream
         assert upstream is not None
+        client_unix = conn.family == socket.AF_UNIX
         try:
             client.setblocking(False)
-            if client.family in (socket.AF_INET, socket.AF_INET6):
+            if not client_unix:
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             # Watched for data both ways from now on; what the client sent
             # while held is read first, so it reaches the service first.
-            self._reactor.modify(conn.client_fd, _WATCH_OPEN)
+            if conn.watch != _WATCH_OPEN:
+                self._reactor.modify(conn.client_fd, _WATCH_OPEN)
+                conn.watch = _WATCH_OPEN
             header = (b"" if self.proxy_protocol is None else
                       encode_proxy_header(self.proxy_protocol, conn.peer, client.getsockname()))
         except OSError:
             self._close(conn)  # reset while held
             return
         takes_rights = not kernel_refuses_rights()
-        conn.inbound = Flow(client, upstream, True,
-                            takes_rights and client.family == socket.AF_UNIX)
-        conn.outbound = Flow(upstream, client, False,
-                             takes_rights and upstream.family == socket.AF_UNIX)
+        conn.inbound = Flow(client, upstream, True, takes_rights and client_unix,
+                            not client_unix)
+        conn.outbound = Flow(upstream, client, False, takes_rights and self._upstream_unix,
+                             not self._upstream_unix)
         conn.inbound.pending = header  # first of all, before the client's bytes
         conn.inbound.skip = len(header)
+        conn.inbound.hangup = conn.hangup
+        conn.outbound.hangup = bool(events & _HANGUP)
         if self.idle_timeout is not None:
             conn.last_io = trio.current_time()
             self._reactor.at(conn.last_io + self.idle_timeout, conn, _IDLE_TIMER)
         self._flow(conn, conn.inbound)
-        if conn.state is OPEN:
+        if conn.state is OPEN and events & (select.EPOLLIN | _HANGUP):
+            # Only if the service has sent something already: its fd has been
+            # watched since the connect, so what it sends later is an event.
             self._flow(conn, conn.outbound)
         self._pump()
 
@@ -577,10 +604,16 @@ class StreamProxy(Forwarder):
     def _event(self, conn: Connection, fd: int, events: int) -> None:
         try:
             if conn.state is HELD:
+                if events & _HANGUP:
+                    conn.hangup = True
                 self._check_held(conn)
             elif conn.state is CONNECTING:
                 if fd == conn.upstream_fd:
-                    self._connect_answered(conn)
+                    self._connect_answered(conn, events)
+                elif events & _HANGUP:
+                    # The client's data waits for the connect, but this event
+                    # will not come again (edge-triggered): keep what it said.
+                    conn.hangup = True
             elif conn.state is OPEN:
                 assert conn.inbound is not None and conn.outbound is not None
                 # In: the flow from this fd, unless it waits for its far end

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+from collections.abc import Callable
 
 import trio
 
@@ -18,21 +19,33 @@ from lazyd.net.rights import refuse_rights
 
 def begin_connect(upstream: Address) -> tuple[socket.socket, int]:
     """Start a non-blocking connect; return the socket and 0, EINPROGRESS or EAGAIN."""
-    sock = socket.socket(upstream.family, socket.SOCK_STREAM)
-    try:
-        sock.setblocking(False)
-        if not upstream.is_unix:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        else:
-            refuse_rights(sock)  # what the service sends is bytes (see lazyd/net/rights.py)
-        code = sock.connect_ex(upstream.sockaddr())
-    except BaseException:
-        sock.close()
-        raise
-    if code not in (0, errno.EINPROGRESS, errno.EAGAIN):
-        sock.close()
-        raise OSError(code, os.strerror(code))
-    return sock, code
+    return connector(upstream)()
+
+
+def connector(upstream: Address) -> Callable[[], tuple[socket.socket, int]]:
+    """begin_connect(upstream) with the address worked out once, for a proxy
+    that connects to it for every client."""
+    family, sockaddr, unix = upstream.family, upstream.sockaddr(), upstream.is_unix
+    # Non-blocking from the start: one ioctl less than setblocking(False).
+    kind = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+
+    def connect() -> tuple[socket.socket, int]:
+        sock = socket.socket(family, kind)
+        try:
+            if not unix:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            else:
+                refuse_rights(sock)  # what the service sends is bytes (see lazyd/net/rights.py)
+            code = sock.connect_ex(sockaddr)
+        except BaseException:
+            sock.close()
+            raise
+        if code not in (0, errno.EINPROGRESS, errno.EAGAIN):
+            sock.close()
+            raise OSError(code, os.strerror(code))
+        return sock, code
+
+    return connect
 
 
 def close_socket(sock: socket.socket) -> None:
