@@ -385,6 +385,43 @@ async def test_only_bulk_transfers_use_splice(
             assert len(pipes) == 1 and pipes[0] is not None
 
 
+async def test_many_small_requests_on_one_connection_use_no_pipe(
+    sockets: list[socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A keep-alive connection carrying far more than SPLICE_AFTER in small requests and
+    replies opens no pipe (splice costs a small message more than recv/send)."""
+    pipes: list[tuple[int, int] | None] = []
+    real_open_pipe = shovel._open_pipe
+
+    def counting_open_pipe() -> tuple[int, int] | None:
+        pipe = real_open_pipe()
+        pipes.append(pipe)
+        return pipe
+
+    monkeypatch.setattr(shovel, "_open_pipe", counting_open_pipe)
+    listener = tcp_listener(sockets)
+    upstream = tcp_upstream()
+    request = b"x" * 255 + b"\n"
+    rounds = 4 * shovel.SPLICE_AFTER // len(request)
+
+    async def serve(stream: trio.SocketStream) -> None:
+        while line := await read_line(stream):
+            await stream.send_all(line)
+
+    with trio.fail_after(TIMEOUT):
+        async with proxying(listener, upstream) as (proxy, _rec), backend(upstream, serve):
+            proxy.release()
+            async with await connect(listener) as stream:
+                for _ in range(rounds):
+                    await stream.send_all(request)
+                    reply = b""
+                    while len(reply) < len(request):
+                        reply += await stream.receive_some(len(request) - len(reply))
+                    assert reply == request
+    assert (proxy.bytes_in, proxy.bytes_out) == (rounds * len(request),) * 2
+    assert pipes == []
+
+
 async def test_backend_dying_mid_transfer_closes_only_that_connection(
     sockets: list[socket.socket],
 ) -> None:
