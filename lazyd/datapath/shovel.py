@@ -227,7 +227,9 @@ class Shovel:
             return False
         flow.queued -= moved
         self._count(moved, flow.inbound)
-        return True
+        # Left in the pipe: dst is full, and its EPOLLOUT takes the flow up
+        # again (asking at once would only fetch the EAGAIN).
+        return flow.queued == 0
 
     def _sent(self, flow: Flow, n: int) -> None:
         if flow.skip:
