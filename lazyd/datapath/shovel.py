@@ -104,7 +104,7 @@ def shutdown_write(sock: socket.socket) -> None:
 class Flow:
     """One direction of a forwarded connection: src -> dst."""
 
-    __slots__ = ("carried", "done", "dst", "hangup", "inbound", "may_splice", "pending",
+    __slots__ = ("carried", "done", "dst", "exhaust", "inbound", "may_splice", "pending",
                  "pipe", "queued", "rights", "short_drains", "skip", "src")
 
     def __init__(self, src: socket.socket, dst: socket.socket, inbound: bool,
@@ -131,9 +131,11 @@ class Flow:
         # sockets: their reads also stop where the sender's credentials or
         # attached fds change, with more data queued behind.
         self.short_drains = short_drains
-        # src's peer has shut down (an EPOLLRDHUP or an error seen): the
-        # event for its EOF may have come with the data, so read to the EOF.
-        self.hangup = False
+        # Read src until EAGAIN or EOF, not only to a short read: its peer
+        # has shut down (EPOLLRDHUP, or an error), and the event for the EOF
+        # may have come with the data; or it sent urgent data (EPOLLPRI), at
+        # whose mark a read stops short with more queued behind it.
+        self.exhaust = False
 
 
 def stuck(flow: Flow) -> bool:
@@ -197,7 +199,7 @@ class Shovel:
             flow.pending = bytes(self._view[sent:n])
             return False
         if n < CHUNK:
-            return not flow.short_drains or flow.hangup
+            return not flow.short_drains or flow.exhaust
         if flow.may_splice and flow.carried >= SPLICE_AFTER:
             # Bulk: from now on through a pipe, if one is to be had and the
             # fds allow (a pipe costs two).

@@ -36,7 +36,7 @@ HELD, CONNECTING, OPEN, CLOSED = State.HELD, State.CONNECTING, State.OPEN, State
 class Connection:
     """One accepted client, from held to closed."""
 
-    __slots__ = ("_client", "attempt", "backoff", "client_fd", "family", "hangup", "inbound",
+    __slots__ = ("_client", "attempt", "backoff", "client_fd", "exhaust", "family", "inbound",
                  "last_in", "last_io", "outbound", "peer", "started", "state", "syn_wait",
                  "upstream", "upstream_fd", "watch")
 
@@ -60,9 +60,10 @@ class Connection:
         self.last_in = 0.0  # half-closed by the service: when the client last sent
         self.last_io = 0.0  # with an idle timeout: when either end last had something
         self.watch = 0  # the epoll events the client's fd is registered for
-        # The client's peer hung up (EPOLLRDHUP) before the flows were made:
-        # the inbound flow starts out knowing it (see Flow.hangup).
-        self.hangup = False
+        # The client hung up (EPOLLRDHUP) or sent urgent data before the
+        # flows were made: the inbound flow starts out knowing it (see
+        # Flow.exhaust).
+        self.exhaust = False
 
     @property
     def client(self) -> socket.socket:

@@ -74,9 +74,12 @@ CONNECTS_IN_FLIGHT = 128
 HALF_CLOSED_TIMEOUT = 60.0
 _WATCH_HELD = select.EPOLLRDHUP | select.EPOLLET  # the client hanging up only
 # EPOLLRDHUP: a peer's EOF may come in the same event as its last data,
-# which the shovel would otherwise not read past (see Flow.short_drains).
-_WATCH_OPEN = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
-_HANGUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+# which the shovel would otherwise not read past (see Flow.short_drains);
+# EPOLLPRI: TCP urgent data, at whose mark a read stops short too.
+_WATCH_OPEN = (select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLPRI
+               | select.EPOLLET)
+# Events after which a flow reads its source until EAGAIN or EOF (Flow.exhaust).
+_READ_ALL = select.EPOLLRDHUP | select.EPOLLPRI | select.EPOLLHUP | select.EPOLLERR
 
 # A released connection whose upstream does not answer a connect within this
 # time is closed (a local service that is ready answers at once).
@@ -571,13 +574,13 @@ class StreamProxy(Forwarder):
                              not self._upstream_unix)
         conn.inbound.pending = header  # first of all, before the client's bytes
         conn.inbound.skip = len(header)
-        conn.inbound.hangup = conn.hangup
-        conn.outbound.hangup = bool(events & _HANGUP)
+        conn.inbound.exhaust = conn.exhaust
+        conn.outbound.exhaust = bool(events & _READ_ALL)
         if self.idle_timeout is not None:
             conn.last_io = trio.current_time()
             self._reactor.at(conn.last_io + self.idle_timeout, conn, _IDLE_TIMER)
         self._flow(conn, conn.inbound)
-        if conn.state is OPEN and events & (select.EPOLLIN | _HANGUP):
+        if conn.state is OPEN and events & (select.EPOLLIN | _READ_ALL):
             # Only if the service has sent something already: its fd has been
             # watched since the connect, so what it sends later is an event.
             self._flow(conn, conn.outbound)
@@ -604,16 +607,16 @@ class StreamProxy(Forwarder):
     def _event(self, conn: Connection, fd: int, events: int) -> None:
         try:
             if conn.state is HELD:
-                if events & _HANGUP:
-                    conn.hangup = True
+                if events & _READ_ALL:
+                    conn.exhaust = True
                 self._check_held(conn)
             elif conn.state is CONNECTING:
                 if fd == conn.upstream_fd:
                     self._connect_answered(conn, events)
-                elif events & _HANGUP:
+                elif events & _READ_ALL:
                     # The client's data waits for the connect, but this event
                     # will not come again (edge-triggered): keep what it said.
-                    conn.hangup = True
+                    conn.exhaust = True
             elif conn.state is OPEN:
                 assert conn.inbound is not None and conn.outbound is not None
                 # In: the flow from this fd, unless it waits for its far end
@@ -626,8 +629,8 @@ class StreamProxy(Forwarder):
                     source, sink = conn.inbound, conn.outbound
                 else:
                     source, sink = conn.outbound, conn.inbound
-                if events & _HANGUP:
-                    source.hangup = True
+                if events & _READ_ALL:
+                    source.exhaust = True
                 if trouble or (events & select.EPOLLIN and not stuck(source)):
                     self._flow(conn, source)
                 if conn.state is OPEN and (trouble or (events & select.EPOLLOUT and stuck(sink))):

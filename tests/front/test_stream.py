@@ -422,6 +422,35 @@ async def test_many_small_requests_on_one_connection_use_no_pipe(
     assert pipes == []
 
 
+async def test_bytes_after_urgent_data_arrive_without_more_from_the_client(
+    sockets: list[socket.socket],
+) -> None:
+    """A read stops short at TCP urgent data's mark: what follows it still reaches the
+    service with nothing more from the client (the urgent byte itself is not forwarded)."""
+    listener = tcp_listener(sockets)
+    upstream = tcp_upstream()
+    lines: list[bytes] = []
+
+    async def serve(stream: trio.SocketStream) -> None:
+        while line := await read_line(stream):
+            lines.append(line)
+            await stream.send_all(b"ok\n")
+
+    with trio.fail_after(TIMEOUT):
+        async with proxying(listener, upstream) as (proxy, _rec), backend(upstream, serve):
+            proxy.release()
+            # Blocking calls, so that everything is sent before the proxy runs:
+            # it finds "one", the urgent "X" and "two\n" queued at its first read.
+            with socket.create_connection(listener.getsockname(), timeout=TIMEOUT) as client:
+                client.sendall(b"one")
+                client.send(b"X", socket.MSG_OOB)
+                client.sendall(b"two\n")
+                client.setblocking(False)
+                await trio.lowlevel.wait_readable(client)
+                assert client.recv(16) == b"ok\n"
+    assert lines == [b"onetwo\n"]
+
+
 async def test_backend_dying_mid_transfer_closes_only_that_connection(
     sockets: list[socket.socket],
 ) -> None:
