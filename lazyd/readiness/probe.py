@@ -36,7 +36,7 @@ async def wait_connectable(
     # connect is a few syscalls and a wake-up (~70 us of CPU), and ~1,000 of
     # them a second cost the starting service less than the lateness would
     # (trio's sleeps end on whole milliseconds, epoll's unit: 1 ms is the
-    # finest step there is, 2 ms made readiness ~0.7 ms later on median).
+    # finest step there is; 2 ms made readiness ~0.5 ms later on median).
     # After that, slower starts back off to `max_interval`.
     delay = interval
     tight_until = trio.current_time() + tight_for
