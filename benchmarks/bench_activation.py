@@ -1,12 +1,13 @@
-"""Cold start, connect → first byte: lazyd (pass and proxy mode) against
-systemd-socket-activate (alone, and chained to systemd-socket-proxyd).
+"""Cold start, connect → first byte: lazyd (pass mode, proxy mode, and proxy
+mode on the kernel data path) against systemd-socket-activate (alone, and
+chained to systemd-socket-proxyd).
 
 A client connects to a socket nobody has accepted on yet and times how long it
 takes until the first byte arrives: the activator notices the connection and
 starts the service with the listener at fd 3 (LISTEN_FDS, LISTEN_PID,
-LISTEN_FDNAMES); the service accepts and writes one byte. Three rows,
-interleaved in one run (lazyd and systemd-socket-activate take turns at going
-first), after one unrecorded warm-up round of each:
+LISTEN_FDNAMES); the service accepts and writes one byte. The rows are
+interleaved in one run (the activators take turns at going first, direct
+always opens the round), after one unrecorded warm-up round of each:
 
 - direct: the service's own start-up, exec → first byte. A child forked in
   advance (the fork, and waking an idle CPU for it, are the activator's work)
@@ -27,20 +28,37 @@ first), after one unrecorded warm-up round of each:
   own port (`--bind`), lazyd's `ready: connect` probe finds it and the held
   client is forwarded; `idle_timeout: 20ms` stops the service after each
   round, so that every round is a cold start.
+- lazyd (kernel): a third `lazyd run`, the same proxy-mode service with
+  `datapath: kernel`. The first connection is still held and forwarded by
+  lazyd; what the kernel path adds to the cold start is taking the service's
+  listener (through the privileged helper) and steering new connections into
+  it once it is ready. It is measured right beside lazyd (proxy) in every
+  round (the two take turns at going first), and the figure that matters is
+  the per-round difference kernel - proxy. On the kernel path the idle stop
+  comes between one and two `idle_timeout`s after the last connection. Needs
+  root and a kernel with BPF sk_lookup (otherwise the row is left out, saying
+  why); while that lazyd runs, its sk_lookup program sees every new TCP
+  connection in the network namespace, the other rows' too (a map lookup).
 - systemd-socket-activate + systemd-socket-proxyd: the activator execs a
   shell that starts the service (`--bind --fork`: it forks once it listens
   and the parent exits, as a Type=forking unit is ready) and then execs
   systemd-socket-proxyd, which connects to it: the chain systemd needs for a
   service that binds its own port. Started afresh every round, as above.
 
-Both proxy rows subtract the same service start-up as the others; binding
+The proxy rows subtract the same service start-up as the others; binding
 its own port costs the service a few microseconds more than taking fd 3.
 
-The service is programs/first_byte.c, compiled here with `cc`, so that its own
-start-up is small and the activators' overhead is not lost in its noise
-(`--service python`, or no compiler: first_byte.py under `python -S`). The
-daemon side (lazyd, systemd-socket-activate, the service) runs on CPU 0, the
-client on CPU 1.
+Two services, each measured in a run of its own with its own table (both by
+default; `--service c` or `--service python` for one): programs/first_byte.c,
+compiled here with `cc`, so that its own start-up is small and the
+activators' overhead is not lost in its noise; and first_byte.py under
+`python -S`, closer to what most services are (the C one is left out, saying
+why, when there is no compiler). The daemon side (lazyd,
+systemd-socket-activate, the service) runs on CPU 0, the client on CPU 1.
+
+Every difference and ratio is taken per round (a row against another row of
+the same round) and shown as the median over the rounds with its spread
+(min to max); the targets are judged on the medians.
 """
 
 from __future__ import annotations
@@ -75,12 +93,14 @@ DAEMON_CPU, CLIENT_CPU = 0, 1
 PINNED = {DAEMON_CPU, CLIENT_CPU} <= os.sched_getaffinity(0)
 TARGET_MS = 2.0
 TARGET_PROXY_MS = 3.0  # lazyd (proxy) within this of lazyd (pass)
+TARGET_KERNEL_MS = 0.5  # lazyd (kernel) within this of lazyd (proxy)
 LABELS = {
     "direct": "direct service start-up (exec → first byte)",
     "systemd": "systemd-socket-activate",
     "lazyd": "lazyd (pass)",
     "proxyd": "systemd-socket-activate + systemd-socket-proxyd",
     "lazyd-proxy": "lazyd (proxy)",
+    "lazyd-kernel": "lazyd (kernel)",
 }
 
 
@@ -222,17 +242,18 @@ def run_proxyd(service: Sequence[str]) -> float:
 
 
 class Lazyd:
-    """One `lazyd run` holding one service (pass or proxy mode) for the whole
-    benchmark."""
+    """One `lazyd run` holding one service (pass, proxy, or proxy on the kernel
+    data path) for the whole benchmark."""
 
     def __init__(self, tmp: Path, service: Sequence[str], mode: str = "pass") -> None:
         self.port = free_port()
         self.mode = mode
         user = "    user: root\n" if os.geteuid() == 0 else ""
-        if mode == "proxy":
+        if mode in ("proxy", "kernel"):
             upstream = f"{HOST}:{free_port()}"
             service = [*service, "--bind", upstream]
-            sockets = (f"    mode: proxy\n    idle_timeout: 20ms\n    sockets:\n"
+            datapath = "    datapath: kernel\n" if mode == "kernel" else ""
+            sockets = (f"    mode: proxy\n    idle_timeout: 20ms\n{datapath}    sockets:\n"
                        f"      bench: {{listen: 'tcp://{HOST}:{self.port}', "
                        f"upstream: 'tcp://{upstream}'}}\n")
         else:
@@ -258,6 +279,7 @@ class Lazyd:
 
     def round(self) -> float:
         time.sleep(SETTLE)
+        seen = len(self.lines.seen)
         connected, arrived = first_byte(self.port)
         line = self.lines.wait(r"^bench: ready in [\d.]+ ms \(spawn ([\d.]+) ms, "
                                r"readiness ([\d.]+) ms")
@@ -268,6 +290,13 @@ class Lazyd:
         # it after idle_timeout.
         self.lines.wait(r"^bench: exited with status 0$" if self.mode == "pass"
                         else r"^bench: stopped \(idle\)")
+        # A kernel round that never steered would be a proxy round under
+        # another name.
+        if self.mode == "kernel" and not any(
+                re.search(r"^bench: kernel data path: new connections to", text)
+                for text in self.lines.seen[seen:]):
+            raise RuntimeError("lazyd (kernel) did not steer the service:\n"
+                               + "\n".join(self.lines.seen[seen:]))
         return (arrived - connected) * 1000
 
     def close(self) -> None:
@@ -280,97 +309,166 @@ class Lazyd:
             self.lines.stream.close()
 
 
-def build_service(kind: str, tmp: Path) -> tuple[list[str], str]:
-    """The service's command line, and a description of it for the output."""
+def kernel_unavailable() -> str | None:
+    """Why lazyd (kernel) cannot be measured here (None: it can)."""
+    if os.geteuid() != 0:
+        return "the kernel data path needs lazyd started as root"
+    from lazyd.datapath.bpf import supported
+
+    return supported()
+
+
+def build_service(kind: str, tmp: Path) -> tuple[list[str], str] | str:
+    """The service's command line and a description of it for the output, or
+    why it cannot be built."""
+    if kind == "python":
+        return [sys.executable, "-S", str(PROGRAMS / "first_byte.py")], "first_byte.py (python -S)"
     cc = shutil.which("cc")
-    if kind == "c" and cc is not None:
-        binary = tmp / "first_byte"
-        subprocess.run([cc, "-O2", "-o", str(binary), str(PROGRAMS / "first_byte.c")], check=True)
-        return [str(binary)], "first_byte.c (C)"
-    return [sys.executable, "-S", str(PROGRAMS / "first_byte.py")], "first_byte.py (python -S)"
+    if cc is None:
+        return "no C compiler (cc) here"
+    binary = tmp / "first_byte"
+    subprocess.run([cc, "-O2", "-o", str(binary), str(PROGRAMS / "first_byte.c")], check=True)
+    return [str(binary)], "first_byte.c (C)"
 
 
-def report(results: dict[str, list[float]], spawn_ms: list[float], header: str,
-           proxy_readiness_ms: Sequence[float] = ()) -> None:
-    base = statistics.median(results["direct"])
+def spread(values: Sequence[float], unit: str = " ms", sign: str = "+") -> str:
+    """The median of per-round values, and their min to max."""
+    f = f"{{:{sign}.3f}}" if unit == " ms" else "{:.2f}"
+    return (f"{f.format(statistics.median(values))}{unit} "
+            f"(min-max {f.format(min(values))} to {f.format(max(values))}{unit})")
+
+
+def per_round(results: dict[str, list[float]], a: str, b: str) -> tuple[list[float], list[float]]:
+    """Round by round: a - b (ms) and a / b."""
+    pairs = list(zip(results[a], results[b], strict=True))
+    return [x - y for x, y in pairs], [x / y for x, y in pairs]
+
+
+def compare(results: dict[str, list[float]], a: str, b: str,
+            target: float | None = None) -> str:
+    """One line: a - b and a / b per round, median and spread, and the target."""
+    diff, ratio = per_round(results, a, b)
+    line = f"{LABELS[a]} - {LABELS[b]}: {spread(diff)}; ratio: {spread(ratio, 'x')}"
+    if target is not None:
+        verdict = "met" if statistics.median(diff) <= target else "NOT met"
+        line += f"; target (median within +{target:g} ms): {verdict}"
+    return line
+
+
+def report(results: dict[str, list[float]], runs: dict[str, Lazyd], header: str) -> None:
     print(header, end="\n\n")
-    print("| cold start, connect → first byte | median ms | p90 ms | minus service start-up ms |")
-    print("|---|---:|---:|---:|")
+    print("| cold start, connect → first byte | median ms | p90 ms | min-max ms "
+          "| minus service start-up ms, median (min-max) |")
+    print("|---|---:|---:|---:|---:|")
     for key, label in LABELS.items():
         if key not in results:
             continue
-        med = statistics.median(results[key])
-        minus = "—" if key == "direct" else f"{med - base:.3f}"
-        p90 = statistics.quantiles(results[key], n=10, method="inclusive")[8]
-        print(f"| {label} | {med:.3f} | {p90:.3f} | {minus} |")
-    lazyd, systemd = statistics.median(results["lazyd"]), statistics.median(results["systemd"])
-    pairs = statistics.median(a - b for a, b in zip(results["lazyd"], results["systemd"],
-                                                    strict=True))
-    verdict = "met" if lazyd - systemd <= TARGET_MS else "NOT met"
-    print(f"\nlazyd - systemd-socket-activate: {lazyd - systemd:+.3f} ms "
-          f"(median of per-round differences {pairs:+.3f} ms); "
-          f"ratio lazyd / systemd-socket-activate: {lazyd / systemd:.2f}x")
-    print(f"target (lazyd within {TARGET_MS:g} ms of systemd-socket-activate): {verdict}")
-    print(f"lazyd's own logged `spawn` (traffic seen → exec done), median: "
-          f"{statistics.median(spawn_ms):.3f} ms")
-    if "lazyd-proxy" not in results:
-        return
-    proxy, proxyd = statistics.median(results["lazyd-proxy"]), statistics.median(results["proxyd"])
-    pairs = statistics.median(a - b for a, b in zip(results["lazyd-proxy"], results["lazyd"],
-                                                    strict=True))
-    verdict = "met" if proxy - lazyd <= TARGET_PROXY_MS else "NOT met"
-    print(f"lazyd (proxy) - lazyd (pass): {proxy - lazyd:+.3f} ms (median of per-round "
-          f"differences {pairs:+.3f} ms); target (proxy within {TARGET_PROXY_MS:g} ms of pass): "
-          f"{verdict}")
-    print(f"lazyd (proxy) - systemd-socket-activate + systemd-socket-proxyd: "
-          f"{proxy - proxyd:+.3f} ms; ratio {proxy / proxyd:.2f}x")
-    if proxy_readiness_ms:
-        print(f"lazyd (proxy)'s logged `readiness` (exec done → its connect probe answered), "
-              f"median: {statistics.median(proxy_readiness_ms):.3f} ms")
+        values = results[key]
+        med = statistics.median(values)
+        if key == "direct":
+            minus = "—"
+        else:
+            diff, _ = per_round(results, key, "direct")
+            minus = (f"{statistics.median(diff):.3f} "
+                     f"({min(diff):.3f} to {max(diff):.3f})")
+        p90 = statistics.quantiles(values, n=10, method="inclusive")[8]
+        print(f"| {label} | {med:.3f} | {p90:.3f} | {min(values):.3f}-{max(values):.3f} "
+              f"| {minus} |")
+    print("\nPer round, median (min-max over the rounds):\n")
+    lines = [compare(results, "lazyd", "systemd", TARGET_MS),
+             compare(results, "lazyd-proxy", "lazyd", TARGET_PROXY_MS),
+             compare(results, "lazyd-proxy", "proxyd")]
+    if "lazyd-kernel" in results:
+        lines += [compare(results, "lazyd-kernel", "lazyd-proxy", TARGET_KERNEL_MS),
+                  compare(results, "lazyd-kernel", "proxyd")]
+    lines.append(f"lazyd (pass)'s own logged `spawn` (traffic seen → exec done): "
+                 f"{spread(runs['lazyd'].spawn_ms, sign='')}")
+    for key in ("lazyd-proxy", "lazyd-kernel"):
+        if key in runs:
+            lines.append(f"{LABELS[key]}'s logged `spawn`: {spread(runs[key].spawn_ms, sign='')}"
+                         f", `readiness` (exec done → its connect probe answered): "
+                         f"{spread(runs[key].readiness_ms, sign='')}")
+    for line in lines:
+        print(f"- {line}")
+
+
+def measure(kind: str, rounds: int, tmp: Path) -> bool:
+    """Measure and report one service; False when it cannot be built here."""
+    built = build_service(kind, tmp)
+    if isinstance(built, str):
+        print(f"### Service first_byte.c (C): not measured: {built}\n")
+        return False
+    service, described = built
+    no_kernel = kernel_unavailable()
+    # Units of the rotation: the proxy pair stays side by side, its order
+    # alternating, so that kernel - proxy compares neighbours.
+    units: list[tuple[str, ...]] = [("systemd",), ("lazyd",), ("proxyd",),
+                                    ("lazyd-proxy",) if no_kernel else
+                                    ("lazyd-proxy", "lazyd-kernel")]
+    keys = ["direct", *(key for unit in units for key in unit)]
+    results: dict[str, list[float]] = {key: [] for key in keys}
+    runs: dict[str, Lazyd] = {}
+    try:
+        for key, mode in (("lazyd", "pass"), ("lazyd-proxy", "proxy"),
+                          ("lazyd-kernel", "kernel")):
+            if key in results:
+                runs[key] = Lazyd(tmp, service, mode)
+        rows: dict[str, Callable[[], float]] = {
+            **{key: lz.round for key, lz in runs.items()},
+            "direct": partial(run_direct, service), "systemd": partial(run_systemd, service),
+            "proxyd": partial(run_proxyd, service)}
+        # One unrecorded round of each warms caches and lazyd's code paths.
+        for row in rows.values():
+            row()
+        for lz in runs.values():
+            lz.spawn_ms.clear()
+            lz.readiness_ms.clear()
+        for i in range(rounds):
+            # Rotate which activator goes first, so none always follows another.
+            k = i % len(units)
+            order = units[k:] + units[:k]
+            for unit in [("direct",), *order]:
+                for key in (unit if i % 2 == 0 else unit[::-1]):
+                    results[key].append(rows[key]())
+            progress(f"{described}: round {i + 1}/{rounds}")
+    finally:
+        for lz in runs.values():
+            lz.close()
+    pinning = (f"daemon side on CPU {DAEMON_CPU}, client on CPU {CLIENT_CPU}" if PINNED
+               else "not pinned (fewer than 2 CPUs)")
+    print(f"### Service {described}\n")
+    report(results, runs,
+           f"{rounds} rounds each, interleaved; {pinning}; "
+           f"Python {sys.version.split()[0]}; load average {os.getloadavg()[0]:.2f}"
+           + (f"; lazyd (kernel) not measured: {no_kernel}" if no_kernel else ""))
+    print()
+    return True
+
+
+def progress(text: str) -> None:
+    """Progress goes to stderr; stdout is the report."""
+    print(text, file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] = ()) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_activation",
+                                     description=__doc__)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--rounds", type=int, default=30, help="rounds per row (%(default)s)")
-    parser.add_argument("--service", choices=("c", "python"), default="c")
+    parser.add_argument("--service", choices=("both", "c", "python"), default="both",
+                        help="which service(s) to measure, each with its own table "
+                             "(%(default)s)")
     args = parser.parse_args(argv)
     if args.rounds < 2 or not all(os.access(tool, os.X_OK) for tool in (ACTIVATE, PROXYD)):
         parser.error(f"need --rounds >= 2, an executable {ACTIVATE} and {PROXYD}")
     if PINNED:
         os.sched_setaffinity(0, {CLIENT_CPU})
-    activators = ("systemd", "lazyd", "proxyd", "lazyd-proxy")
-    results: dict[str, list[float]] = {key: [] for key in ("direct", *activators)}
-    with tempfile.TemporaryDirectory(prefix="lazyd-bench-") as tmpdir:
-        service, described = build_service(args.service, Path(tmpdir))
-        lazyd = Lazyd(Path(tmpdir), service)
-        proxied = Lazyd(Path(tmpdir), service, mode="proxy")
-        try:
-            runs: dict[str, Callable[[], float]] = {
-                "lazyd": lazyd.round, "lazyd-proxy": proxied.round,
-                "direct": partial(run_direct, service), "systemd": partial(run_systemd, service),
-                "proxyd": partial(run_proxyd, service)}
-            # One unrecorded round of each warms caches and lazyd's code paths.
-            for run in runs.values():
-                run()
-            for each in (lazyd, proxied):
-                each.spawn_ms.clear()
-                each.readiness_ms.clear()
-            for i in range(args.rounds):
-                # Rotate which activator goes first, so none always follows another.
-                k = i % len(activators)
-                for key in ("direct", *activators[k:], *activators[:k]):
-                    results[key].append(runs[key]())
-        finally:
-            lazyd.close()
-            proxied.close()
-    pinning = (f"daemon side on CPU {DAEMON_CPU}, client on CPU {CLIENT_CPU}" if PINNED
-               else "not pinned (fewer than 2 CPUs)")
-    report(results, lazyd.spawn_ms,
-           f"{args.rounds} rounds each, interleaved; service {described}; {pinning}; "
-           f"Python {sys.version.split()[0]}; load average {os.getloadavg()[0]:.2f}",
-           proxied.readiness_ms)
-    return 0
+    kinds = ("c", "python") if args.service == "both" else (args.service,)
+    measured = 0
+    for kind in kinds:
+        with tempfile.TemporaryDirectory(prefix="lazyd-bench-") as tmpdir:
+            measured += measure(kind, args.rounds, Path(tmpdir))
+    return 0 if measured else 1
 
 
 if __name__ == "__main__":

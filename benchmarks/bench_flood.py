@@ -1,13 +1,28 @@
 """A flood during a cold start: 10,000 connections at once to a service that
 needs a second before it can serve.
 
-The service is programs/flood_backend.c (compiled here with `cc`): it sleeps
-1 s, then serves a fixed HTTP answer, and writes the moment it began serving
-(CLOCK_MONOTONIC) to a file: that is the service's ready time, the origin of
-"slowest answer after ready".  The client (programs/flood_client.py, on CPU 1,
-its RLIMIT_NOFILE raised) opens every connection at once, sends each a small
-request and reads each answer to the end.  Compared, each started cold for
-every run, interleaved, the order rotating every round:
+Two services, each in every round, each with its own tables (both by default,
+`--backend c` or `--backend python` for one); both sleep 1 s, then serve a
+fixed HTTP answer, and write the moment they began serving (CLOCK_MONOTONIC)
+to a file: that is the service's ready time, the origin of "slowest answer
+after ready".
+
+- C: programs/flood_backend.c (compiled here with `cc`), single-threaded on
+  epoll: serving the whole flood costs it a few tens of milliseconds, so what
+  is measured is the activators.
+- Python: programs/flood_backend.py under /usr/bin/python3, stdlib only, one
+  connection at a time (accept, read the request, answer, close, next), as a
+  plain Python service is: it takes far longer to work through the flood,
+  and while it does, everything past its own accept queue
+  (min(4096, net.core.somaxconn)) waits or is dropped.
+
+The client (programs/flood_client.py, on CPU 1, its RLIMIT_NOFILE raised)
+opens every connection at once, sends each a small request and reads each
+answer to the end.  It opens them from many client addresses, 200 from each
+(127.0.1.1, 127.0.1.2, ...), as a flood from many clients comes: from one
+address, lazyd's max_connections_per_source (256 by default) would reset all
+but 256 of them.  Compared, each started cold for every run, interleaved, the
+order rotating every round:
 
 - direct: no activator and no cold start; the service already serves when
   the flood begins.  The floor: what answering the flood costs by itself
@@ -18,6 +33,11 @@ every run, interleaved, the order rotating every round:
   (16384 by default) lazyd stops accepting and the kernel's accept queue holds
   the rest; a second row sets queue_limit to 4096 (somaxconn here), so that
   the kernel's queue has to take over part of the flood.
+- lazyd (kernel): lazyd (proxy) with `datapath: kernel`: the flood arrives
+  during the cold start, so lazyd still holds and forwards it; once the
+  service is ready new connections (SYNs sent again, among them) are steered
+  straight into the service's own socket.  Needs root and BPF sk_lookup
+  (otherwise the row is left out, saying why).
 - lazyd (pass): real socket activation; the service takes the listening socket
   at fd 3 and serves from it after 1 s.  Until then only the kernel's accept
   queue (min(backlog, net.core.somaxconn)) holds connections; SYNs past it
@@ -33,7 +53,9 @@ Per connection the client records the connect time, whether its SYN was
 retransmitted (TCP_INFO), the moment its answer was complete, and how it
 ended.  The kernel's ListenOverflows counter (system-wide, from
 /proc/net/netstat) is read before and after each run.  Nothing in the
-system's settings is changed: the relevant ones are printed.
+system's settings is changed: the relevant ones are printed.  Per set-up, the
+run figures "SYN-retried connects" and "slowest answer after ready" are also
+given as the median over the rounds with their spread (min to max).
 """
 
 from __future__ import annotations
@@ -90,14 +112,21 @@ SYSCTLS = ("net.core.somaxconn", "net.ipv4.tcp_max_syn_backlog", "net.ipv4.tcp_s
 # What the flood must look like behind lazyd's proxy mode.
 TARGET_AFTER_READY = 0.5
 SMALL_QUEUE = 4096  # the second lazyd (proxy) row's queue_limit
-SETUPS = ("direct", "lazyd-proxy", "lazyd-proxy-queue", "lazyd-pass", "proxyd")
+# Connections per client address: under max_connections_per_source's default
+# (256), which would otherwise reset all but 256 of a flood from one address.
+PER_SOURCE = 200
+SETUPS = ("direct", "lazyd-proxy", "lazyd-proxy-queue", "lazyd-kernel", "lazyd-pass", "proxyd")
+PYTHON = "/usr/bin/python3"  # the Python backend's interpreter: the system's, not ours
+BACKENDS = {"c": "flood_backend.c (C, epoll)",
+            "python": "flood_backend.py (/usr/bin/python3, one connection at a time)"}
 
 
-def label(setup: str, connections: int) -> str:
+def label(setup: str) -> str:
     return {
         "direct": "direct (the service already running; no activator)",
         "lazyd-proxy": "lazyd (proxy)",
         "lazyd-proxy-queue": f"lazyd (proxy), queue_limit {SMALL_QUEUE}",
+        "lazyd-kernel": "lazyd (kernel)",
         "lazyd-pass": "lazyd (pass)",
         "proxyd": "systemd-socket-activate + systemd-socket-proxyd",
     }[setup]
@@ -121,26 +150,40 @@ def listen_overflows() -> int:
     return int(dict(zip(lines[0], lines[1], strict=True))["ListenOverflows"])
 
 
-def build_backend(tmp: Path) -> Path:
+def build_backend(kind: str, tmp: Path) -> list[str]:
+    """The backend's command (before its options)."""
+    if kind == "python":
+        if not os.access(PYTHON, os.X_OK):
+            raise RuntimeError(f"the Python backend needs {PYTHON}")
+        return [PYTHON, str(PROGRAMS / "flood_backend.py")]
     ensure_commands({"cc": ("gcc",)})
     binary = tmp / "flood_backend"
     subprocess.run([need("cc"), "-O2", "-o", str(binary), str(PROGRAMS / "flood_backend.c")],
                    check=True)
-    return binary
+    return [str(binary)]
+
+
+def kernel_unavailable() -> str | None:
+    """Why lazyd (kernel) cannot be measured here (None: it can)."""
+    if os.geteuid() != 0:
+        return "the kernel data path needs lazyd started as root"
+    from lazyd.datapath.bpf import supported
+
+    return supported()
 
 
 @contextlib.contextmanager
-def start(setup: str, tmp: Path, run: int, backend: Path,
-          connections: int) -> Iterator[tuple[int, Path, Started]]:
+def start(setup: str, tmp: Path, run: int,
+          backend: Sequence[str]) -> Iterator[tuple[int, Path, Started]]:
     """Start one set-up cold; yield (port, ready file, the activator's process)."""
     port, upstream = free_port(), free_port()
     ready = tmp / f"ready-{run}"
     delay = ["--delay", f"{DELAY:g}", "--ready-file", str(ready)]
-    bind = [str(backend), "--bind", f"{HOST}:{upstream}", *delay]
+    bind = [*backend, "--bind", f"{HOST}:{upstream}", *delay]
     log = tmp / f"{setup}-{run}.log"
     if setup == "direct":
         # The floor: how long the service itself takes to answer the flood.
-        proc = Started([str(backend), "--bind", f"{HOST}:{port}", "--delay", "0",
+        proc = Started([*backend, "--bind", f"{HOST}:{port}", "--delay", "0",
                         "--ready-file", str(ready)], log, nofile=NOFILE)
         try:
             wait_file(ready, proc)
@@ -157,10 +200,11 @@ def start(setup: str, tmp: Path, run: int, backend: Path,
         pattern = r"Listening on"
     else:
         if setup == "lazyd-pass":
-            service = lazyd_service("flood", [str(backend), "--fd", *delay],
+            service = lazyd_service("flood", [*backend, "--fd", *delay],
                                     f"main: 'tcp://{HOST}:{port}'", mode="pass")
         else:
-            extra = [f"queue_limit: {SMALL_QUEUE}"] if setup == "lazyd-proxy-queue" else []
+            extra = {"lazyd-proxy-queue": [f"queue_limit: {SMALL_QUEUE}"],
+                     "lazyd-kernel": ["datapath: kernel"]}.get(setup, [])
             service = lazyd_service("flood", bind, proxy_socket(port, upstream), *extra)
         config = tmp / f"lazyd-{run}.yaml"
         config.write_text(f"control: unix:{tmp / f'control-{run}.sock'}\nservices:\n{service}")
@@ -186,6 +230,7 @@ class Flood:
     """One run's outcome, times in seconds."""
 
     setup: str
+    backend: str
     round: int
     outcomes: Counter[str]
     syn_retried: int  # connections whose SYN was sent more than once
@@ -211,9 +256,9 @@ class Flood:
         return sum(t >= 1.0 for t in self.after_ready)
 
 
-def flood(setup: str, round_: int, tmp: Path, run: int, backend: Path,
+def flood(setup: str, kind: str, round_: int, tmp: Path, run: int, backend: Sequence[str],
           connections: int) -> Flood:
-    with start(setup, tmp, run, backend, connections) as (port, ready_file, proc):
+    with start(setup, tmp, run, backend) as (port, ready_file, proc):
         # systemd-socket-activate becomes the shell, then the proxy: one pid.
         pids = (lazyd_processes(proc) if setup.startswith("lazyd")
                 else [proc.pid] if setup == "proxyd" else [])
@@ -221,7 +266,7 @@ def flood(setup: str, round_: int, tmp: Path, run: int, backend: Path,
         overflows = listen_overflows()
         client = subprocess.run(
             [sys.executable, str(PROGRAMS / "flood_client.py"), HOST, str(port),
-             str(connections), f"{DEADLINE:g}"],
+             str(connections), f"{DEADLINE:g}", str(PER_SOURCE)],
             capture_output=True, text=True, check=True, timeout=DEADLINE + 30,
             preexec_fn=setup_child(CLIENT_CPU),
         )
@@ -231,8 +276,13 @@ def flood(setup: str, round_: int, tmp: Path, run: int, backend: Path,
         data = json.loads(client.stdout)
         line = ""
         if setup.startswith("lazyd"):
-            match = re.search(r"^flood: (ready in .*|start .*)$", proc.text(), re.MULTILINE)
+            text = proc.text()
+            match = re.search(r"^flood: (ready in .*|start .*)$", text, re.MULTILINE)
             line = match[1] if match else "(no start line)"
+            # A kernel run that never steered would be a proxy run under another name.
+            if setup == "lazyd-kernel" and not re.search(
+                    r"^flood: kernel data path: new connections to", text, re.MULTILINE):
+                raise RuntimeError(f"lazyd (kernel) did not steer the service:\n{text[-4000:]}")
     t0 = data["t0"]
     ready = float(ready_file.read_text()) - t0 if ready_file.exists() else None
     # Direct: the service was ready before the flood, which is then the origin.
@@ -242,7 +292,7 @@ def flood(setup: str, round_: int, tmp: Path, run: int, backend: Path,
     answered = [d - t0 for d, o in zip(data["done"], data["outcome"], strict=True)
                 if o == "answered"]
     return Flood(
-        setup=setup, round=round_, outcomes=Counter(data["outcome"]),
+        setup=setup, backend=kind, round=round_, outcomes=Counter(data["outcome"]),
         syn_retried=sum(n > 0 for n in data["syn_retransmits"]),
         connect_max=max(connect, default=0.0), ready=ready,
         after_ready=[a - origin for a in answered] if origin is not None else [],
@@ -255,8 +305,20 @@ def fmt(value: float | None, digits: int = 3) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def report(runs: list[Flood], connections: int, rounds: int) -> None:
+def spread(values: Sequence[float | None], digits: int) -> str:
+    """Median over the rounds, and min to max ("—" for a run without the figure)."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return "—"
+    missing = len(values) - len(known)
+    return (f"{statistics.median(known):.{digits}f} ({min(known):.{digits}f} to "
+            f"{max(known):.{digits}f})" + (f", {missing} run(s) without" if missing else ""))
+
+
+def report(runs: list[Flood], connections: int, rounds: int, kind: str,
+           no_kernel: str | None) -> None:
     lazyd = [r for r in runs if r.setup == "lazyd-proxy"]
+    setups = [s for s in SETUPS if any(r.setup == s for r in runs)]
 
     def met(r: Flood) -> bool:
         return (r.answered == connections and r.syn_retried == 0 and r.late == 0
@@ -267,31 +329,43 @@ def report(runs: list[Flood], connections: int, rounds: int) -> None:
         answered = sum(r.answered for r in rs)
         slowest = max((r.slowest for r in rs if r.slowest is not None), default=None)
         retried = sum(r.syn_retried for r in rs)
-        return (f"{label(setup, connections)} {answered}/{connections * len(rs)} answered, "
+        return (f"{label(setup)} {answered}/{connections * len(rs)} answered, "
                 f"{retried} SYN retried, slowest {fmt(slowest, 2)} s after ready")
 
+    print(f"### Service {BACKENDS[kind]}\n")
     print(f"**{connections:,} connections at once during a {DELAY:g} s cold start: "
-          + "; ".join(summary(s) for s in SETUPS if any(r.setup == s for r in runs))
+          + "; ".join(summary(s) for s in setups)
           + f". Target for lazyd (proxy): {'met' if lazyd and all(map(met, lazyd)) else 'NOT met'}"
           + "**\n")
     settings = ", ".join(f"{name} = {sysctl(name)}" for name in SYSCTLS)
     pinning = (f"activator and service on CPU {SERVER_CPU}, client on CPU {CLIENT_CPU}"
                if PINNED else "not pinned (fewer than 2 CPUs)")
     print(f"{rounds} round(s), each set-up started cold for every run, interleaved (order "
-          f"rotated each round); {pinning}; the service binds (or starts accepting) "
-          f"{DELAY:g} s after it is started; client deadline {DEADLINE:g} s; "
-          f"Python {sys.version.split()[0]}; load average {os.getloadavg()[0]:.2f}; "
-          f"fd limit (RLIMIT_NOFILE) of the server side: {fd_limit()}.  "
-          f"System settings (unchanged): {settings}.  systemd-socket-proxyd runs with its "
-          "default --connections-max=256 (past 256 open connections it closes new ones "
-          "at once).\n")
-    print("#### How each connection ended\n")
+          f"rotated each round, the two services taking turns); {pinning}; the service binds "
+          f"(or starts accepting) {DELAY:g} s after it is started; client deadline "
+          f"{DEADLINE:g} s; {PER_SOURCE} connections per client address; "
+          f"Python {sys.version.split()[0]}; load average "
+          f"{os.getloadavg()[0]:.2f}; fd limit (RLIMIT_NOFILE) of the server side: "
+          f"{fd_limit()}.  System settings (unchanged): {settings}.  systemd-socket-proxyd "
+          "runs with its default --connections-max=256 (past 256 open connections it closes "
+          "new ones at once)."
+          + (f"  lazyd (kernel) not measured: {no_kernel}." if no_kernel else "") + "\n")
+    print("#### Per set-up, over the rounds: median (min to max)\n")
+    print("| set-up | runs | answered | SYN-retried connects | slowest answer after ready s "
+          "| answers ≥ 1 s after ready |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for setup in setups:
+        rs = [r for r in runs if r.setup == setup]
+        print(f"| {label(setup)} | {len(rs)} | {spread([r.answered for r in rs], 0)} "
+              f"| {spread([r.syn_retried for r in rs], 0)} "
+              f"| {spread([r.slowest for r in rs], 3)} | {spread([r.late for r in rs], 0)} |")
+    print("\n#### How each connection ended\n")
     print("| set-up | round | answered | reset | closed unanswered | refused | timed out "
           "| SYN retried |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in runs:
         other = sum(n for o, n in r.outcomes.items() if o.startswith("error:"))
-        print(f"| {label(r.setup, connections)} | {r.round} | {r.answered} "
+        print(f"| {label(r.setup)} | {r.round} | {r.answered} "
               f"| {r.outcomes['reset']} | {r.outcomes['closed']} | {r.outcomes['refused']} "
               f"| {r.outcomes['timeout'] + other} | {r.syn_retried} |")
     print("\n#### When, and at what cost (times in seconds)\n")
@@ -303,14 +377,14 @@ def report(runs: list[Flood], connections: int, rounds: int) -> None:
         p99 = (statistics.quantiles(r.after_ready, n=100, method="inclusive")[98]
                if len(r.after_ready) >= 2 else None)
         ready = "before" if r.ready is not None and r.ready < 0 else fmt(r.ready)
-        print(f"| {label(r.setup, connections)} | {r.round} | {ready} "
+        print(f"| {label(r.setup)} | {r.round} | {ready} "
               f"| {r.connect_max:.3f} | {fmt(r.slowest)} | {fmt(p99)} | {r.late} "
               f"| {r.overflows} | {fmt(r.cpu, 2)} | {fmt(r.peak_rss, 0)} |")
     print()
     others = Counter(o for r in runs for o in r.outcomes.elements() if o.startswith("error:"))
     if others:
         print(f"Counted as timed out: other errors {dict(others)}.")
-    lines = [f"{label(r.setup, connections)}, round {r.round}: `{r.activator_line}`"
+    lines = [f"{label(r.setup)}, round {r.round}: `{r.activator_line}`"
              for r in runs if r.activator_line]
     if lines:
         print("lazyd's start lines: " + "; ".join(lines) + ".")
@@ -322,7 +396,7 @@ def report(runs: list[Flood], connections: int, rounds: int) -> None:
           "kernel's count of connections dropped at a full accept queue during the run "
           "(system-wide, upstream queues included).  Direct's answers count from the flood's "
           "start.  Target for lazyd (proxy): all answered, "
-          f"no SYN retried, slowest answer within {TARGET_AFTER_READY:g} s of ready.")
+          f"no SYN retried, slowest answer within {TARGET_AFTER_READY:g} s of ready.\n")
 
 
 def main(argv: Sequence[str] = ()) -> int:
@@ -331,6 +405,9 @@ def main(argv: Sequence[str] = ()) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="runs per set-up (%(default)s)")
     parser.add_argument("--connections", type=int, default=CONNECTIONS,
                         help="connections in the flood (%(default)s)")
+    parser.add_argument("--backend", choices=("both", *BACKENDS), default="both",
+                        help="which service(s) to flood, each with its own tables "
+                             "(%(default)s)")
     parser.add_argument("--quick", action="store_true", help="one round")
     args = parser.parse_args(argv)
     if args.quick:
@@ -342,22 +419,30 @@ def main(argv: Sequence[str] = ()) -> int:
             parser.error(f"{tool} is needed")
     if PINNED:
         os.sched_setaffinity(0, {CLIENT_CPU})
+    kinds = list(BACKENDS) if args.backend == "both" else [args.backend]
+    no_kernel = kernel_unavailable()
+    setups = tuple(s for s in SETUPS if not (no_kernel and s == "lazyd-kernel"))
     runs: list[Flood] = []
     with tempfile.TemporaryDirectory(prefix="lazyd-bench-flood-") as tmpdir:
         tmp = Path(tmpdir)
-        backend = build_backend(tmp)
+        backends = {kind: build_backend(kind, tmp) for kind in kinds}
         run = 0
         for i in range(args.rounds):
-            k = i % len(SETUPS)
-            for setup in SETUPS[k:] + SETUPS[:k]:
-                run += 1
-                progress(f"round {i + 1}/{args.rounds}: {label(setup, args.connections)}")
-                result = flood(setup, i + 1, tmp, run, backend, args.connections)
-                progress(f"  {dict(result.outcomes)}, SYN retried {result.syn_retried}, "
-                         f"slowest {fmt(result.slowest)} s after ready")
-                runs.append(result)
-                time.sleep(SETTLE)
-    report(runs, args.connections, args.rounds)
+            k = i % len(setups)
+            # The services take turns at going first, round by round.
+            for kind in kinds[i % len(kinds):] + kinds[:i % len(kinds)]:
+                for setup in setups[k:] + setups[:k]:
+                    run += 1
+                    progress(f"round {i + 1}/{args.rounds}: {kind}: {label(setup)}")
+                    result = flood(setup, kind, i + 1, tmp, run, backends[kind],
+                                   args.connections)
+                    progress(f"  {dict(result.outcomes)}, SYN retried {result.syn_retried}, "
+                             f"slowest {fmt(result.slowest)} s after ready")
+                    runs.append(result)
+                    time.sleep(SETTLE)
+    for kind in kinds:
+        report([r for r in runs if r.backend == kind], args.connections, args.rounds, kind,
+               no_kernel)
     return 0
 
 

@@ -181,6 +181,7 @@ def _leaves(group: BaseExceptionGroup[LazydError]) -> list[LazydError]:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from lazyd.runtime.backlog import capped_backlogs, somaxconn
     from lazyd.runtime.privileges import daemon_user
 
     config = config_mod.load(args.config)
@@ -191,7 +192,10 @@ def _cmd_check(args: argparse.Namespace) -> int:
         if missing or unreachable:
             raise ConfigError(missing + unreachable)
     print(config_mod.plan(config))
-    # The same choice `run` makes, with the same warnings (on stderr).
+    # The same warnings `run` logs at start-up (on stderr): backlogs the
+    # kernel caps, and the choice of user.
+    for warning in capped_backlogs(config, somaxconn()):
+        print(warning, file=sys.stderr)
     user = daemon_user(config.user, lambda line: print(line, file=sys.stderr))
     if user is not None:
         print(f"lazyd: binds as root, then runs as user {user.name}")

@@ -1,7 +1,11 @@
 """The flood benchmark's client: open N connections at once, send each a small
 HTTP request, read each answer to the end; print one JSON document.
 
-Usage: flood_client.py HOST PORT COUNT DEADLINE_SECONDS
+Usage: flood_client.py HOST PORT COUNT DEADLINE_SECONDS [PER_SOURCE]
+
+With PER_SOURCE (HOST on loopback), the connections come from many client
+addresses, PER_SOURCE from each: 127.0.1.1, 127.0.1.2, ... (all of 127/8 is
+the loopback), as a flood from many clients does; without it, all from one.
 
 Plain non-blocking sockets on one epoll, no framework: all N connects are
 issued first (a few microseconds each), then one loop completes them, sends
@@ -37,6 +41,7 @@ import time
 # the 24th of those (linux/tcp.h), and counts SYN retransmissions too.
 _TOTAL_RETRANS = 8 + 23 * 4
 _TCP_INFO_LEN = _TOTAL_RETRANS + 4
+_IP_BIND_ADDRESS_NO_PORT = 24  # linux/in.h; the socket module does not name it
 REQUEST = b"GET / HTTP/1.0\r\nHost: flood\r\nUser-Agent: lazyd-bench\r\n\r\n"
 
 
@@ -63,6 +68,7 @@ def _answered(data: bytes) -> bool:
 
 def main(argv: list[str]) -> int:
     host, port, count, deadline = argv[0], int(argv[1]), int(argv[2]), float(argv[3])
+    per_source = int(argv[4]) if len(argv) > 4 else 0
     # Two fds per connection would be plenty; the epoll fd and stdio need a few.
     want = count + 256
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -84,6 +90,11 @@ def main(argv: list[str]) -> int:
     for i in range(count):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
+        if per_source:
+            n = i // per_source
+            # The port is picked at connect(), per (source, destination).
+            sock.setsockopt(socket.IPPROTO_IP, _IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((f"127.0.{1 + n // 254}.{1 + n % 254}", 0))
         fd = sock.fileno()
         started[i] = time.monotonic()
         code = sock.connect_ex(address)

@@ -27,6 +27,7 @@ after its last connection closed, never earlier.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -44,6 +45,9 @@ BpfAddress = tuple[str, int]
 # Asks the privileged helper for a copy of the listener that process pid
 # binds for the named socket (Spawner.take_listener).
 TakeListener = Callable[[int, str], Awaitable[int]]
+# After a failed attempt to take a service's listener again, the next one
+# waits this long (see ServiceSteering.wants_resteer).
+RESTEER_BACKOFF = 1.0
 # Why a service a reload adds cannot have the kernel path: see KernelPath.check.
 _NOT_OPENED = ("no service asked for the kernel path when lazyd started, and it is set up "
                "then only (before the privilege drop); restart lazyd")
@@ -119,6 +123,16 @@ def open_kernel_path(config: Config, log: LogFn) -> KernelPath:
     return kernel
 
 
+@dataclass(frozen=True)
+class _Target:
+    """The start that is steered: what steer() was given."""
+
+    service: ServiceConfig
+    pid: int
+    take: TakeListener
+    still: Callable[[], bool]
+
+
 @dataclass
 class _Entry:
     """One socket's steering: lazyd's listen address, as map keys."""
@@ -139,6 +153,10 @@ class ServiceSteering:
     steered_total: int = 0  # steered connections of the entries removed so far
     _last_steered: int = 0
     _open_at_last: bool = False
+    _target: _Target | None = None  # the start being steered, for resteer()
+    _resteering: bool = False
+    _resteer_after: float = -math.inf
+    _said_resteer: bool = False
 
     @property
     def steering(self) -> bool:
@@ -151,38 +169,98 @@ class ServiceSteering:
         """Steer each TCP socket of `service` (ready, main process `pid`) into its own
         listener.  `still()` says whether the service is still the ready one by the
         time a listener arrives; if not, nothing is added."""
-        steering = self.kernel.steering
-        if steering is None or not self.kernel.uses_kernel(service):
+        self._target = None
+        if self.kernel.steering is None or not self.kernel.uses_kernel(service):
             return
-        for sc in service.sockets:
-            try:
-                fd = await take(pid, sc.name)
-            except Exception as exc:  # the helper said why: this start stays in userspace
-                log_at(self.log, Level.WARNING, f"{self.name}: socket {sc.name}: the kernel "
-                       f"data path is not used for this start: {exc}")
-                return
-            try:
-                if not still():
-                    return
-                entry = _Entry(sc, _keys(sc, fd))
-                for address in entry.keys:
-                    steering.add(address, fd)
-                self.entries.append(entry)
-            except (OSError, ValueError) as exc:
-                self.unsteer()
-                log_at(self.log, Level.WARNING, f"{self.name}: socket {sc.name}: cannot steer "
-                       f"connections into the service's listener: {exc}")
-                return
-            finally:
-                os.close(fd)  # the map holds no reference: the socket is the service's
-        self._last_steered, self._open_at_last = 0, False
+        self._target = _Target(service, pid, take, still)
+        self._said_resteer = False
+        self._last_steered, self._open_at_last = self.steered(), False
+        if await self._add_all(self._target) is not None:
+            self._target = None  # this start stays in userspace (said why)
+            return
         if self.entries:
             where = ", ".join(str(e.sc.listen) for e in self.entries)
             log_at(self.log, Level.INFO, f"{self.name}: kernel data path: new connections to "
                    f"{where} go straight to the service")
 
-    def unsteer(self) -> None:
-        """Remove every entry: new connections reach lazyd's listeners again."""
+    def wants_resteer(self, now: float) -> bool:
+        """Whether a connection that reached lazyd's own listener, while the
+        service is steered, should make lazyd take the service's listener again.
+
+        Steered, a new connection reaches lazyd only when the program found no
+        entry: the service closed the listener it was steered into (some
+        services, iperf3 among them, make a new one for each client).  The
+        kernel says nothing when a socket leaves the map, so this is how lazyd
+        learns of it.  After a failed attempt it waits RESTEER_BACKOFF before
+        trying again, so that a service with no listener for a while does not
+        cost every client a round trip to the helper."""
+        target = self._target
+        # The entry may still be in the map: a listener shut down (not closed)
+        # stays there, and the program's assignment to it fails.  A connection
+        # lazyd had queued before the entries were added costs one needless try.
+        return (target is not None and self.kernel.steering is not None
+                and not self._resteering and target.still() and now >= self._resteer_after)
+
+    async def resteer(self, now: float) -> None:
+        """Take the service's current listeners and steer into them (see
+        wants_resteer); the caller holds new connections meanwhile."""
+        target = self._target
+        if target is None or self._resteering:
+            return
+        self._resteering = True
+        try:
+            self.unsteer()
+            self._target = target  # unsteer() forgets it; this is the same start
+            failed = await self._add_all(target, quiet=True)
+            if failed is None:
+                self._resteer_after = now
+                return
+            self._resteer_after = now + RESTEER_BACKOFF
+            if not self._said_resteer:
+                self._said_resteer = True
+                log_at(self.log, Level.WARNING, f"{self.name}: kernel data path: cannot take "
+                       f"the service's listener again ({failed}); new connections go through "
+                       f"lazyd until it can (tried again at most every {RESTEER_BACKOFF:g} s)")
+        finally:
+            self._resteering = False
+
+    async def _add_all(self, target: _Target, quiet: bool = False) -> str | None:
+        """Add an entry for each socket of the target's service; None, or why not
+        (after a warning unless `quiet`; entries added so far are removed)."""
+        steering = self.kernel.steering
+        assert steering is not None
+        for sc in target.service.sockets:
+            try:
+                fd = await target.take(target.pid, sc.name)
+            except Exception as exc:  # the helper said why
+                self.unsteer(forget=False)
+                if not quiet:
+                    log_at(self.log, Level.WARNING, f"{self.name}: socket {sc.name}: the "
+                           f"kernel data path is not used for this start: {exc}")
+                return f"socket {sc.name}: {exc}"
+            try:
+                if not target.still():
+                    self.unsteer(forget=False)
+                    return "the service is no longer the ready one"
+                entry = _Entry(sc, _keys(sc, fd))
+                for address in entry.keys:
+                    steering.add(address, fd)
+                self.entries.append(entry)
+            except (OSError, ValueError) as exc:
+                self.unsteer(forget=False)
+                if not quiet:
+                    log_at(self.log, Level.WARNING, f"{self.name}: socket {sc.name}: cannot "
+                           f"steer connections into the service's listener: {exc}")
+                return f"socket {sc.name}: {exc}"
+            finally:
+                os.close(fd)  # the map holds no reference: the socket is the service's
+        return None
+
+    def unsteer(self, forget: bool = True) -> None:
+        """Remove every entry: new connections reach lazyd's listeners again.
+        Unless `forget` is False, nothing is steered again for this start."""
+        if forget:
+            self._target = None
         steering = self.kernel.steering
         if steering is None or not self.entries:
             return
@@ -208,7 +286,7 @@ class ServiceSteering:
         steering = self.kernel.steering
         if steering is None or not self.entries:
             return True
-        count = sum(steering.steered(a) for e in self.entries for a in e.keys)
+        count = self.steered()  # never goes down, whatever was re-steered meanwhile
         open_now = sum(
             max(0, diag.open_connections(_listen(e.sc)) - own.get(e.sc.name, 0))
             for e in self.entries

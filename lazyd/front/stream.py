@@ -39,6 +39,7 @@ bytes (`lazyd.datapath.shovel`), the fds (`lazyd.datapath.budget`).
 from __future__ import annotations
 
 import errno
+import math
 import os
 import select
 import socket
@@ -143,6 +144,7 @@ class StreamProxy(Forwarder):
         gate: Gate | None = None,
         on_traffic: Callable[[], None],
         log: LogFn,
+        on_warm: Callable[[], None] | None = None,
         clock: Clock = trio.current_time,
         half_closed_timeout: float = HALF_CLOSED_TIMEOUT,
         idle_timeout: float | None = None,
@@ -167,10 +169,17 @@ class StreamProxy(Forwarder):
         # this long is closed (None: never, the default).
         self.idle_timeout = idle_timeout
         self.on_traffic = on_traffic
+        # Called for each connection accepted while ready (the kernel data
+        # path wants to know: it steers new connections past this listener).
+        self.on_warm = on_warm
         self.log = log
         self.clock = clock
         self.activity = Activity(clock)
         self._ready = False
+        self._holding = False  # ready, but forwarding nothing new: see hold_new()
+        # A connect the upstream refused while ready: nothing is connected
+        # again before this time (the refused one is first in line).
+        self._retry_at = -math.inf
         self._stopping = False
         self._pending: deque[Connection] = deque()  # held, in arrival order (and some gone)
         self._held = 0
@@ -237,9 +246,22 @@ class StreamProxy(Forwarder):
         """The upstream is ready: forward every held connection, in arrival
         order, and from now on forward new ones at once."""
         self._ready = self._shovel.ready = True
+        self._holding = False
+        self._retry_at = -math.inf
         self._shovel.first_byte_at = None
         self._pump()
         self._close_spare()  # nobody was held: the probe has done its part
+
+    def hold_new(self) -> None:
+        """Ready, but hold what arrives from now on until resume(): for a moment
+        in which where new connections should go is being settled (the kernel
+        data path re-taking a service's listener).  Forwarded ones run on."""
+        self._holding = True
+
+    def resume(self) -> None:
+        """Forward what hold_new() held, in arrival order, and what comes next."""
+        self._holding = False
+        self._pump()
 
     def drop(self, reason: str) -> int:
         """The start failed: close every held connection and return how many.
@@ -261,6 +283,7 @@ class StreamProxy(Forwarder):
         waiting for a free slot stay held, and count as traffic: on_traffic()
         is called for them (soon, not from inside this call)."""
         self._ready = self._shovel.ready = False
+        self._holding = False
         self._close_spare()
         if self._held and self._nursery is not None:
             self._nursery.start_soon(self._report_held)
@@ -388,6 +411,8 @@ class StreamProxy(Forwarder):
         self._pending.append(conn)
         self._held += 1
         if self._ready:
+            if self.on_warm is not None:
+                self.on_warm()
             self._pump()
         else:
             self.on_traffic()
@@ -416,11 +441,19 @@ class StreamProxy(Forwarder):
         accept queue a batch at a time, not all at once."""
         if self._pumping:
             return
+        if self._pending and self._retry_at > trio.current_time():
+            # Refused a moment ago: every reactor batch and every new client
+            # calls this, and connecting at each of them would spin.
+            if not self._pump_later:
+                self._pump_later = True
+                self._reactor.at(self._retry_at, None, _PUMP_TIMER)
+            return
         self._pumping = True
         try:
             moved = False
             while (
                 self._ready
+                and not self._holding
                 and not self._stopping
                 and self._pending
                 and self._connecting < CONNECTS_IN_FLIGHT
@@ -539,10 +572,12 @@ class StreamProxy(Forwarder):
         self._held += 1
         if not self._ready:
             self.on_traffic()
-        elif not self._pump_later:
+        else:
             # Still believed ready: look again shortly, not at once (no spin).
-            self._pump_later = True
-            self._reactor.at(trio.current_time() + REFUSED_RETRY, None, _PUMP_TIMER)
+            self._retry_at = trio.current_time() + REFUSED_RETRY
+            if not self._pump_later:
+                self._pump_later = True
+                self._reactor.at(self._retry_at, None, _PUMP_TIMER)
 
     def _connected(self, conn: Connection, events: int = select.EPOLLIN) -> None:
         """The upstream connection is made; `events`: what its fd's event

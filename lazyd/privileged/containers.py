@@ -15,7 +15,8 @@ never).  Each operation runs in a thread of its own, with the blocking
 client; what it has to say goes into a queue, and a byte on a pipe wakes the
 poll loop, which sends it (only the poll loop writes to the daemon's socket,
 so messages never interleave).  A start's thread then follows the
-container's events until it dies, and a second thread copies its output
+container's events until it dies, and a second thread, started once the
+first has inspected the container (whether it has a TTY), copies its output
 (demultiplexed) into a socket whose other end the start's reply carried to
 the daemon.  At most MAX_OPERATIONS threads run at once; past that a
 request is refused.  The forked children of spawns copy only the thread
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 
 MAX_OPERATIONS = 256  # engine threads at once (a start takes two while its container runs)
 EXIT_WAIT = 5.0  # seconds the helper gives its last kills when the daemon is gone
+SENT_WAIT = 1.0  # seconds a start's thread waits for its reply to be sent, at most
 ENGINE_STAGE = "engine"  # the stage of an error reply the engine caused
 _DIED = ("die", "died")  # what Docker and Podman call a container's end in their events
 
@@ -72,7 +74,8 @@ class Containers:
 
     def __init__(self) -> None:
         self.wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._results: queue.SimpleQueue[tuple[dict[str, Any], list[int]]] = queue.SimpleQueue()
+        self._results: queue.SimpleQueue[
+            tuple[dict[str, Any], list[int], threading.Event | None]] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._threads = 0
         self._engines: dict[tuple[str, Any], Engine] = {}
@@ -104,9 +107,9 @@ class Containers:
         self._thread(self._operate, request, entry, engine, threads=2 if
                      request.action == "start" else 1)
 
-    def drain(self) -> list[tuple[dict[str, Any], list[int]]]:
+    def drain(self) -> list[tuple[dict[str, Any], list[int], threading.Event | None]]:
         """What the threads have to say, in order: (message, fds to send with it
-        and then close)."""
+        and then close, an event to set once it is sent or cannot be)."""
         with contextlib.suppress(BlockingIOError):
             while os.read(self.wake_r, 4096):
                 pass
@@ -173,19 +176,26 @@ class Containers:
             self._put(protocol.error_reply(request_id, ENGINE_STAGE, 0, str(exc)))
             return
         # The reply goes first: the start's time is the engine's answer, and
-        # what the follower learns (its id, its death) comes after it.
-        self._put(protocol.container_reply(request_id, {"state": "running"}), [theirs.detach()])
+        # what the follower learns (its id, its death) comes after it. This
+        # thread waits until the poll loop has sent it: following, it would
+        # hold the GIL that the poll loop needs to send it (until its first
+        # wait for the engine), and the daemon would learn of the start ~1 ms
+        # late.
+        sent = threading.Event()
+        self._put(protocol.container_reply(request_id, {"state": "running"}), [theirs.detach()],
+                  sent)
+        sent.wait(SENT_WAIT)
         run = _Run(service, engine, entry, ours)
         with self._lock:
             self._runs[request_id] = run
-        # The thread counted for the output at submit time is this one.
-        threading.Thread(target=self._copy_output, args=(run, since), daemon=True).start()
-        self._follow(request_id, run)
+        self._follow(request_id, run, since)
 
-    def _follow(self, request_id: int, run: _Run) -> None:
-        """Notices of what becomes of a started container, until it has died."""
+    def _follow(self, request_id: int, run: _Run, since: float) -> None:
+        """Notices of what becomes of a started container, until it has died;
+        and, once it is inspected, the thread that copies its output."""
         name = run.entry.container
         info: dict[str, Any] = {"state": "running"}
+        copying = False
         try:
             events = run.engine.events(name)
             with self._lock:
@@ -196,6 +206,14 @@ class Containers:
             # Opened after the start (so that the start waits for nothing
             # else): a death in between shows in the inspection instead.
             info = run.engine.inspect(name)
+            # The output is followed from here, not from its own start: this
+            # inspection says whether it has a TTY, and one inspection, not
+            # two, competes with the container's own start for the CPU. Its
+            # output since the start is not lost (`since`). The thread
+            # counted for the output at submit time is this one.
+            threading.Thread(target=self._copy_output, args=(run, since, info["tty"]),
+                             daemon=True).start()
+            copying = True
             if not info["running"]:
                 self._over(request_id, run, info, info["exit_code"])
                 return
@@ -212,6 +230,9 @@ class Containers:
         except EngineError as exc:
             self._over(request_id, run, info, None, str(exc))
         finally:
+            if not copying:
+                run.output.close()
+                self._done()  # the output's thread, counted at submit, will not run
             run.over = True
 
     def _over(self, request_id: int, run: _Run, info: dict[str, Any], code: int | None,
@@ -220,11 +241,11 @@ class Containers:
             self._runs.pop(request_id, None)
         self._put(protocol.container_notice(request_id, info, code, error))
 
-    def _copy_output(self, run: _Run, since: float) -> None:
+    def _copy_output(self, run: _Run, since: float, tty: bool) -> None:
         """The container's output, as it comes, into the socket the daemon reads."""
         try:
             with (contextlib.suppress(EngineError, OSError),
-                  run.engine.logs(run.entry.container, since=since) as logs):
+                  run.engine.logs(run.entry.container, since=since, tty=tty) as logs):
                 for _stream, data in logs:
                     # MSG_NOSIGNAL: the helper leaves SIGPIPE at its default,
                     # which would end it if the daemon has closed its end.
@@ -262,8 +283,9 @@ class Containers:
         with self._lock:
             self._threads -= 1
 
-    def _put(self, message: dict[str, Any], fds: Sequence[int] = ()) -> None:
-        self._results.put((message, list(fds)))
+    def _put(self, message: dict[str, Any], fds: Sequence[int] = (),
+             sent: threading.Event | None = None) -> None:
+        self._results.put((message, list(fds), sent))
         self._wake()
 
     def _wake(self) -> None:

@@ -439,12 +439,14 @@ class Spawnerd:
 
     def send_container_results(self) -> None:
         """Send what the container operations have to say (`Containers.drain`)."""
-        for message, fds in self.containers.drain():
+        for message, fds, sent in self.containers.drain():
             try:
                 self.send(message, fds)
             finally:
                 for fd in fds:
                     os.close(fd)
+                if sent is not None:
+                    sent.set()
 
     def kill_all(self) -> None:
         """SIGKILL every process group started here, and every container; reap them all."""

@@ -28,6 +28,7 @@ from lazyd.errors import ConfigError, LazydError
 from lazyd.logs import Level, log_at
 from lazyd.observe.status import daemon_status
 from lazyd.runtime import control, privileges, systemd
+from lazyd.runtime.backlog import capped_backlogs, somaxconn
 from lazyd.runtime.binding import (
     bind_all,
     bind_socket,
@@ -394,6 +395,10 @@ async def _serve(
         for sock in inherited.values():
             sock.close()
         raise
+    # Once, at start-up; for a socket a reload adds, `lazyd check` on the new
+    # config says it.
+    for warning in capped_backlogs(config, somaxconn(), skip=inherited):
+        log_at(options.log, Level.WARNING, warning)
     control_sock: socket.socket | None = None
     metrics_sock: socket.socket | None = None
     metrics: lazyd.observe.metrics.Metrics | None = None

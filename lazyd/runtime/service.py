@@ -66,6 +66,9 @@ LogFn = Callable[[str], None]
 
 # How long after a pass-mode start lazyd looks for the service's first accept.
 FIRST_ACCEPT_WINDOW = 2.0
+# The longest new connections wait while the kernel data path takes a
+# service's new listener (a round trip to the privileged helper, ~1 ms).
+RESTEER_HOLD = 0.5
 
 
 def stderr_log(line: str) -> None:
@@ -441,6 +444,7 @@ class ServiceRunner:
                 proxy_protocol=sc.proxy_protocol, gate=gate,
                 on_traffic=on_traffic, log=self.options.log,
                 idle_timeout=self.config.connection_idle_timeout,
+                on_warm=self._warm_arrival if self.kernel_path else None,
             )
         return DatagramProxy(
             self.name, sock, sc.upstream,
@@ -465,6 +469,30 @@ class ServiceRunner:
             await self.steering.steer(self.config, started.pid or 0, take, still)
 
         self._nursery_soon(steer)
+
+    def _warm_arrival(self) -> None:
+        """A connection reached lazyd's listener while the service is ready on
+        the kernel path: if the service's listener left the map, hold new
+        connections for the moment it takes to steer into its new one, so that
+        those right behind this one (a client's second connection, say) go
+        straight to the service instead of through lazyd."""
+        now = trio.current_time()
+        if self.machine.state is not State.RUNNING or not self.steering.wants_resteer(now):
+            return
+        streams = [p for p in self.proxies if isinstance(p, StreamProxy)]
+        for proxy in streams:
+            proxy.hold_new()
+
+        async def resteer() -> None:
+            try:
+                with trio.move_on_after(RESTEER_HOLD):
+                    await self.steering.resteer(now)
+            finally:
+                for proxy in streams:
+                    if proxy.ready:
+                        proxy.resume()
+
+        self._nursery_soon(resteer)
 
     def _nursery_soon(self, fn: Callable[..., Awaitable[None]], *args: object) -> None:
         assert self._nursery is not None

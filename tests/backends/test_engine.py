@@ -468,15 +468,18 @@ def test_logs_are_demultiplexed(engine: Engine, podman: Podman) -> None:
 
 
 def test_logs_of_a_container_with_a_tty_are_raw(podman: Podman) -> None:
-    """A container with a TTY has one stream, passed on as it is (the TTY's CRLF)."""
+    """A container with a TTY has one stream, passed on as it is (the TTY's CRLF),
+    whether logs() inspects it or is told (as the helper does, having just
+    inspected it)."""
     name = podman.create("--tty", command=("/usr/bin/python3", "-c", PRINTER))
     assert podman.unix.inspect(name)["tty"]
     podman.unix.start(name)
-    with podman.unix.logs(name) as logs:
-        watchdog(logs)
-        received = list(logs)
-    assert {stream for stream, _ in received} == {"stdout"}
-    assert b"".join(data for _, data in received) == b"to stdout\r\nto stderr\r\n"
+    for tty in (None, True):
+        with podman.unix.logs(name, tty=tty) as logs:
+            watchdog(logs)
+            received = list(logs)
+        assert {stream for stream, _ in received} == {"stdout"}
+        assert b"".join(data for _, data in received) == b"to stdout\r\nto stderr\r\n"
 
 
 def test_logs_since_and_closed_while_following(podman: Podman) -> None:

@@ -9,7 +9,9 @@ client's EOF); UDP clients get "PID ADDRESS DATA" for each datagram, where
 ADDRESS is the sender it saw.  With --notify it sends READY=1 to its
 NOTIFY_SOCKET once it listens, and exits 3 if it has none.  A stream client
 that sends the line "stop listening" makes it close its listening socket at
-once and exit 0.5 s later, as a service on its way out does.
+once and exit 0.5 s later, as a service on its way out does.  A TCP client
+that sends "listen anew" makes it close its listening socket and listen on a
+new one (as iperf3 does after each test) before it answers.
 """
 
 import argparse
@@ -60,6 +62,17 @@ else:
 ready()
 
 
+anew = threading.Event()  # set once the listener is replaced
+
+
+def listen_anew() -> None:
+    global server
+    old = server
+    old.shutdown(socket.SHUT_RDWR)  # the main thread's accept fails, and it waits for anew
+    server = socket.create_server((host, int(port)), backlog=1024)
+    anew.set()
+
+
 def serve(conn: socket.socket) -> None:
     with conn:
         try:
@@ -75,14 +88,21 @@ def serve(conn: socket.socket) -> None:
                         # holds the socket, and only shutdown stops the listening.
                         server.shutdown(socket.SHUT_RDWR)
                         threading.Timer(0.5, os._exit, (0,)).start()
+                    if line == b"listen anew\n":
+                        listen_anew()
                     conn.sendall(b"%d %s" % (pid, line))
         except OSError as exc:
             print(f"connection: {exc}", file=sys.stderr, flush=True)
 
 
 while True:
+    current = server
     try:
-        conn, _ = server.accept()
-    except OSError:  # "stop listening": wait for the exit it scheduled
-        threading.Event().wait()
+        conn, _ = current.accept()
+    except OSError:
+        if anew.wait(5):  # "listen anew": accept on the new listener
+            anew.clear()
+            current.close()
+            continue
+        threading.Event().wait()  # "stop listening": wait for the exit it scheduled
     threading.Thread(target=serve, args=(conn,), daemon=True).start()

@@ -21,20 +21,23 @@ def echo(conn: socket.socket) -> None:
             conn.sendall(data)
 
 
-def serve_udp(port: int) -> None:
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    udp.bind(("127.0.0.1", port))
+def serve_udp(udp: socket.socket) -> None:
     while True:
         data, peer = udp.recvfrom(65536)
         udp.sendto(b"udp " + data, peer)
 
 
+# The UDP socket is bound before the TCP one listens: lazyd's readiness is
+# the TCP connect, and a datagram it releases then must find a socket (lazyd
+# sees a TCP listener within a millisecond).
+if len(sys.argv) > 2:
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", int(sys.argv[2])))
+    threading.Thread(target=serve_udp, args=(udp,), daemon=True).start()
 server = socket.socket()
 server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 server.bind(("127.0.0.1", int(sys.argv[1])))
 server.listen(1024)
-if len(sys.argv) > 2:
-    threading.Thread(target=serve_udp, args=(int(sys.argv[2]),), daemon=True).start()
 print(f"container listening on {sys.argv[1]}", flush=True)
 after = os.environ.get("LAZYD_TEST_HEALTH_AFTER")
 if after:

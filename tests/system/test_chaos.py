@@ -47,6 +47,7 @@ from typing import Any
 import pytest
 import trio
 
+from lazyd.datapath.bpf import supported
 from lazyd.errors import ControlError
 from lazyd.runtime import control
 from tests.conftest import PROGRAMS, PY, LazydProcess, free_port, program, run_lazyd
@@ -129,6 +130,7 @@ class Svc:
     requires: list[str]
     sockets: list[Sock]
     fixed: bool = False  # the anchor: never changed or removed
+    datapath: str = ""  # proxy mode: the datapath key, if the walk sets it
     # Bumped whenever lazyd may end this service's connections (changed, killed).
     epoch: int = 0
 
@@ -144,6 +146,8 @@ class Svc:
         socks = ",".join(f"{s.kind}" for s in self.sockets)
         extra = f" requires={self.requires}" if self.requires else ""
         idle = f" idle={self.idle:g}" if self.idle is not None else ""
+        if self.datapath and self.mode == "proxy":
+            idle += f" datapath={self.datapath}"
         return (f"{self.name} {self.mode} {self.behavior} ready={self.ready} "
                 f"restart={self.restart} limit={self.start_limit}/{self.interval:g}s "
                 f"delay={self.delay:g}{idle} user={self.user} [{socks}]{extra}")
@@ -188,6 +192,8 @@ def render(services: dict[str, Svc], mark: str, inject: dict[str, list[str]] | N
         ]
         if svc.mode == "proxy" and svc.idle is not None:
             lines.append(f"    idle_timeout: {svc.idle:g}s")
+        if svc.mode == "proxy" and svc.datapath:
+            lines.append(f"    datapath: {svc.datapath}")
         if svc.requires:
             lines.append(f"    requires: [{', '.join(svc.requires)}]")
         lines += inject.get(svc.name, [])
@@ -343,6 +349,8 @@ class Figures:
     steps: int = 0
     operations: dict[str, int] = field(default_factory=dict)
     requests: int = 0
+    kernel_walks: int = 0  # walks with services on the kernel data path
+    steered_starts: int = 0  # starts after which new connections were steered
     failures: list[str] = field(default_factory=list)
 
 
@@ -351,6 +359,11 @@ class Walk:
         self.seed = seed
         self.total_steps = steps
         self.rng = random.Random(seed)
+        # Half the walks put their proxy services on the kernel data path
+        # where they can (`auto`: TCP ones are steered once warm), the
+        # anchor on it for certain.  Drawn apart from the walk's own numbers,
+        # so that a seed walks the same steps either way.
+        self.kernel = supported() is None and random.Random(f"kernel {seed}").random() < 0.5
         self.tmp = tmp_path
         self.figures = figures
         self.socks_dir = tmp_path / "s"
@@ -427,7 +440,7 @@ class Walk:
             idle=rng.choice([None, 0.5, 2.0]), delay=rng.choice([0.0, 0.0, 0.0, 0.3]),
             user=rng.choice(["root", "root", "nobody"]) if NOBODY_PY else "root",
             requires=rng.sample(older, 1) if older and rng.random() < 0.3 else [],
-            sockets=sockets,
+            sockets=sockets, datapath="auto" if self.kernel else "",
         )
         self._fit_ready(svc)
         return svc
@@ -847,8 +860,15 @@ class Walk:
     # -- start and end ------------------------------------------------------------
 
     def anchor(self) -> Svc:
-        """The one service that is always there: pass mode, exits when idle."""
+        """The one service that is always there: pass mode, exits when idle; in a
+        kernel walk, a proxy on the kernel path, stopped when idle (a service
+        wanting the kernel path at start-up is what has lazyd set it up)."""
         sock = self._sock("k0", "tcp", "anchor")
+        if self.kernel:
+            return Svc(name="anchor", serial=0, mode="proxy", behavior="ok", ready="connect",
+                       restart="no", start_limit=100, interval=2.0, idle=0.3, delay=0.0,
+                       user="root", requires=[], sockets=[sock], fixed=True,
+                       datapath="kernel")
         return Svc(name="anchor", serial=0, mode="pass", behavior="ok", ready="started",
                    restart="no", start_limit=100, interval=2.0, idle=0.3, delay=0.0,
                    user="root", requires=[], sockets=[sock], fixed=True)
@@ -947,6 +967,9 @@ class Walk:
         if left:
             raise Violation(f"processes left after SIGTERM: {left}")
         self.check_log()
+        self.figures.kernel_walks += self.kernel
+        self.figures.steered_starts += sum(": kernel data path: new connections to " in line
+                                           for line in self.lz_lines())
         if os.environ.get("CHAOS_VERBOSE"):
             print("\n".join(self.steps), file=sys.stderr)
 
@@ -1028,7 +1051,9 @@ async def test_chaos_for_a_while() -> None:
               f"{len(figures.failures)} failed", file=sys.stderr, flush=True)
     ops = ", ".join(f"{k} {v}" for k, v in sorted(figures.operations.items()))
     print(f"\nchaos: {time.monotonic() - began:.0f} s, {figures.walks} walks, "
-          f"{figures.steps} steps, {figures.requests} client requests; operations: {ops}; "
+          f"{figures.steps} steps, {figures.requests} client requests; "
+          f"{figures.kernel_walks} walks on the kernel data path, "
+          f"{figures.steered_starts} starts steered; operations: {ops}; "
           f"{len(figures.failures)} walks failed", file=sys.stderr)
     for failure in figures.failures:
         print("chaos: failed: " + failure.splitlines()[0], file=sys.stderr)

@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import subprocess
+from collections.abc import Awaitable
 from pathlib import Path
 
 import pytest
@@ -178,6 +179,68 @@ async def test_idle_stop_sees_steered_connections(tmp_path: Path) -> None:
         again = await ask(port, b"again\n")
         assert again.endswith(b" again\n") and int(again.split()[0]) != pid
         await lz.wait_line(r"^idle: kernel data path: new connections to", count=2)
+
+
+async def test_a_service_that_listens_anew_is_steered_into_its_new_listener(
+    tmp_path: Path,
+) -> None:
+    """A service that replaces its listening socket (iperf3 does, after each test):
+    the entry leaves the map with the old socket, the next connection reaches
+    lazyd, which forwards it and takes the new listener, so the one after goes
+    straight to the service again."""
+    port, upstream = free_port(), free_port()
+    async with run_lazyd(tmp_path, "services:\n" + _kernel("anew", port, upstream)) as lz:
+        pid = await _steered_start(lz, "anew", port)
+        assert await ask(port, b"listen anew\n") == b"%d listen anew\n" % pid
+        # The old listener is gone: lazyd answers this one itself ...
+        assert await ask(port, b"through lazyd\n") == b"%d through lazyd\n" % pid
+        steered = (await lz.status())["anew"]["steered"]
+        assert steered == 1
+        # ... and the next goes to the new listener, accepted by the service.
+        answer, sock = await trio.to_thread.run_sync(lambda: _ask(port, keep=True))
+        assert sock is not None
+        with sock:
+            assert answer == b"%d hello\n" % pid
+            inode = _accepted_inode(port, sock.getsockname())
+            assert diag.fd_of_inode(pid, inode) is not None
+            assert diag.fd_of_inode(lz.process.pid, inode) is None
+            svc = (await lz.status())["anew"]
+            assert svc["steered"] == 2 and svc["steering"] is True
+        assert "cannot take the service's listener again" not in lz.log()
+
+
+async def test_a_service_without_a_listener_is_not_asked_again_for_each_client(
+    tmp_path: Path,
+) -> None:
+    """A steered service that stops listening on its way out: lazyd cannot take a
+    listener, says so once, and the clients that arrive meanwhile are answered by
+    the next start, through lazyd, without lazyd spinning on refused connects."""
+    port, upstream = free_port(), free_port()
+    async with run_lazyd(tmp_path, "services:\n" + _kernel("going", port, upstream)) as lz:
+        pid = await _steered_start(lz, "going", port)
+        assert await ask(port, b"stop listening\n") == b"%d stop listening\n" % pid
+        answers = await gather(*(ask(port, b"later %d\n" % i) for i in range(3)))
+        for i, answer in enumerate(answers):
+            new_pid = int(answer.split()[0])
+            assert new_pid != pid and answer == b"%d later %d\n" % (new_pid, i)
+        log = lz.log()
+        assert log.count("cannot take the service's listener again") == 1
+        # Refused while lazyd still thought it ready: tried again every 50 ms
+        # for the 0.5 s until the exit, not at every turn of the event loop.
+        failures = re.search(r"works again \((\d+) failures in a row\)", log)
+        assert failures is not None and int(failures.group(1)) <= 60, failures
+
+
+async def gather(*calls: Awaitable[bytes]) -> list[bytes]:
+    results: list[bytes] = [b""] * len(calls)
+
+    async def one(i: int, call: Awaitable[bytes]) -> None:
+        results[i] = await call
+
+    async with trio.open_nursery() as nursery:
+        for i, call in enumerate(calls):
+            nursery.start_soon(one, i, call)
+    return results
 
 
 async def test_a_crashed_service_falls_back_to_lazyd_and_is_steered_again(

@@ -301,13 +301,15 @@ class Engine:
         conn, response = self._open_stream("/events", query, name, f"follow the events of {name!r}")
         return Events(self, conn, response)
 
-    def logs(self, name: str, since: float | None = None) -> Logs:
+    def logs(self, name: str, since: float | None = None, tty: bool | None = None) -> Logs:
         """Follow the output of container `name` (since `since`, seconds since
         the epoch, else all of it): an iterator of (stream, bytes), stream
         "stdout" or "stderr" (a container with a TTY has one stream, raw,
         given as "stdout"). It ends when the container stops; `Logs.close()`,
-        from any thread, ends it sooner."""
-        tty = self.inspect(name)["tty"]
+        from any thread, ends it sooner. `tty`: whether it has a TTY, when
+        the caller has just inspected it (else this inspects it first)."""
+        if tty is None:
+            tty = self.inspect(name)["tty"]
         query = {"follow": "1", "stdout": "1", "stderr": "1"}
         if since is not None:
             query["since"] = f"{since:.9f}"
