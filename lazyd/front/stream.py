@@ -395,7 +395,7 @@ class StreamProxy(Forwarder):
         # (the client's TCP window closes once that is full).  One the pump
         # will forward at once is watched for data from the start instead:
         # one epoll_ctl less than a change of events when it connects.
-        watch = (_WATCH_OPEN if self._ready and not self._pending
+        watch = (_WATCH_OPEN if self._ready and not self._holding and not self._pending
                  and self._connecting < CONNECTS_IN_FLIGHT
                  and (self.max_connections is None or self.activity.count < self.max_connections)
                  else _WATCH_HELD)
