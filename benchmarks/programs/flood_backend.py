@@ -9,6 +9,11 @@ backlog, 4096 as the C one) or takes the socket-activated listener at fd 3
 seconds, "%.6f\\n") to --ready-file, and then, for each connection in turn:
 accept, read the request up to its blank line, write a fixed 200, close.
 
+With --busy-file, on SIGTERM it writes there the CPU time it spent since it
+began to serve (user + system) and how many connections it served,
+"%.6f %d\n": the service's own time, which no activator can save it (the
+wall time it spends on a connection would count the activator's relaying too).
+
 Unlike the C one it never has two connections in hand: while it serves one,
 the others wait in its accept queue, and past that queue's length their SYNs
 are dropped. That is what a flood meets behind most services.
@@ -17,6 +22,7 @@ are dropped. That is what a flood meets behind most services.
 import argparse
 import os
 import select
+import signal
 import socket
 import sys
 import time
@@ -74,10 +80,21 @@ def main() -> int:
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--ready-file")
     parser.add_argument("--backlog", type=int, default=4096)
+    parser.add_argument("--busy-file")
     args = parser.parse_args()
+    busy = [0.0, 0]
+
+    def stop(signum: int, frame: object) -> None:
+        if args.busy_file is not None:
+            with open(args.busy_file, "w") as f:
+                f.write(f"{time.process_time() - busy[0]:.6f} {busy[1]}\n")
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
     time.sleep(args.delay)
     listener = listener_from(args)
     ready = time.monotonic()
+    busy[0] = time.process_time()
     if args.ready_file is not None:
         with open(args.ready_file, "w") as f:
             f.write(f"{ready:.6f}\n")
@@ -89,6 +106,7 @@ def main() -> int:
             pass  # reset, or timed out: that client is gone, serve the next
         finally:
             conn.close()
+            busy[1] += 1
 
 
 if __name__ == "__main__":
