@@ -263,6 +263,14 @@ class StreamProxy(Forwarder):
         self._holding = False
         self._pump()
 
+    async def drained(self) -> None:
+        """Return once nothing is held here (every held connection forwarded,
+        or gone), or once the proxy is no longer ready."""
+        while self._held and self._ready:
+            if self._room is None:
+                self._room = trio.Event()
+            await self._room.wait()
+
     def drop(self, reason: str) -> int:
         """The start failed: close every held connection and return how many.
         Stays not ready, so the next connection is held (and calls on_traffic)."""
@@ -284,6 +292,7 @@ class StreamProxy(Forwarder):
         is called for them (soon, not from inside this call)."""
         self._ready = self._shovel.ready = False
         self._holding = False
+        self._room_freed()  # drained() returns: not ready any more
         self._close_spare()
         if self._held and self._nursery is not None:
             self._nursery.start_soon(self._report_held)

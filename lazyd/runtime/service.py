@@ -465,6 +465,14 @@ class ServiceRunner:
             return self.machine.instance == handle and self.machine.state is State.RUNNING
 
         async def steer() -> None:
+            # Only once every held connection is on its way: a newcomer steered
+            # now would overtake clients that waited through the cold start,
+            # and compete with them for the service's accept queue.
+            for proxy in self.proxies:
+                if isinstance(proxy, StreamProxy):
+                    await proxy.drained()
+            if not still():
+                return
             take = current_spawner().take_listener
             await self.steering.steer(self.config, started.pid or 0, take, still)
 

@@ -226,6 +226,51 @@ async def test_max_connections_keeps_the_excess_held(sockets: list[socket.socket
     assert sorted(answers) == [b"reply to request %d\n" % i for i in range(3)]
 
 
+async def test_drained_returns_once_every_held_connection_is_forwarded(
+    sockets: list[socket.socket],
+) -> None:
+    """drained() (what the kernel data path waits for before it steers) does not
+    return while a client is still held, and returns once the last is forwarded,
+    or once the proxy is not ready any more."""
+    listener = tcp_listener(sockets)
+    upstream = tcp_upstream()
+    finish = trio.Event()
+    drained = trio.Event()
+
+    async def slow_reply(stream: trio.SocketStream) -> None:
+        line = await read_line(stream)
+        await finish.wait()
+        await stream.send_all(b"reply to " + line)
+
+    async def client(i: int) -> None:
+        async with await connect(listener) as stream:
+            await stream.send_all(b"request %d\n" % i)
+            await read_all(stream)
+
+    async def wait_drained(proxy: proxy_module.StreamProxy) -> None:
+        await proxy.drained()
+        drained.set()
+
+    with trio.fail_after(TIMEOUT):
+        async with backend(upstream, slow_reply), \
+                proxying(listener, upstream, max_connections=1) as (proxy, _rec):
+            proxy.release()
+            async with trio.open_nursery() as clients:
+                for i in range(3):
+                    clients.start_soon(client, i)
+                await trio.testing.wait_all_tasks_blocked()
+                assert (proxy.active, proxy.held) == (1, 2)
+                clients.start_soon(wait_drained, proxy)
+                await trio.testing.wait_all_tasks_blocked()
+                assert not drained.is_set()
+                finish.set()
+            assert drained.is_set()
+            # Not ready: it returns at once, held or not.
+            proxy.unready()
+            with trio.fail_after(1):
+                await proxy.drained()
+
+
 async def test_drop_closes_held_connections(sockets: list[socket.socket]) -> None:
     """drop(reason) closes every held connection, returns the count, logs once; the next is held."""
     listener = tcp_listener(sockets)

@@ -11,7 +11,9 @@ NOTIFY_SOCKET once it listens, and exits 3 if it has none.  A stream client
 that sends the line "stop listening" makes it close its listening socket at
 once and exit 0.5 s later, as a service on its way out does.  A TCP client
 that sends "listen anew" makes it close its listening socket and listen on a
-new one (as iperf3 does after each test) before it answers.
+new one (as iperf3 does after each test) before it answers.  With
+--accept-every S it waits S seconds before each accept, as a busy service does
+(--backlog N: its listen backlog, 1024 by default).
 """
 
 import argparse
@@ -26,6 +28,9 @@ parser.add_argument("address")
 parser.add_argument("--delay", type=float, default=0.0)
 parser.add_argument("--echo", action="store_true")
 parser.add_argument("--notify", action="store_true")
+parser.add_argument("--accept-every", type=float, default=0.0,
+                    help="a slow service: wait this long before each accept")
+parser.add_argument("--backlog", type=int, default=1024)
 args = parser.parse_args()
 if args.notify and not os.environ.get("NOTIFY_SOCKET"):
     print("no NOTIFY_SOCKET in my environment", flush=True)
@@ -58,7 +63,7 @@ if kind == "unix":
     server.listen(1024)
 else:
     host, port = where.rsplit(":", 1)
-    server = socket.create_server((host, int(port)), backlog=1024)
+    server = socket.create_server((host, int(port)), backlog=args.backlog)
 ready()
 
 
@@ -97,6 +102,7 @@ def serve(conn: socket.socket) -> None:
 
 while True:
     current = server
+    time.sleep(args.accept_every)
     try:
         conn, _ = current.accept()
     except OSError:
