@@ -183,6 +183,9 @@ class StreamProxy(Forwarder):
         self._stopping = False
         self._pending: deque[Connection] = deque()  # held, in arrival order (and some gone)
         self._held = 0
+        # Accepted and counted in the fd budget, not yet admitted (see
+        # _accept_loop): plain (fd, peer) pairs, in arrival order.
+        self._arrived: list[tuple[int, Any]] = []
         self._connecting = 0
         self._pumping = False
         self._pump_later = False
@@ -220,11 +223,11 @@ class StreamProxy(Forwarder):
     @property
     def held(self) -> int:
         """Connections accepted and not yet forwarded."""
-        return self._held
+        return self._held + len(self._arrived)
 
     @property
     def waiting(self) -> int:
-        return self._held
+        return self._held + len(self._arrived)
 
     def adopt(self, upstream: socket.socket) -> None:
         """A connection to the upstream already made (the readiness probe's):
@@ -266,7 +269,7 @@ class StreamProxy(Forwarder):
     async def drained(self) -> None:
         """Return once nothing is held here (every held connection forwarded,
         or gone), or once the proxy is no longer ready."""
-        while self._held and self._ready:
+        while (self._held or self._arrived) and self._ready:
             if self._room is None:
                 self._room = trio.Event()
             await self._room.wait()
@@ -279,11 +282,19 @@ class StreamProxy(Forwarder):
         self._close_spare()
         for conn in held:
             self._close(conn)
-        if held:
-            count = len(held)
+        count = len(held) + self._close_arrived()
+        if count:
             self.log(f"{self.name}: closed {count} held connection{'s' if count != 1 else ''}"
                      f" ({reason})")
-        return len(held)
+        return count
+
+    def _close_arrived(self) -> int:
+        """Close the connections accepted but not yet admitted; how many."""
+        arrived, self._arrived = self._arrived, []
+        for fd, _peer in arrived:
+            os.close(fd)
+            FDS.closed()
+        return len(arrived)
 
     def unready(self) -> None:
         """The service stopped: hold new connections again.  Connections already
@@ -325,6 +336,7 @@ class StreamProxy(Forwarder):
             for conn in self._reactor.registered():
                 self._close(conn)
             self._pending.clear()
+            self._close_arrived()
             self._close_spare()
             self._reactor.close()
             if self.listener.fileno() != -1:
@@ -341,10 +353,14 @@ class StreamProxy(Forwarder):
         accepted = 0
         while True:
             if self.paused:
+                self._admit_arrived()
                 await trio.sleep_forever()  # until cancelled
-            while self._held >= self.queue_limit:
+            while self._held + len(self._arrived) >= self.queue_limit:
                 # Full: accept nothing more.  The kernel's backlog keeps the
                 # rest; accepting and closing would turn a wait into a refusal.
+                self._admit_arrived()
+                if self._held < self.queue_limit:
+                    break
                 if self._room is None:
                     self._room = trio.Event()
                 await self._room.wait()
@@ -352,6 +368,7 @@ class StreamProxy(Forwarder):
                 # Near the fd limit: leave the rest in the backlog until
                 # connections close, rather than take the fds lazyd itself
                 # needs (a spawned service's output pipe, the control socket).
+                self._admit_arrived()
                 if not self._fds_short:
                     self._fds_short = True
                     self.log(f"{self.name}: near the open-file limit ({FDS.limit}): new "
@@ -361,6 +378,7 @@ class StreamProxy(Forwarder):
             try:
                 fd, peer = accept_fd()
             except BlockingIOError:
+                self._admit_arrived()
                 if self._fds_short:
                     # Said once per burst, when the backlog is empty, not
                     # each time an fd frees.
@@ -369,6 +387,7 @@ class StreamProxy(Forwarder):
                 await trio.lowlevel.wait_readable(self.listener)
                 continue
             except OSError as exc:
+                self._admit_arrived()
                 if exc.errno in _OUT_OF_RESOURCES:
                     self._accept_log.failed(f"{describe(exc)}; retrying every 100 ms")
                     await trio.sleep(ACCEPT_BACKOFF)
@@ -378,7 +397,13 @@ class StreamProxy(Forwarder):
                     continue
                 raise
             self._accept_log.succeeded()
-            self._admit(fd, peer)
+            # Admitted (gate, bookkeeping, epoll) only once the kernel's queue
+            # is empty: a burst comes off the queue at the speed of accept(2)
+            # alone, several times what the whole of admitting allows, so a
+            # flood of connects does not overflow the accept queue (each SYN
+            # dropped there costs its client a second) while lazyd works.
+            FDS.opened()
+            self._arrived.append((fd, peer))
             # Let others run between batches of a long backlog.  A held
             # connection costs no task and no wake-up, so the batch can be
             # long: a flood must come off the kernel's queue faster than it
@@ -387,11 +412,25 @@ class StreamProxy(Forwarder):
             if accepted % ACCEPT_BATCH == 0:
                 await trio.lowlevel.checkpoint()
 
+    def _admit_arrived(self) -> None:
+        """Admit what the accept loop took off the kernel's queue, in order."""
+        while self._arrived:
+            arrived, self._arrived = self._arrived, []
+            for n, (fd, peer) in enumerate(arrived):
+                try:
+                    self._admit(fd, peer)
+                except BaseException:
+                    for rest, _peer in arrived[n + 1:]:
+                        os.close(rest)
+                        FDS.closed()
+                    raise
+
     def _admit(self, fd: int, peer: Any) -> None:
+        """Admit (or refuse) one accepted connection, already in the fd budget."""
         if self.refusing:
             reset_and_close(socket.socket(self._family, socket.SOCK_STREAM, 0, fd))
+            FDS.closed()
             return
-        FDS.opened()
         client = None
         if self.gate is not None:
             client = socket.socket(self._family, socket.SOCK_STREAM, 0, fd)
