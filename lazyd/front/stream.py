@@ -378,7 +378,9 @@ class StreamProxy(Forwarder):
             try:
                 fd, peer = accept_fd()
             except BlockingIOError:
-                self._admit_arrived()
+                if self._arrived:
+                    self._admit_arrived()
+                    continue  # more may have come meanwhile: no wait for that
                 if self._fds_short:
                     # Said once per burst, when the backlog is empty, not
                     # each time an fd frees.
