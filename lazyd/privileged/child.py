@@ -136,7 +136,7 @@ def prepare_child_fds(
 
 def run_child(
     executable: str,
-    argv: Sequence[str],
+    argv: list[str],
     env: dict[str, str],
     creds: Credentials,
     sources: Sequence[int],
