@@ -1,0 +1,91 @@
+"""The first-accept sampler: how closely it times a real accept, and that it stops when told."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import trio
+
+from lazyd.runtime.first_accept import sample_first_accept, watch_first_accept
+
+# On a shared machine a thread's wake-up may come late; the promise is for
+# samples that come on time, so each bound gets this much room.
+LATE = 0.003
+
+
+@contextmanager
+def listener_with(clients: int) -> Iterator[socket.socket]:
+    """A listening TCP socket with `clients` connections in its accept queue."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        connections = [socket.create_connection(listener.getsockname()) for _ in range(clients)]
+        try:
+            yield listener
+        finally:
+            for connection in connections:
+                connection.close()
+
+
+@pytest.mark.parametrize("delay", [0.002, 0.015, 0.12])
+def test_the_time_recorded_is_within_an_eighth_plus_half_a_millisecond(delay: float) -> None:
+    """A connection accepted `delay` after sampling began is timed within
+    delay/8 + 0.5 ms (and the slack a late thread needs)."""
+    with listener_with(2) as listener:
+        accepted: list[float] = []
+
+        def accept_later() -> None:
+            time.sleep(delay)
+            before = time.perf_counter()
+            connection, _ = listener.accept()
+            accepted.extend([before, time.perf_counter()])
+            connection.close()
+
+        thread = threading.Thread(target=accept_later)
+        start = time.perf_counter()
+        thread.start()
+        found = sample_first_accept([listener], 2, 2.0, threading.Event())
+        thread.join()
+    assert found is not None
+    before, after = accepted
+    elapsed = before - start
+    assert before - elapsed / 8 - 0.0005 - LATE <= found <= after + elapsed / 8 + 0.0005 + LATE
+
+
+def test_nothing_is_recorded_without_an_accept_queue() -> None:
+    """A UDP socket has no accept queue to read: nothing to record, at once."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        started = time.perf_counter()
+        assert sample_first_accept([sock], 1, 2.0, threading.Event()) is None
+        assert time.perf_counter() - started < 0.5
+
+
+async def test_the_thread_stops_as_soon_as_the_service_does() -> None:
+    """When the service stops running, the sampling thread returns at once (not at
+    the end of its window), with nothing recorded, and its copies are closed."""
+    stopped = trio.Event()
+
+    async def running() -> bool:
+        await stopped.wait()
+        return False
+
+    with listener_with(1) as listener:
+        async with trio.open_nursery() as nursery:
+            results: list[float | None] = []
+
+            async def watch() -> None:
+                results.append(await watch_first_accept([listener], 1, 30.0, running))
+
+            nursery.start_soon(watch)
+            await trio.sleep(0.05)
+            with trio.fail_after(1):
+                stopped.set()
+                while not results:
+                    await trio.sleep(0.01)
+        assert results == [None]
+        assert listener.fileno() >= 0  # the daemon's own listener is untouched
