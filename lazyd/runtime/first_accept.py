@@ -13,7 +13,8 @@ The samples are taken in a thread of their own (`watch_first_accept`): they
 come while the service starts, often on the CPU it runs on, and a wake-up of
 trio's loop costs ~0.15 ms of Python where a thread's costs ~20 us.  The
 thread reads copies of the listeners, so that an fd the daemon closes
-meanwhile (a reload) is never read under its number reused.
+meanwhile (a reload) is never read under its number reused, and it records
+what it found itself, so that trio's loop is not woken for it either.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from functools import partial
 from socket import socket
 
 import trio
@@ -60,34 +60,39 @@ def sample_first_accept(
 
 async def watch_first_accept(
     listeners: Sequence[socket], held: int, window: float,
-    running: Callable[[], Awaitable[bool]],
-) -> float | None:
-    """`sample_first_accept` on copies of `listeners`, in a thread, while
-    `running()` (awaited in turn: it returns once something changed) says
-    the service still runs; the time in trio's clock, or None.
+    running: Callable[[], Awaitable[bool]], found: Callable[[float], None],
+) -> None:
+    """Start `sample_first_accept` on copies of `listeners` in a thread, and
+    stop it once `running()` (awaited in turn: it returns once something
+    changed) says the service no longer runs, or after `window` seconds.
+
+    The thread itself calls `found` with the time (in trio's clock), and
+    closes the copies: telling trio's loop would wake it just as the service
+    has accepted and is about to answer, on the CPU it may share. So `found`
+    must be safe to call from another thread (setting one attribute is).
     """
     copies = [sock.dup() for sock in listeners]
     stop = threading.Event()
     # trio's clock is perf_counter plus an offset: the thread's times in it.
     offset = trio.current_time() - time.perf_counter()
-    found: list[float | None] = [None]
+
+    def sample() -> None:
+        try:
+            first = sample_first_accept(copies, held, window, stop)
+        finally:
+            for copy in copies:
+                copy.close()
+        if first is not None:
+            found(first + offset)
+
+    # An exception (a bug) is printed with its traceback by the thread.
+    trio.lowlevel.start_thread_soon(sample, lambda result: result.unwrap(),
+                                    name="lazyd first accept")
     try:
-        async with trio.open_nursery() as nursery:
-
-            async def sample() -> None:
-                found[0] = await trio.to_thread.run_sync(
-                    partial(sample_first_accept, copies, held, window, stop))
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(sample)
-            try:
-                while await running():
-                    pass
-            finally:
-                # However this ends (the service stopped, the runner is
-                # cancelled), the thread returns at once.
-                stop.set()
+        with trio.move_on_after(window):
+            while await running():
+                pass
     finally:
-        for copy in copies:
-            copy.close()
-    return None if found[0] is None else found[0] + offset
+        # However this ends (the service stopped, the runner is cancelled),
+        # the thread returns at once.
+        stop.set()

@@ -512,9 +512,10 @@ class ServiceRunner:
             await self.changed.wait()
             return self.machine.state is State.RUNNING
 
-        first = await watch_first_accept(self.sockets, record.held, FIRST_ACCEPT_WINDOW, running)
-        if first is not None:
+        def found(first: float) -> None:  # called in the sampling thread
             record.first_accept = first
+
+        await watch_first_accept(self.sockets, record.held, FIRST_ACCEPT_WINDOW, running, found)
 
     def refresh_first_byte(self) -> None:
         """Proxy mode: fill in the latest start's first forwarded byte."""

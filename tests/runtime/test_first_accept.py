@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -67,25 +68,49 @@ def test_nothing_is_recorded_without_an_accept_queue() -> None:
 
 async def test_the_thread_stops_as_soon_as_the_service_does() -> None:
     """When the service stops running, the sampling thread returns at once (not at
-    the end of its window), with nothing recorded, and its copies are closed."""
+    the end of its window), with nothing recorded, and closes its copies."""
     stopped = trio.Event()
+    found: list[float] = []
 
     async def running() -> bool:
         await stopped.wait()
         return False
 
     with listener_with(1) as listener:
+        before = set(os.listdir("/proc/self/fd"))
         async with trio.open_nursery() as nursery:
-            results: list[float | None] = []
-
-            async def watch() -> None:
-                results.append(await watch_first_accept([listener], 1, 30.0, running))
-
-            nursery.start_soon(watch)
+            nursery.start_soon(watch_first_accept, [listener], 1, 30.0, running, found.append)
             await trio.sleep(0.05)
-            with trio.fail_after(1):
-                stopped.set()
-                while not results:
-                    await trio.sleep(0.01)
-        assert results == [None]
+            assert len(set(os.listdir("/proc/self/fd")) - before) >= 1  # its copy
+            stopped.set()
+        with trio.fail_after(1):
+            while set(os.listdir("/proc/self/fd")) - before:
+                await trio.sleep(0.005)
+        assert found == []
         assert listener.fileno() >= 0  # the daemon's own listener is untouched
+
+
+async def test_the_thread_records_the_accept_itself() -> None:
+    """The time comes from the thread, in trio's clock, between the sample before
+    the accept and the one after."""
+    found: list[float] = []
+
+    async def running() -> bool:
+        await trio.sleep_forever()
+        return True  # pragma: no cover
+
+    with listener_with(1) as listener:
+        async with trio.open_nursery() as nursery:
+            start = trio.current_time()
+            nursery.start_soon(watch_first_accept, [listener], 1, 30.0, running, found.append)
+            await trio.sleep(0.02)
+            before = trio.current_time()
+            listener.accept()[0].close()
+            after = trio.current_time()
+            with trio.fail_after(1):
+                while not found:
+                    await trio.sleep(0.005)
+            nursery.cancel_scope.cancel()
+    (first,) = found
+    slack = (before - start) / 8 + 0.0005 + LATE
+    assert before - slack <= first <= after + slack
