@@ -14,13 +14,16 @@ come while the service starts, often on the CPU it runs on, and a wake-up of
 trio's loop costs ~0.15 ms of Python where a thread's costs ~20 us.  The
 thread reads copies of the listeners, so that an fd the daemon closes
 meanwhile (a reload) is never read under its number reused, and it records
-what it found itself, so that trio's loop is not woken for it either.
+what it found itself, so that trio's loop is not woken for it either.  The
+thread is started before it is needed (`prepare`, when a pass-mode runner
+begins) and waits for the next start when done.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from socket import socket
 
@@ -58,13 +61,64 @@ def sample_first_accept(
         step *= GROWTH
 
 
+class _Samplers:
+    """Threads that sample, one watch each at a time; started ahead of need.
+
+    Starting a thread costs ~0.2 ms of the daemon's CPU, and a start is just
+    when it can spare none: `prepare` starts one while nothing is starting,
+    and it waits, blocked, for the watches to come. More are started only
+    when several services start at once.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: deque[Callable[[], None]] = deque()
+        self._lock = threading.Condition()
+        self._threads = 0
+        self._idle = 0
+
+    def prepare(self) -> None:
+        """Have at least one sampler thread waiting."""
+        with self._lock:
+            if self._threads == 0:
+                self._start()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            self._jobs.append(job)
+            if self._idle < len(self._jobs):
+                self._start()
+            self._lock.notify()
+
+    def _start(self) -> None:
+        self._threads += 1
+        threading.Thread(target=self._run, name="lazyd-first-accept", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                self._idle += 1
+                self._lock.wait_for(lambda: bool(self._jobs))
+                self._idle -= 1
+                job = self._jobs.popleft()
+            job()  # an exception (a bug) ends this thread with its traceback
+
+
+_SAMPLERS = _Samplers()
+
+
+def prepare() -> None:
+    """Start a sampler thread now, while nothing waits for the CPU (idempotent)."""
+    _SAMPLERS.prepare()
+
+
 async def watch_first_accept(
     listeners: Sequence[socket], held: int, window: float,
     running: Callable[[], Awaitable[bool]], found: Callable[[float], None],
 ) -> None:
-    """Start `sample_first_accept` on copies of `listeners` in a thread, and
-    stop it once `running()` (awaited in turn: it returns once something
-    changed) says the service no longer runs, or after `window` seconds.
+    """Have a sampler thread run `sample_first_accept` on copies of
+    `listeners`, and stop it once `running()` (awaited in turn: it returns
+    once something changed) says the service no longer runs, or after
+    `window` seconds.
 
     The thread itself calls `found` with the time (in trio's clock), and
     closes the copies: telling trio's loop would wake it just as the service
@@ -85,9 +139,7 @@ async def watch_first_accept(
         if first is not None:
             found(first + offset)
 
-    # An exception (a bug) is printed with its traceback by the thread.
-    trio.lowlevel.start_thread_soon(sample, lambda result: result.unwrap(),
-                                    name="lazyd first accept")
+    _SAMPLERS.submit(sample)
     try:
         with trio.move_on_after(window):
             while await running():

@@ -60,6 +60,7 @@ from lazyd.net.access import Access
 from lazyd.readiness.notify import NotifySocket, open_notify_socket
 from lazyd.readiness.probe import wait_connectable
 from lazyd.readiness.sender import SenderPolicy
+from lazyd.runtime import first_accept
 from lazyd.runtime.binding import accept_queue_length
 from lazyd.runtime.first_accept import watch_first_accept
 
@@ -258,6 +259,10 @@ class ServiceRunner:
                         await nursery.start(proxy.run)
                     if self.config.idle_timeout is not None:
                         nursery.start_soon(self._run_idle_stop)
+                else:
+                    # Its first start will want a thread to time the first
+                    # accept: started now, it costs that start nothing.
+                    first_accept.prepare()
                 self._apply(self.machine.begin(trio.current_time()))
                 self._begun = True
                 for sc, proxy in zip(self.config.sockets, self.proxies, strict=False):
