@@ -152,7 +152,7 @@ def run_child(
 
     Everything here is paid for twice, in the work itself and in the pages
     of the helper it writes to, which the kernel copies first (a spawn's
-    child touches ~200 of them): so it runs no more Python than it must, and
+    child touches ~150 of them): so it runs no more Python than it must, and
     whatever can be decided in the parent is decided there. What cannot be:
     LISTEN_PID (this process's own pid) and the parent-death signal, which
     only the process itself can set, after its credentials; so a child
