@@ -21,7 +21,7 @@ import os
 import resource
 import signal
 
-from lazyd.privileged.handoff import LISTEN_FDS_START, arrange_fds
+from lazyd.privileged.handoff import LISTEN_FDS_START, lift_sources, place_fds
 
 TYPE_CHECKING = False  # not from typing, which the helper would have to import
 if TYPE_CHECKING:
@@ -82,15 +82,19 @@ def fork_child(
         ours.append(out_w)
         err_r, err_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         ours.append(err_w)
-        # The child first fills 3..end-1; what it needs after that lives above.
+        # The child first fills 3..end-1; what it needs after that lives above,
+        # and so do the sockets it copies there (half of `arrange_fds`, done
+        # here: whatever the child runs is paid for in copied pages).
         out_w, err_w, devnull = (_above(fd, end, ours) for fd in (out_w, err_w, devnull))
+        sources = lift_sources(fds, ours)
         parent = os.getpid()
         try:
             pid = os.fork()
         except OSError as exc:
             raise ForkError(exc.errno or 0) from None
         if pid == 0:
-            run_child(entry, env, creds, fds, devnull, out_w, err_w, fd_limit, nofile, parent)
+            run_child(entry.executable, entry.argv, env, creds, sources, devnull, out_w, err_w,
+                      fd_limit, entry.workdir, nofile, parent)
     finally:
         for fd in ours:
             os.close(fd)
@@ -111,39 +115,49 @@ def _above(fd: int, low: int, temporaries: list[int]) -> int:
 
 
 def prepare_child_fds(
-    fds: Sequence[int], devnull: int, out_w: int, keep: int, fd_limit: int
+    sources: Sequence[int], devnull: int, out_w: int, keep: int, fd_limit: int
 ) -> None:
     """In a forked child: sockets at 3.., /dev/null at 0, `out_w` at 1 and 2.
 
-    `devnull`, `out_w` and `keep` must be at or above 3+len(fds) (the parent
-    puts them there), so that nothing below overwrites them. The sockets are
-    arranged before stdio is touched, so a socket that sits at 0-2 is copied
-    first. Afterwards every fd from 3+len(fds) up to `fd_limit` is closed
-    except `keep` (the error pipe, which is close-on-exec).
+    `sources`, `devnull`, `out_w` and `keep` must be at or above
+    3+len(sources) (the parent puts them there: `lift_sources`, `_above`), so
+    that nothing below overwrites them. Afterwards every fd from
+    3+len(sources) up to `fd_limit` is closed except `keep` (the error pipe,
+    which is close-on-exec).
     """
-    end = LISTEN_FDS_START + len(fds)
-    arrange_fds(fds)
+    place_fds(sources)
     os.dup2(devnull, 0)
     os.dup2(out_w, 1)
     os.dup2(out_w, 2)
     # close_range(2) where the interpreter has it: one call, whatever the limit.
-    os.closerange(end, keep)
+    os.closerange(LISTEN_FDS_START + len(sources), keep)
     os.closerange(keep + 1, max(fd_limit, keep + 1))
 
 
 def run_child(
-    entry: ProcessEntry,
+    executable: str,
+    argv: list[str],
     env: dict[str, str],
     creds: Credentials,
-    fds: Sequence[int],
+    sources: Sequence[int],
     devnull: int,
     out_w: int,
     err_w: int,
     fd_limit: int,
+    workdir: str | None,
     nofile: tuple[int, int] | None,
     parent: int,
 ) -> NoReturn:
     """Between fork and exec: turn this child into the service. Never returns.
+
+    Everything here is paid for twice, in the work itself and in the pages
+    of the helper it writes to, which the kernel copies first (a spawn's
+    child touches ~150 of them): so it runs no more Python than it must, and
+    whatever can be decided in the parent is decided there. What cannot be:
+    LISTEN_PID (this process's own pid) and the parent-death signal, which
+    only the process itself can set, after its credentials; so a child
+    without Python (`_posixsubprocess.fork_exec`, `posix_spawn`) could not
+    start a service as it must be started.
 
     Signal dispositions need no work (the helper handles, rather than
     ignores, the signals it does not leave at their default, and exec resets
@@ -157,7 +171,7 @@ def run_child(
         signal.set_wakeup_fd(-1)
         os.setsid()
         stage = "fds"
-        prepare_child_fds(fds, devnull, out_w, err_w, fd_limit)
+        prepare_child_fds(sources, devnull, out_w, err_w, fd_limit)
         # Only what differs from the helper's own (see Spawnerd.spawn).
         if creds.groups is not None:
             stage = "setgroups"
@@ -176,18 +190,18 @@ def run_child(
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
         if os.getppid() != parent:  # killed already, before the prctl
             raise OSError(errno.ESRCH, "the spawner is gone")
-        if entry.workdir is not None:
+        if workdir is not None:
             stage = "chdir"
-            os.chdir(entry.workdir)
+            os.chdir(workdir)
         if nofile is not None:
             stage = "rlimit"
             resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
-        if fds:
+        if sources:
             # As systemd's activate.c does: set in the process that execs, so it
             # equals the pid the service sees as its own.
             env["LISTEN_PID"] = str(os.getpid())
         stage = "exec"
-        os.execve(entry.executable, entry.argv, env)
+        os.execve(executable, argv, env)
     except BaseException as exc:
         os.write(err_w, failure_report(stage, exc))
     finally:

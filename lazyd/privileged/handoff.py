@@ -8,8 +8,9 @@ and three variables describing them:
     LISTEN_FDNAMES=a:b:...  their names, in the same order
 
 `service_environment` builds everything but LISTEN_PID, in the daemon.
-`arrange_fds` moves the sockets into place in the forked child, which is a
-child of the spawner (`lazyd.privileged.spawnerd`); that is also where LISTEN_PID is set.
+`arrange_fds` moves the sockets into place: its first half (`lift_sources`) in
+the spawner (`lazyd.privileged.spawnerd`) before it forks, its second
+(`place_fds`) in the forked child, which is also where LISTEN_PID is set.
 `socket_identity` (built by `identity`) and `notify_socket_name` are what the spawner checks a
 spawn request's sockets and NOTIFY_SOCKET against (see `lazyd.privileged.spawnerd`).
 This module is imported by the spawner, so it imports only `fcntl`, `os` and
@@ -40,30 +41,55 @@ def arrange_fds(fds: Sequence[int]) -> None:
     target range 3..3+N-1, a source listed twice, sources below 3. The source
     fds themselves are left open (the caller closes everything above the range
     before exec). Every fd number in 3..3+N-1 is overwritten, whatever it held.
+    It is `lift_sources` and then `place_fds`; the spawner does the first half
+    in the parent, before it forks, so that the child has less to do.
     """
-    n = len(fds)
-    if n == 0:
-        return
-    end = LISTEN_FDS_START + n
+    temporaries: list[int] = []
+    try:
+        place_fds(lift_sources(fds, temporaries))
+    finally:
+        for temporary in temporaries:
+            os.close(temporary)
+
+
+def lift_sources(fds: Sequence[int], temporaries: list[int]) -> list[int]:
+    """`fds`, each one below 3+len(fds) replaced by a close-on-exec copy at or above it.
+
+    The copies are appended to `temporaries` (the caller closes them). What comes
+    back is safe for `place_fds`: no source sits in the target range 3..3+N-1.
+    """
+    end = LISTEN_FDS_START + len(fds)
     # A plain `dup2(fds[i], 3+i)` loop clobbers any source that already sits at a
     # target it reaches first: sources [4, 3] would turn into [4, 4]. So every
-    # source is first copied to a number at or above the end of the range, where
-    # no dup2 below can touch it, and only then copied into place. The copies are
-    # close-on-exec, so even if something fails halfway they cannot leak into the
-    # service.
+    # source below the end of the range is first copied to a number at or above
+    # it, where no dup2 of `place_fds` can touch it. The copies are close-on-exec,
+    # so even if something fails halfway they cannot leak into the service.
     moved: dict[int, int] = {}
-    try:
-        for fd in fds:
-            if fd not in moved:
-                moved[fd] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, end)
-        for i, fd in enumerate(fds):
-            # The temporary never equals the target (it is >= end), so dup2 always
-            # really duplicates and therefore clears FD_CLOEXEC on the target; a
-            # dup2 onto itself would be a no-op that leaves the flag set.
-            os.dup2(moved[fd], LISTEN_FDS_START + i, inheritable=True)
-    finally:
-        for temporary in moved.values():
-            os.close(temporary)
+    lifted = []
+    for fd in fds:
+        if fd >= end:
+            lifted.append(fd)
+            continue
+        if fd not in moved:
+            moved[fd] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, end)
+            temporaries.append(moved[fd])
+        lifted.append(moved[fd])
+    return lifted
+
+
+def place_fds(sources: Sequence[int]) -> None:
+    """Make fd 3+i refer to what ``sources[i]`` refers to, inheritable.
+
+    Every source must be at or above 3+len(sources) (`lift_sources`), so that
+    no dup2 here overwrites a source still to be copied. A source is never
+    its own target, so dup2 always really duplicates and therefore clears
+    FD_CLOEXEC on the target (a dup2 onto itself would be a no-op that leaves
+    the flag set). One system call per socket: this runs between fork and exec.
+    """
+    number = LISTEN_FDS_START
+    for fd in sources:
+        os.dup2(fd, number)
+        number += 1
 
 
 def service_environment(

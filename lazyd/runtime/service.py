@@ -60,7 +60,9 @@ from lazyd.net.access import Access
 from lazyd.readiness.notify import NotifySocket, open_notify_socket
 from lazyd.readiness.probe import wait_connectable
 from lazyd.readiness.sender import SenderPolicy
+from lazyd.runtime import first_accept
 from lazyd.runtime.binding import accept_queue_length
+from lazyd.runtime.first_accept import watch_first_accept
 
 LogFn = Callable[[str], None]
 
@@ -257,6 +259,10 @@ class ServiceRunner:
                         await nursery.start(proxy.run)
                     if self.config.idle_timeout is not None:
                         nursery.start_soon(self._run_idle_stop)
+                else:
+                    # Its first start will want a thread to time the first
+                    # accept: started now, it costs that start nothing.
+                    first_accept.prepare()
                 self._apply(self.machine.begin(trio.current_time()))
                 self._begun = True
                 for sc, proxy in zip(self.config.sockets, self.proxies, strict=False):
@@ -507,28 +513,22 @@ class ServiceRunner:
         self._nursery.start_soon(fn, *args)
 
     async def _watch_first_accept(self, record: StartRecord) -> None:
-        """Pass mode: note when the service first accepts, seen as its listeners'
-        accept queues shrinking.  The kernel sends no event for that, so this
-        samples, for at most FIRST_ACCEPT_WINDOW seconds after the start, at
-        growing intervals (1 ms, then 25 % longer each time: ~35 samples in
-        all), so that the measurement does not take the CPU from the start it
-        measures (a Python service needs ~20 ms of it).  The time recorded is
-        the middle between the last sample that saw every connection still
-        queued and the first that saw one gone: within an eighth of the time
-        since ready, either way."""
+        """Pass mode: note when the service first accepts, for at most
+        FIRST_ACCEPT_WINDOW seconds after the start (`first_accept` says how,
+        and how closely: within an eighth of the time since ready, plus half
+        a millisecond)."""
         assert record.held is not None
-        step, before = 0.001, trio.current_time()
-        with trio.move_on_after(FIRST_ACCEPT_WINDOW):
-            while self.machine.state is State.RUNNING:
-                queued = self.queued()
-                now = trio.current_time()
-                if queued is None or queued < record.held:
-                    if queued is not None:
-                        record.first_accept = (before + now) / 2
-                    return
-                before = now
-                await trio.sleep(step)
-                step *= 1.25
+
+        async def running() -> bool:
+            if self.machine.state is not State.RUNNING:
+                return False
+            await self.changed.wait()
+            return self.machine.state is State.RUNNING
+
+        def found(first: float) -> None:  # called in the sampling thread
+            record.first_accept = first
+
+        await watch_first_accept(self.sockets, record.held, FIRST_ACCEPT_WINDOW, running, found)
 
     def refresh_first_byte(self) -> None:
         """Proxy mode: fill in the latest start's first forwarded byte."""

@@ -9,6 +9,7 @@ import pwd
 import signal
 import socket
 import stat
+import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -30,7 +31,7 @@ from lazyd.backends.process.spawner import (
 )
 from lazyd.errors import LaunchError
 from lazyd.privileged import child, protocol, spawnerd
-from lazyd.privileged.handoff import socket_identity
+from lazyd.privileged.handoff import lift_sources, socket_identity
 from lazyd.readiness.notify import open_notify_socket
 from lazyd.runtime.binding import bind_socket
 from tests.conftest import free_port, wait_gone, yaml_quote
@@ -575,8 +576,11 @@ def test_child_fds_with_sources_in_the_range_and_at_stdio(
                     os.dup2(fd, number)
                 if squatter is not None:  # something else in the range is overwritten
                     os.dup2(high["devnull"], squatter)
+                # As the spawner does: the sources are lifted above the range
+                # before the fork, then the child places them.
+                lifted = lift_sources(sources, [])
                 child.prepare_child_fds(
-                    sources, high["devnull"], high["out_w"], high["keep"], 1024
+                    lifted, high["devnull"], high["out_w"], high["keep"], 1024
                 )
                 os.write(high["keep"], json.dumps(_fd_report()).encode())
             finally:
@@ -599,6 +603,54 @@ def test_child_fds_with_sources_in_the_range_and_at_stdio(
     assert report["ino"]["1"] == report["ino"]["2"] == pipe_ino
     for i, number in enumerate(sources):
         assert report["ino"][str(3 + i)] == files[number][1]
+
+
+# What a spawned service reports about its fds: every open one (probed with
+# fstat, which opens nothing itself), the inode of each, and its LISTEN_* variables.
+_FD_PROBE = (
+    "import json, os, sys\n"
+    "found = {}\n"
+    "for fd in range(1024):\n"
+    "    try:\n"
+    "        found[fd] = os.fstat(fd).st_ino\n"
+    "    except OSError:\n"
+    "        pass\n"
+    "env = {k: os.environ.get(k) for k in ('LISTEN_FDS', 'LISTEN_PID')}\n"
+    "print(json.dumps({'fds': found, 'env': env, 'pid': os.getpid()}))\n"
+)
+
+
+@pytest.mark.parametrize("count", [1, 3, 6])
+async def test_a_service_gets_fds_0_to_2_and_its_sockets_at_3_and_nothing_else(
+    count: int,
+) -> None:
+    """Whatever numbers the sockets arrive at in the helper (they land among its own
+    fds, often inside 3..3+n-1), the service finds exactly 0, 1, 2 and its n sockets
+    at 3.. in order, LISTEN_PID its own pid; no copy the helper made on the way is open."""
+    sockets = []
+    try:
+        for i in range(count):
+            kind = (socket.SOCK_STREAM, socket.SOCK_DGRAM)[i % 2]
+            sock = socket.socket(socket.AF_INET, kind)
+            sock.bind(("127.0.0.1", 0))
+            if kind == socket.SOCK_STREAM:
+                sock.listen()
+            sockets.append(sock)
+        inodes = [os.fstat(sock.fileno()).st_ino for sock in sockets]
+        with trio.fail_after(TIMEOUT):
+            async with raw_spawner() as raw:
+                argv = [sys.executable, "-S", "-I", "-c", _FD_PROBE]
+                reply, [out] = await raw.start(argv, [sock.fileno() for sock in sockets])
+                report = json.loads(await read_all(out))
+                assert await raw.exit_of(reply["pid"]) == 0
+    finally:
+        for sock in sockets:
+            sock.close()
+    fds = {int(fd): ino for fd, ino in report["fds"].items()}
+    assert sorted(fds) == [*range(3 + count)]
+    assert [fds[3 + i] for i in range(count)] == inodes
+    assert report["env"] == {"LISTEN_FDS": str(count), "LISTEN_PID": str(reply["pid"])}
+    assert report["pid"] == reply["pid"]
 
 
 async def test_a_spawn_passes_sockets_only() -> None:
