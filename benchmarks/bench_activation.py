@@ -26,7 +26,7 @@ always opens the round), after one unrecorded warm-up round of each:
   in X ms (spawn Y ms, readiness Z ms)`) is reported too.
 - lazyd (proxy): another `lazyd run`, in proxy mode. The service binds its
   own port (`--bind`), lazyd's `ready: connect` probe finds it and the held
-  client is forwarded; `idle_timeout: 20ms` stops the service after each
+  client is forwarded; `idle_timeout: 100ms` stops the service after each
   round, so that every round is a cold start.
 - lazyd (kernel): a third `lazyd run`, the same proxy-mode service with
   `datapath: kernel`. The first connection is still held and forwarded by
@@ -253,7 +253,7 @@ class Lazyd:
             upstream = f"{HOST}:{free_port()}"
             service = [*service, "--bind", upstream]
             datapath = "    datapath: kernel\n" if mode == "kernel" else ""
-            sockets = (f"    mode: proxy\n    idle_timeout: 20ms\n{datapath}    sockets:\n"
+            sockets = (f"    mode: proxy\n    idle_timeout: 100ms\n{datapath}    sockets:\n"
                        f"      bench: {{listen: 'tcp://{HOST}:{self.port}', "
                        f"upstream: 'tcp://{upstream}'}}\n")
         else:

@@ -71,6 +71,9 @@ FIRST_ACCEPT_WINDOW = 2.0
 # The longest new connections wait while the kernel data path takes a
 # service's new listener (a round trip to the privileged helper, ~1 ms).
 RESTEER_HOLD = 0.5
+# How long after the held connections are on their way the kernel data path
+# takes the service's listener (see ServiceRunner._steer_soon).
+STEER_AFTER = 0.005
 
 
 def stderr_log(line: str) -> None:
@@ -477,6 +480,11 @@ class ServiceRunner:
             for proxy in self.proxies:
                 if isinstance(proxy, StreamProxy):
                     await proxy.drained()
+            # Taking the listener costs the helper and the daemon about a
+            # millisecond of CPU, often the CPU the service is answering its
+            # first clients on: not in the middle of the cold start's first
+            # answer.  Connections meanwhile are forwarded as before.
+            await trio.sleep(STEER_AFTER)
             if not still():
                 return
             take = current_spawner().take_listener
