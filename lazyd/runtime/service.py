@@ -73,7 +73,7 @@ FIRST_ACCEPT_WINDOW = 2.0
 RESTEER_HOLD = 0.5
 # How long after the held connections are on their way the kernel data path
 # takes the service's listener (see ServiceRunner._steer_soon).
-STEER_AFTER = 0.005
+STEER_AFTER = 0.02
 
 
 def stderr_log(line: str) -> None:
