@@ -1007,6 +1007,8 @@ async def walk(seed: int, steps: int, figures: Figures | None = None) -> None:
     except* Violation as found:
         # Raised inside run_lazyd's nursery: one Violation, in a group.
         text = "\n".join(str(exc) for exc in found.exceptions)
+        # Kept with the walk's files too: a long run's output may be cut short.
+        (work / "failure.txt").write_text(text + "\n")
         raise Violation(f"{text}\n(the walk's files are in {work})") from None
     shutil.rmtree(work, ignore_errors=True)
 
