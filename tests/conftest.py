@@ -48,8 +48,8 @@ def alive(pid: int) -> bool:
     """Whether pid runs: a zombie waiting for init to reap it has been killed already."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
+    except (FileNotFoundError, ProcessLookupError):
+        return False  # gone, or reaped while its stat file was being read (ESRCH)
     return state not in ("Z", "X")
 
 
