@@ -67,7 +67,8 @@ class _Samplers:
     Starting a thread costs ~0.2 ms of the daemon's CPU, and a start is just
     when it can spare none: `prepare` starts one while nothing is starting,
     and it waits, blocked, for the watches to come. More are started only
-    when several services start at once.
+    when several services start at once, and each ends once it is done if
+    another is already waiting.
     """
 
     def __init__(self) -> None:
@@ -94,13 +95,19 @@ class _Samplers:
         threading.Thread(target=self._run, name="lazyd-first-accept", daemon=True).start()
 
     def _run(self) -> None:
-        while True:
+        try:
+            while True:
+                with self._lock:
+                    if self._idle and not self._jobs:
+                        return  # one waiting thread is enough: no idle pile-up
+                    self._idle += 1
+                    self._lock.wait_for(lambda: bool(self._jobs))
+                    self._idle -= 1
+                    job = self._jobs.popleft()
+                job()  # an exception (a bug) ends this thread with its traceback
+        finally:
             with self._lock:
-                self._idle += 1
-                self._lock.wait_for(lambda: bool(self._jobs))
-                self._idle -= 1
-                job = self._jobs.popleft()
-            job()  # an exception (a bug) ends this thread with its traceback
+                self._threads -= 1
 
 
 _SAMPLERS = _Samplers()

@@ -90,19 +90,21 @@ async def test_the_thread_stops_as_soon_as_the_service_does() -> None:
         assert listener.fileno() >= 0  # the daemon's own listener is untouched
 
 
+async def forever() -> bool:
+    """A service that never stops, as watch_first_accept's `running` sees it."""
+    await trio.sleep_forever()
+    return True  # pragma: no cover
+
+
 async def test_the_thread_records_the_accept_itself() -> None:
     """The time comes from the thread, in trio's clock, between the sample before
     the accept and the one after."""
     found: list[float] = []
 
-    async def running() -> bool:
-        await trio.sleep_forever()
-        return True  # pragma: no cover
-
     with listener_with(1) as listener:
         async with trio.open_nursery() as nursery:
             start = trio.current_time()
-            nursery.start_soon(watch_first_accept, [listener], 1, 30.0, running, found.append)
+            nursery.start_soon(watch_first_accept, [listener], 1, 30.0, forever, found.append)
             await trio.sleep(0.02)
             before = trio.current_time()
             listener.accept()[0].close()
@@ -130,13 +132,9 @@ async def test_a_watch_uses_the_thread_prepared_for_it() -> None:
     threads = _samplers()
     found: list[float] = []
 
-    async def running() -> bool:
-        await trio.sleep_forever()
-        return True  # pragma: no cover
-
     with listener_with(1) as listener:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch_first_accept, [listener], 1, 30.0, running, found.append)
+            nursery.start_soon(watch_first_accept, [listener], 1, 30.0, forever, found.append)
             await trio.sleep(0.01)
             listener.accept()[0].close()
             with trio.fail_after(1):
@@ -144,3 +142,25 @@ async def test_a_watch_uses_the_thread_prepared_for_it() -> None:
                     await trio.sleep(0.005)
             nursery.cancel_scope.cancel()
     assert _samplers() == threads
+
+
+async def test_threads_started_for_starts_at_once_end_when_done() -> None:
+    """Three services starting at once get a sampler each; once they have
+    accepted, one thread is left waiting, not three."""
+    found: list[float] = []
+    with listener_with(1) as a, listener_with(1) as b, listener_with(1) as c:
+        async with trio.open_nursery() as nursery:
+            for listener in (a, b, c):
+                nursery.start_soon(watch_first_accept, [listener], 1, 30.0, forever,
+                                   found.append)
+            await trio.sleep(0.02)
+            assert _samplers() >= 3
+            for listener in (a, b, c):
+                listener.accept()[0].close()
+            with trio.fail_after(1):
+                while len(found) < 3:
+                    await trio.sleep(0.005)
+            nursery.cancel_scope.cancel()
+    with trio.fail_after(2):
+        while _samplers() > 1:
+            await trio.sleep(0.005)
