@@ -396,10 +396,8 @@ async def test_bulk_both_ways_with_half_close(
     assert (proxy.bytes_in, proxy.bytes_out) == (size, size + 32)
 
 
-async def test_only_bulk_transfers_use_splice(
-    sockets: list[socket.socket], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A short request/response opens no pipe; a 4 MB download moves through one (splice)."""
+def count_pipes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int] | None]:
+    """Every pipe the shovel opens from now on (None for one it could not)."""
     pipes: list[tuple[int, int] | None] = []
     real_open_pipe = shovel._open_pipe
 
@@ -409,6 +407,14 @@ async def test_only_bulk_transfers_use_splice(
         return pipe
 
     monkeypatch.setattr(shovel, "_open_pipe", counting_open_pipe)
+    return pipes
+
+
+async def test_only_bulk_transfers_use_splice(
+    sockets: list[socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A short request/response opens no pipe; a 4 MB download moves through one (splice)."""
+    pipes = count_pipes(monkeypatch)
     listener = tcp_listener(sockets)
     upstream = tcp_upstream()
     download = os.urandom(4 << 20)
@@ -435,15 +441,7 @@ async def test_many_small_requests_on_one_connection_use_no_pipe(
 ) -> None:
     """A keep-alive connection carrying far more than SPLICE_AFTER in small requests and
     replies opens no pipe (splice costs a small message more than recv/send)."""
-    pipes: list[tuple[int, int] | None] = []
-    real_open_pipe = shovel._open_pipe
-
-    def counting_open_pipe() -> tuple[int, int] | None:
-        pipe = real_open_pipe()
-        pipes.append(pipe)
-        return pipe
-
-    monkeypatch.setattr(shovel, "_open_pipe", counting_open_pipe)
+    pipes = count_pipes(monkeypatch)
     listener = tcp_listener(sockets)
     upstream = tcp_upstream()
     request = b"x" * 255 + b"\n"
