@@ -9,26 +9,29 @@ first that saw one gone.  The interval that holds an accept at T seconds
 after the first sample is at most T/4 + 1 ms long, so the time recorded is
 within an eighth of T plus half a millisecond, either way.
 
-The samples are taken in a thread of their own (`watch_first_accept`): they
-come while the service starts, often on the CPU it runs on, and a wake-up of
-trio's loop costs ~0.15 ms of Python where a thread's costs ~20 us.  The
-thread reads copies of the listeners, so that an fd the daemon closes
-meanwhile (a reload) is never read under its number reused, and it records
-what it found itself, so that trio's loop is not woken for it either.  The
-thread is started before it is needed (`prepare`, when a pass-mode runner
-begins) and waits for the next start when done.
+The samples are taken in a low-priority watch thread (`lazyd.watchers`,
+which says why): they come while the service starts, often on the CPU it
+runs on, and a wake-up of trio's loop costs ~0.15 ms of Python where a
+thread's costs ~20 us.  On a CPU the service keeps busy, a sample waits
+until the service lets the CPU go (it blocks in accept(), say): the time is
+then as close as the samples could come, and the bounds above hold for
+samples taken on time.  The thread reads copies of the listeners, so that
+an fd the daemon closes meanwhile (a reload) is never read under its number
+reused, and it records what it found itself, so that trio's loop is not
+woken for it either.  A thread is started before it is needed (`prepare`,
+when a pass-mode runner begins) and waits for the next start when done.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from socket import socket
 
 import trio
 
+from lazyd import watchers
 from lazyd.runtime.binding import accept_queue_length
 
 FIRST_STEP = 0.001  # seconds between the first two samples
@@ -61,61 +64,9 @@ def sample_first_accept(
         step *= GROWTH
 
 
-class _Samplers:
-    """Threads that sample, one watch each at a time; started ahead of need.
-
-    Starting a thread costs ~0.2 ms of the daemon's CPU, and a start is just
-    when it can spare none: `prepare` starts one while nothing is starting,
-    and it waits, blocked, for the watches to come. More are started only
-    when several services start at once, and each ends once it is done if
-    another is already waiting.
-    """
-
-    def __init__(self) -> None:
-        self._jobs: deque[Callable[[], None]] = deque()
-        self._lock = threading.Condition()
-        self._threads = 0
-        self._idle = 0
-
-    def prepare(self) -> None:
-        """Have at least one sampler thread waiting."""
-        with self._lock:
-            if self._threads == 0:
-                self._start()
-
-    def submit(self, job: Callable[[], None]) -> None:
-        with self._lock:
-            self._jobs.append(job)
-            if self._idle < len(self._jobs):
-                self._start()
-            self._lock.notify()
-
-    def _start(self) -> None:
-        self._threads += 1
-        threading.Thread(target=self._run, name="lazyd-first-accept", daemon=True).start()
-
-    def _run(self) -> None:
-        try:
-            while True:
-                with self._lock:
-                    if self._idle and not self._jobs:
-                        return  # one waiting thread is enough: no idle pile-up
-                    self._idle += 1
-                    self._lock.wait_for(lambda: bool(self._jobs))
-                    self._idle -= 1
-                    job = self._jobs.popleft()
-                job()  # an exception (a bug) ends this thread with its traceback
-        finally:
-            with self._lock:
-                self._threads -= 1
-
-
-_SAMPLERS = _Samplers()
-
-
 def prepare() -> None:
-    """Start a sampler thread now, while nothing waits for the CPU (idempotent)."""
-    _SAMPLERS.prepare()
+    """Start a watch thread now, while nothing waits for the CPU (idempotent)."""
+    watchers.prepare()
 
 
 async def watch_first_accept(
@@ -146,7 +97,7 @@ async def watch_first_accept(
         if first is not None:
             found(first + offset)
 
-    _SAMPLERS.submit(sample)
+    watchers.submit(sample)
     try:
         with trio.move_on_after(window):
             while await running():

@@ -119,7 +119,7 @@ async def test_the_thread_records_the_accept_itself() -> None:
 
 
 def _samplers() -> int:
-    return sum(t.name == "lazyd-first-accept" for t in threading.enumerate())
+    return sum(t.name == "lazyd-watch" for t in threading.enumerate())
 
 
 async def test_a_watch_uses_the_thread_prepared_for_it() -> None:
