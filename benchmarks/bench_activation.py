@@ -91,8 +91,8 @@ TIMEOUT = 10.0  # seconds for any one step; a hang is a failure, not a figure
 SETTLE = 0.01
 DAEMON_CPU, CLIENT_CPU = 0, 1
 PINNED = {DAEMON_CPU, CLIENT_CPU} <= os.sched_getaffinity(0)
-TARGET_MS = 2.0
-TARGET_PROXY_MS = 3.0  # lazyd (proxy) within this of lazyd (pass)
+TARGET_MS = 1.0
+TARGET_PROXY_MS = 1.0  # lazyd (proxy) within this of lazyd (pass)
 TARGET_KERNEL_MS = 0.5  # lazyd (kernel) within this of lazyd (proxy)
 LABELS = {
     "direct": "direct service start-up (exec → first byte)",

@@ -49,6 +49,9 @@ class Activity:
         self._clock = clock
         self.count = 0
         self.last_change = clock()
+        # Called when the count goes to or from zero: all the idle stop needs
+        # to hear of (a wake-up per connection would cost every connection).
+        self.on_idle_change: Callable[[], None] | None = None
         # Made when someone asks for it: a proxy changes its count twice per
         # connection, and the runner looks at most once per wake-up.
         self._changed: trio.Event | None = None
@@ -60,8 +63,11 @@ class Activity:
         return self._changed
 
     def add(self, delta: int) -> None:
+        was = self.count
         self.count += delta
         self.last_change = self._clock()
+        if self.on_idle_change is not None and (was == 0) != (self.count == 0):
+            self.on_idle_change()
         if self._changed is not None:
             self._changed.set()
             self._changed = None

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from lazyd import watchers
 from lazyd.backends.base import Backend, Started
 from lazyd.backends.container.backend import ContainerBackend, StartedContainer
 from lazyd.backends.process import launch
@@ -60,7 +61,6 @@ from lazyd.net.access import Access
 from lazyd.readiness.notify import NotifySocket, open_notify_socket
 from lazyd.readiness.probe import wait_connectable
 from lazyd.readiness.sender import SenderPolicy
-from lazyd.runtime import first_accept
 from lazyd.runtime.binding import accept_queue_length
 from lazyd.runtime.first_accept import watch_first_accept
 
@@ -157,6 +157,7 @@ class ServiceRunner:
         self.access = Access(self.name, max_per_source=config.max_connections_per_source,
                              log=options.log)
         self._probe_scope: trio.CancelScope | None = None
+        self._idle_wake: trio.Event | None = None  # see _run_idle_stop
         self._running_since = 0.0
         # The kernel data path: this service's entries in the steering map.
         self.steering = ServiceSteering(
@@ -262,10 +263,10 @@ class ServiceRunner:
                         await nursery.start(proxy.run)
                     if self.config.idle_timeout is not None:
                         nursery.start_soon(self._run_idle_stop)
-                else:
-                    # Its first start will want a thread to time the first
-                    # accept: started now, it costs that start nothing.
-                    first_accept.prepare()
+                # Its first start will want a watch thread, to time the first
+                # accept or to probe the upstream: started now, it costs that
+                # start nothing.
+                watchers.prepare()
                 self._apply(self.machine.begin(trio.current_time()))
                 self._begun = True
                 for sc, proxy in zip(self.config.sockets, self.proxies, strict=False):
@@ -433,6 +434,8 @@ class ServiceRunner:
             self._nursery.start_soon(self._run_timer)
         self.changed.set()
         self.changed = trio.Event()
+        if self._idle_wake is not None:
+            self._idle_wake.set()
 
     def _kill(self, sig: signal.Signals, group: bool) -> None:
         if self.started is not None:
@@ -592,14 +595,20 @@ class ServiceRunner:
         and no active datagram flow.  Waits on events only; no polling."""
         timeout = self.config.idle_timeout
         assert timeout is not None
+        # One event, set by a state change or by a proxy's activity going to
+        # or from zero: a wait on several events would cost a task for each,
+        # every time (~0.1 ms of a cold start).
+        for proxy in self.proxies:
+            proxy.activity.on_idle_change = self._wake_idle_stop
         while True:
+            self._idle_wake = wake = trio.Event()
             deadline = math.inf
             if self.machine.state is State.RUNNING and not any(p.active for p in self.proxies):
                 since = max([self._running_since, self._steered_busy_at,
                              *(p.last_active_change for p in self.proxies)])
                 deadline = since + timeout
             with trio.move_on_at(deadline) as scope:
-                await _first_of([self.changed, *(p.activity_changed for p in self.proxies)])
+                await wake.wait()
             if scope.cancelled_caught:
                 own = {sc.name: p.waiting + p.active
                        for sc, p in zip(self.config.sockets, self.proxies, strict=True)}
@@ -609,6 +618,10 @@ class ServiceRunner:
                     self._steered_busy_at = trio.current_time()
                     continue
                 self.stop("idle")
+
+    def _wake_idle_stop(self) -> None:
+        if self._idle_wake is not None:
+            self._idle_wake.set()
 
     # -- tasks ---------------------------------------------------------------
 
@@ -670,14 +683,3 @@ class ServiceRunner:
                 self.options.log(f"{self.name}: service says it is stopping")
             if message.ready:
                 self.dispatch(Ready())
-
-
-async def _first_of(events: Sequence[trio.Event]) -> None:
-    """Return as soon as one of the events is set."""
-    async with trio.open_nursery() as nursery:
-        for event in events:
-            async def wait(event: trio.Event = event) -> None:
-                await event.wait()
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(wait)
