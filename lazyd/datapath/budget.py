@@ -19,6 +19,9 @@ import time
 
 # How often, at most, the fds in use are counted near the limit.
 FD_RECOUNT = 0.05
+# The fd table lazyd makes room for at start-up (see presize_fd_table): up
+# to this many fds, ~8.4 bytes of kernel memory each (512 KiB).
+FD_TABLE = 65536
 
 
 class FdBudget:
@@ -96,6 +99,37 @@ def _fds_in_use(limit: int) -> int:
             continue
         used += 1
     return used
+
+
+def presize_fd_table(limit: int, size: int = FD_TABLE) -> int:
+    """Grow this process's fd table now to min(limit, size) slots; return
+    how many it was grown to (0: not at all).
+
+    The kernel doubles a process's fd table as fds are opened (64, 128, ...)
+    and never shrinks it.  In a process with threads each doubling waits
+    for an RCU grace period (expand_fdtable's synchronize_rcu), 10-15 ms
+    here, in accept(2): a flood of new connections at a cold start met
+    eight of those and the accept queue overflowed behind them (every SYN
+    dropped there costs its client a second).  One dup2 onto the highest
+    fd grows the table once, now, while nothing waits.
+    """
+    top = min(limit, size)
+    if top <= 1024:
+        return 0  # what the kernel starts a process with, near enough
+    try:
+        fcntl.fcntl(top - 1, fcntl.F_GETFD)
+        return 0  # in use (inherited): the table holds it already
+    except OSError:
+        pass
+    spare = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.dup2(spare, top - 1, inheritable=False)
+        os.close(top - 1)
+    except OSError:
+        return 0  # an fd table that cannot grow now will not grow later either
+    finally:
+        os.close(spare)
+    return top
 
 
 class PipeCount:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import os
+import resource
 import signal
 import socket
 import time
@@ -23,6 +24,7 @@ from lazyd.backends.process.spawner import Spawner, SpawnError, open_spawner
 from lazyd.config import Activate, Config
 from lazyd.config.reload import Change, plan_reload, socket_key
 from lazyd.core.starts import StartRecord
+from lazyd.datapath.budget import presize_fd_table
 from lazyd.datapath.kernel import KernelPath, open_kernel_path
 from lazyd.errors import ConfigError, LazydError
 from lazyd.logs import Level, log_at
@@ -387,6 +389,7 @@ async def _serve(
 ) -> None:
     soft, _hard = raise_fd_limit()
     options.nofile_soft = soft
+    presize_fd_table(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     # Under systemd, sockets may come bound already: use them, bind the rest.
     inherited = systemd.adopt(config, systemd.take_listen_fds(), options.log)
     try:

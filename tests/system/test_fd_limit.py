@@ -4,12 +4,14 @@ everyone, a little at a time."""
 from __future__ import annotations
 
 import re
+import resource
 import shutil
 from pathlib import Path
 
 import pytest
 import trio
 
+from lazyd.datapath.budget import FD_TABLE
 from tests.conftest import burst, free_port, program, run_lazyd
 
 LIMIT = 64
@@ -55,3 +57,18 @@ async def test_a_burst_past_the_fd_limit_during_a_cold_start_is_served(tmp_path:
         assert len(re.findall(r"(?m)^web: near the open-file limit", lz.log())) <= 2
         await lz.wait_line(r"^web: every connection that waited for fds is accepted")
         assert "Traceback" not in lz.log()
+
+
+async def test_the_fd_table_is_grown_once_at_start_up(tmp_path: Path) -> None:
+    """Room for every fd lazyd may hold is made at start-up, not doubling by
+    doubling under the first flood: in a process with threads each doubling
+    waits out an RCU grace period (10-15 ms) inside accept(2), and a flood
+    of connects overflowed the accept queue behind eight of them."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = int(Path("/proc/sys/fs/nr_open").read_text())
+    port, upstream = free_port(), free_port()
+    async with run_lazyd(tmp_path, _config(port, upstream, 0.0)) as lz:
+        status = Path(f"/proc/{lz.process.pid}/status").read_text()
+        fd_size = int(re.search(r"(?m)^FDSize:\s+(\d+)", status)[1])  # type: ignore[index]
+        assert fd_size >= min(hard, FD_TABLE)
