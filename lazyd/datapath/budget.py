@@ -21,7 +21,7 @@ import time
 # How often, at most, the fds in use are counted near the limit.
 FD_RECOUNT = 0.05
 # Bytes all stream proxies together keep aside for destinations that did not
-# take them yet: 256 connections' worth of a full 64 KiB chunk.  Past it, the
+# take them yet: a full 64 KiB chunk for each of 256 directions.  Past it, the
 # bytes wait in the kernel's receive buffers (and TCP's window holds the
 # senders back), so clients that stop reading cannot make lazyd grow.
 PARKED_LIMIT = 16 * 1024 * 1024
