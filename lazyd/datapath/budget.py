@@ -1,11 +1,13 @@
-"""The fd budget: how many fds this process's proxies hold, against
-RLIMIT_NOFILE, and how many big pipes the byte shovel has open.
+"""The proxies' budgets: how many fds this process's proxies hold, against
+RLIMIT_NOFILE, and how many bytes the byte shovel keeps aside for
+destinations that did not take them yet, against PARKED_LIMIT.
 
-Both are one per process, not one per proxy, because what they count is:
-the fd limit is the process's, and the pipe pages a user may hold
-(fs.pipe-user-pages-soft) are the user's.  So each is one named object,
-`FDS` and `PIPES`, that every proxy (stream and datagram) and the shovel
-import from here; nothing else counts fds.
+Both are one per process, not one per proxy, because what they bound is:
+the fd limit is the process's, and so is the memory that many clients that
+stop reading could make lazyd hold.  So each is one named object, `FDS` and
+`PARKED`, that every proxy (stream and datagram) and the shovel import from
+here; nothing else counts fds or kept-aside bytes.  `presize_fd_table`
+makes room in the fd table for the fd budget once, at start-up.
 """
 
 from __future__ import annotations
@@ -22,10 +24,15 @@ FD_RECOUNT = 0.05
 # The fd table lazyd makes room for at start-up (see presize_fd_table): up
 # to this many fds, ~8.4 bytes of kernel memory each (512 KiB).
 FD_TABLE = 65536
+# Bytes all stream proxies together keep aside for destinations that did not
+# take them yet: a full 64 KiB chunk for each of 256 directions.  Past it, the
+# bytes wait in the kernel's receive buffers (and TCP's window holds the
+# senders back), so clients that stop reading cannot make lazyd grow.
+PARKED_LIMIT = 16 * 1024 * 1024
 
 
 class FdBudget:
-    """The fds all of this process's proxies hold (connections, pipes, datagram
+    """The fds all of this process's proxies hold (connections, datagram
     flows), against RLIMIT_NOFILE.
 
     Proxied connections may not take the last fds: lazyd needs some to
@@ -132,16 +139,19 @@ def presize_fd_table(limit: int, size: int = FD_TABLE) -> int:
     return top
 
 
-class PipeCount:
-    """The shovel's pipes bigger than its usual size, open in this process:
-    only a few may be (see `lazyd.datapath.shovel.BIG_PIPES`)."""
+class ParkedBytes:
+    """Bytes read from one end of a forwarded connection that the other end
+    has not taken yet, kept aside in the process (see lazyd.datapath.shovel:
+    at most one 64 KiB chunk per direction; a flow that would need more room
+    than is left leaves its bytes in the kernel instead)."""
 
-    def __init__(self) -> None:
-        self.big = 0
+    def __init__(self, limit: int = PARKED_LIMIT) -> None:
+        self.limit = limit
+        self.used = 0
 
 
-# The process's one fd budget: every stream connection, upstream connect,
-# splice pipe and datagram flow is counted here as it opens and closes.
+# The process's one fd budget: every stream connection, upstream connect
+# and datagram flow is counted here as it opens and closes.
 FDS = FdBudget()
-# The process's big pipes (a user's pipe pages are shared by all of them).
-PIPES = PipeCount()
+# The process's kept-aside bytes, for every stream proxy together.
+PARKED = ParkedBytes()

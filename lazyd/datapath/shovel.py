@@ -1,97 +1,70 @@
 """The userspace byte shovel: one direction of a forwarded connection at a
-time (`Flow`), moved by the proxy's `Shovel` through one shared buffer, or
-through a pipe with splice(2) once the flow has carried enough to be bulk,
-counting the bytes each way.  The stream proxy decides when a flow moves
-(on its fds' events) and what an EOF or an error means for the connection.
+time (`Flow`), moved by the proxy's `Shovel` through one buffer that every
+proxy of the process shares, counting the bytes each way.  The stream proxy
+decides when a flow moves (on its fds' events) and what an EOF or an error
+means for the connection.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
 import socket
 from collections.abc import Callable
 
-from lazyd.datapath.budget import FDS, PIPES
+from lazyd.datapath.budget import PARKED
 from lazyd.net.rights import RIGHTS_SPACE, close_received, received_fds
 
-# How data is copied, decided by measurement: 200 MB through one loopback
-# connection (Python 3.11, trio, sender and receiver in another process), CPU
-# time of the forwarding process, best of three:
+# How data is copied, decided by measurement: iperf3 through one loopback
+# connection, the proxy and iperf3's receiving end on one CPU, the sender
+# on the other (benchmarks/bench_proxy.py --only bulk), GB/s, median of 5,
+# all in one run; systemd-socket-proxyd (splice, 256 KiB pipes) 1.42:
 #
-#     recv_into/send,  64 KiB buffer      85 ms
-#     recv_into/send, 256 KiB buffer      60 ms
-#     recv_into/send,   1 MiB buffer      40 ms
-#     splice(2),  64 KiB pipe             79 ms
-#     splice(2), 256 KiB pipe             54 ms
-#     splice(2),   1 MiB pipe             39 ms
-#     StreamProxy as below               ~62 ms   (64 KiB buffers only: ~96 ms)
+#     splice(2), 1 MiB pipe (after 128 KiB in 64 KiB reads)   1.23
+#     recv_into/send,  64 KiB                                 1.47
+#     recv_into/send, 256 KiB                                 1.78
+#     recv_into/send,   1 MiB                                 1.87
+#     recv_into/send,   2 MiB                                 2.01
 #
-# Wall time hardly moved (~1.5 GB/s; the far ends were the limit).  What
-# costs CPU here is Python's trip around the loop, so what pays is moving
-# more per trip.  A big user buffer does that too, but costs its size per
-# direction per connection, for as long as the connection lives; a pipe moves
-# the same amount without the data entering user space and without memory of
-# ours.  A pipe costs two fds and ~5 us to create, which a request/response
-# of a few kilobytes never pays back.  So each direction starts with the
-# proxy's one 64 KiB buffer (shared: data leaves it at once) and switches
-# to splice through a 256 KiB pipe once it has carried SPLICE_AFTER bytes
-# and a read has filled the whole buffer (more was waiting than one read
-# takes): small exchanges use no pipe at all, bulk transfers spend a third
-# less CPU.  Bytes carried alone are no sign of bulk: a keep-alive connection
-# carrying thousands of small requests passes any threshold, and splice
-# costs a small request more than recv/send do (two pipe operations more in
-# the kernel, ~15% more CPU per request, measured with nginx under wrk).
-# Not 1 MiB pipes: an unprivileged user may hold only 16384 pipe pages in
-# all (fs.pipe-user-pages-soft), and past that Linux hands out 2-page pipes,
-# so 1 MiB pipes would run out after 64 of them.
+# splice(2) moves the sender's pages by reference, so the receiving end
+# copies out of memory another CPU wrote; recv/send copies once more, but
+# the receiver then reads what this CPU has just written, from its cache,
+# and gets it in big linear segments.  The proxy's own CPU time per GB came
+# out the same either way (0.28-0.32 s/GB): what Python costs is its trip
+# around the loop, so what pays is moving more per trip.  So there is no
+# splice: a direction starts with 64 KiB reads (CHUNK) and, once it has
+# carried BULK_AFTER bytes and a read has filled the whole chunk (more was
+# waiting than one read takes), reads BULK at a time.  Bytes carried alone
+# are no sign of bulk: a keep-alive connection carrying thousands of small
+# requests passes any threshold.
+#
+# Memory.  A big buffer would cost its size per direction per connection
+# if bytes the far end does not take were kept aside, and a client that
+# stops reading would make lazyd hold them.  So a bulk read only peeks
+# (MSG_PEEK): what the far end takes is then dropped from the source's
+# receive queue (MSG_TRUNC: TCP discards it without a copy), and what it
+# does not take stays in the kernel, where TCP's own window holds the
+# sender back.  A bulk flow therefore keeps nothing aside, ever.  A 64 KiB
+# read takes its bytes (one syscall less per small message: a small request
+# must not pay for the peek); what the far end leaves of it is kept aside,
+# at most CHUNK per direction and PARKED_LIMIT for the whole process
+# (`lazyd.datapath.budget.PARKED`).  A flow that would need to keep bytes
+# aside while the process is at that limit peeks instead, so the limit
+# holds however many clients stop reading.
 CHUNK = 64 * 1024
+BULK = 2 * 1024 * 1024
+BULK_AFTER = 2 * CHUNK
 # Rounds one flow may run before the others get a turn.
 FLOW_TURNS = 16
-SPLICE_AFTER = 2 * CHUNK
-PIPE_SIZE = 256 * 1024
-# The first few bulk flows at a time get 1 MiB pipes (fs.pipe-max-size's
-# default): a quarter of the splice calls per gigabyte, measured ~25% less
-# CPU for a lone transfer, and 8 of them stay far below the user's quota.
-BIG_PIPE_SIZE = 1024 * 1024
-BIG_PIPES = 8
-_SPLICE = hasattr(os, "splice")
-_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+_PEEK = socket.MSG_PEEK
+_DISCARD = socket.MSG_TRUNC
+
+# One buffer for the process: data goes from recv_into straight to send
+# (every proxy runs in the one trio thread, and a turn never yields), and
+# only what the far end would not take is kept aside.
+_BUFFER = bytearray(BULK)
+_VIEW = memoryview(_BUFFER)
 
 Clock = Callable[[], float]
-
-
-def _close_pipe(r: int, w: int) -> None:
-    if fcntl.fcntl(w, fcntl.F_GETPIPE_SZ) > PIPE_SIZE:
-        PIPES.big -= 1
-    os.close(r)
-    os.close(w)
-
-
-def _open_pipe() -> tuple[int, int] | None:
-    """A non-blocking pipe for splice, or None when a plain buffer is the better choice."""
-    try:
-        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None  # out of fds: the buffer still works
-    # Above fs.pipe-max-size or the user's pipe quota the default size is fine.
-    for size in (BIG_PIPE_SIZE, PIPE_SIZE) if PIPES.big < BIG_PIPES else (PIPE_SIZE,):
-        try:
-            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, size)
-        except OSError:
-            continue
-        break
-    size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
-    if size > PIPE_SIZE:
-        PIPES.big += 1
-    if size < CHUNK:
-        # Over the user's pipe quota Linux gives 2-page pipes, which move less
-        # per call than the buffer does.
-        os.close(r)
-        os.close(w)
-        return None
-    return r, w
 
 
 def shutdown_write(sock: socket.socket) -> None:
@@ -104,24 +77,24 @@ def shutdown_write(sock: socket.socket) -> None:
 class Flow:
     """One direction of a forwarded connection: src -> dst."""
 
-    __slots__ = ("carried", "done", "dst", "exhaust", "inbound", "may_splice", "pending",
-                 "pipe", "queued", "rights", "short_drains", "skip", "src")
+    __slots__ = ("blocked", "bulk", "carried", "done", "dst", "exhaust", "inbound", "may_bulk",
+                 "pending", "rights", "short_drains", "skip", "src")
 
     def __init__(self, src: socket.socket, dst: socket.socket, inbound: bool,
                  rights: bool = False, short_drains: bool = False) -> None:
         self.src = src
         self.dst = dst
         self.inbound = inbound
-        self.pending: bytes = b""  # read from src, not yet taken by dst
+        # Read from src, not yet taken by dst: kept aside, counted in PARKED.
+        self.pending: bytes = b""
         self.skip = 0  # leading bytes of `pending` not to count (the PROXY header)
         self.carried = 0
-        self.pipe: tuple[int, int] | None = None
-        self.queued = 0  # bytes in the pipe
+        # dst refused what src still holds (a peek): dst's EPOLLOUT resumes it.
+        self.blocked = False
         self.done = False  # EOF from src passed on
         # src is a Unix socket that cannot refuse fds (a kernel before 6.16):
-        # read with room for them, never splice (see lazyd/net/rights.py).
+        # read with room for them (see lazyd/net/rights.py).
         self.rights = rights
-        self.may_splice = _SPLICE and not rights
         # src is TCP (the caller knows; socket.family costs an enum lookup):
         # a TCP read that returns less than asked for has emptied the receive
         # queue (tcp_recvmsg stops only at an empty queue once it has
@@ -131,6 +104,10 @@ class Flow:
         # sockets: their reads also stop where the sender's credentials or
         # attached fds change, with more data queued behind.
         self.short_drains = short_drains
+        # Bulk reads (peek BULK, discard what dst took) need MSG_TRUNC's
+        # discard without a copy, which only TCP has.
+        self.may_bulk = short_drains and not rights
+        self.bulk = False
         # Read src until EAGAIN or EOF, not only to a short read: its peer
         # has shut down (EPOLLRDHUP, or an error), and the event for the EOF
         # may have come with the data; or it sent urgent data (EPOLLPRI), at
@@ -139,8 +116,9 @@ class Flow:
 
 
 def stuck(flow: Flow) -> bool:
-    """Whether a flow holds data its destination has not taken yet."""
-    return bool(flow.pending) or flow.queued > 0
+    """Whether a flow waits for its destination to take data (kept aside, or
+    still in the source's receive queue)."""
+    return flow.blocked or bool(flow.pending)
 
 
 class Shovel:
@@ -157,10 +135,13 @@ class Shovel:
         self.bytes_in = 0
         self.bytes_out = 0
         self.first_byte_at: float | None = None
-        # One buffer for every connection: data goes from recv_into straight
-        # to send, and only what the far end would not take is kept aside.
-        self._buffer = bytearray(CHUNK)
-        self._view = memoryview(self._buffer)
+
+    @staticmethod
+    def park(flow: Flow, data: bytes) -> None:
+        """Keep `data` aside for `flow`'s dst, ahead of anything read later (the
+        PROXY header: a few hundred bytes at most, counted in PARKED too)."""
+        flow.pending += data
+        PARKED.used += len(data)
 
     def turn(self, flow: Flow) -> bool:
         """One round of a flow: False once it would block (or src is known
@@ -171,67 +152,86 @@ class Shovel:
                 sent = flow.dst.send(flow.pending)
             except BlockingIOError:
                 return False
+            PARKED.used -= sent
             self._sent(flow, sent)
             flow.pending = flow.pending[sent:]
             return not flow.pending  # what is left waits for dst's EPOLLOUT
-        if flow.pipe is not None:
-            return self._splice_turn(flow, *flow.pipe)
+        if flow.bulk or PARKED.used > PARKED.limit - CHUNK:
+            return self._peek_turn(flow)
         try:
             if flow.rights:
-                n, ancdata, _flags, _ = flow.src.recvmsg_into([self._buffer], RIGHTS_SPACE)
+                n, ancdata, _flags, _ = flow.src.recvmsg_into([_VIEW[:CHUNK]], RIGHTS_SPACE)
                 close_received(received_fds(ancdata))
             else:
-                n = flow.src.recv_into(self._buffer)
+                n = flow.src.recv_into(_BUFFER, CHUNK)
         except BlockingIOError:
             return False
         if n == 0:
             flow.done = True
             return False
         try:
-            sent = flow.dst.send(self._view[:n])
+            sent = flow.dst.send(_VIEW[:n])
         except BlockingIOError:
             sent = 0
         self._sent(flow, sent)
         flow.carried += n
         if sent < n:
             # dst is full: its EPOLLOUT (the kernel marks a socket that
-            # refused bytes) takes the flow up again.
-            flow.pending = bytes(self._view[sent:n])
+            # refused bytes) takes the flow up again.  There was room for
+            # a whole chunk in PARKED before the read.
+            flow.pending = bytes(_VIEW[sent:n])
+            PARKED.used += n - sent
             return False
         if n < CHUNK:
             return not flow.short_drains or flow.exhaust
-        if flow.may_splice and flow.carried >= SPLICE_AFTER:
-            # Bulk: from now on through a pipe, if one is to be had and the
-            # fds allow (a pipe costs two).
-            flow.may_splice = False
-            if FDS.allows(FDS.reserve() + 2):
-                flow.pipe = _open_pipe()
-                if flow.pipe is not None:
-                    FDS.opened(2)
+        if flow.may_bulk and flow.carried >= BULK_AFTER:
+            flow.bulk = True
         return True
 
-    def _splice_turn(self, flow: Flow, r: int, w: int) -> bool:
-        # Fill only an empty pipe: then EAGAIN from the first splice means
-        # "src has nothing", and from the second "dst is full", never "the
-        # pipe is full".
-        if flow.queued == 0:
-            try:
-                flow.queued = os.splice(flow.src.fileno(), w, BIG_PIPE_SIZE,
-                                        flags=_SPLICE_FLAGS)
-            except BlockingIOError:
-                return False
-            if flow.queued == 0:
-                flow.done = True
-                return False
+    def _peek_turn(self, flow: Flow) -> bool:
+        """A round that takes from src only what dst took: a bulk flow's, or
+        any flow's while PARKED is full."""
+        size = BULK if flow.bulk else CHUNK
+        src = flow.src
+        flow.blocked = False
         try:
-            moved = os.splice(r, flow.dst.fileno(), flow.queued, flags=_SPLICE_FLAGS)
+            if flow.rights:
+                n, ancdata, _flags, _ = src.recvmsg_into([_VIEW[:size]], RIGHTS_SPACE, _PEEK)
+                close_received(received_fds(ancdata))
+            else:
+                n = src.recv_into(_BUFFER, size, _PEEK)
         except BlockingIOError:
             return False
-        flow.queued -= moved
-        self._count(moved, flow.inbound)
-        # Left in the pipe: dst is full, and its EPOLLOUT takes the flow up
-        # again (asking at once would only fetch the EAGAIN).
-        return flow.queued == 0
+        if n == 0:
+            flow.done = True
+            return False
+        try:
+            sent = flow.dst.send(_VIEW[:n])
+        except BlockingIOError:
+            sent = 0
+        if sent:
+            # Drop from src what dst took.  A Unix socket has no discard: it
+            # copies again, and only here, with PARKED full.  The read cannot
+            # come back short: nothing else reads src.
+            if flow.short_drains:
+                src.recv_into(_BUFFER, sent, _DISCARD)
+            elif flow.rights:
+                _n, ancdata, _flags, _ = src.recvmsg_into([_VIEW[:sent]], RIGHTS_SPACE)
+                close_received(received_fds(ancdata))
+            else:
+                src.recv_into(_BUFFER, sent)
+            self._sent(flow, sent)
+            flow.carried += sent
+        if sent < n:
+            # dst is full; the rest waits in src's receive queue for dst's
+            # EPOLLOUT (a new EPOLLIN from src would find dst still full).
+            flow.blocked = True
+            return False
+        if n < size:
+            return not flow.short_drains or flow.exhaust
+        if flow.may_bulk and flow.carried >= BULK_AFTER:
+            flow.bulk = True
+        return True
 
     def _sent(self, flow: Flow, n: int) -> None:
         if flow.skip:
@@ -251,8 +251,7 @@ class Shovel:
 
     @staticmethod
     def close(flow: Flow) -> None:
-        """Close a flow's pipe, if it has one (its sockets are the connection's)."""
-        if flow.pipe is not None:
-            _close_pipe(*flow.pipe)
-            FDS.closed(2)
-            flow.pipe = None
+        """Give back what a closing flow kept aside (its sockets are the
+        connection's)."""
+        PARKED.used -= len(flow.pending)
+        flow.pending = b""

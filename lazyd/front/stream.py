@@ -673,8 +673,9 @@ class StreamProxy(Forwarder):
                             not client_unix)
         conn.outbound = Flow(upstream, client, False, takes_rights and self._upstream_unix,
                              not self._upstream_unix)
-        conn.inbound.pending = header  # first of all, before the client's bytes
-        conn.inbound.skip = len(header)
+        if header:
+            Shovel.park(conn.inbound, header)  # first of all, before the client's bytes
+            conn.inbound.skip = len(header)
         conn.inbound.exhaust = conn.exhaust
         conn.outbound.exhaust = bool(events & _READ_ALL)
         if self.idle_timeout is not None:

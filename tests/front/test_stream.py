@@ -16,7 +16,7 @@ import pytest
 import trio
 import trio.testing
 
-from lazyd.datapath import shovel
+from lazyd.datapath import budget, shovel
 from lazyd.front import stream as proxy_module
 from lazyd.net.addresses import Address, Kind
 from lazyd.readiness.probe import wait_connectable
@@ -396,25 +396,25 @@ async def test_bulk_both_ways_with_half_close(
     assert (proxy.bytes_in, proxy.bytes_out) == (size, size + 32)
 
 
-def count_pipes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int] | None]:
-    """Every pipe the shovel opens from now on (None for one it could not)."""
-    pipes: list[tuple[int, int] | None] = []
-    real_open_pipe = shovel._open_pipe
+def count_bulk_rounds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The size of every bulk read the shovel makes from now on (its peek)."""
+    sizes: list[int] = []
+    real_peek_turn = shovel.Shovel._peek_turn
 
-    def counting_open_pipe() -> tuple[int, int] | None:
-        pipe = real_open_pipe()
-        pipes.append(pipe)
-        return pipe
+    def counting_peek_turn(self: shovel.Shovel, flow: shovel.Flow) -> bool:
+        if flow.bulk:
+            sizes.append(flow.carried)
+        return real_peek_turn(self, flow)
 
-    monkeypatch.setattr(shovel, "_open_pipe", counting_open_pipe)
-    return pipes
+    monkeypatch.setattr(shovel.Shovel, "_peek_turn", counting_peek_turn)
+    return sizes
 
 
-async def test_only_bulk_transfers_use_splice(
+async def test_only_bulk_transfers_use_bulk_reads(
     sockets: list[socket.socket], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A short request/response opens no pipe; a 4 MB download moves through one (splice)."""
-    pipes = count_pipes(monkeypatch)
+    """A short request/response makes no bulk read; a 4 MB download moves in bulk reads."""
+    bulk = count_bulk_rounds(monkeypatch)
     listener = tcp_listener(sockets)
     upstream = tcp_upstream()
     download = os.urandom(4 << 20)
@@ -429,23 +429,23 @@ async def test_only_bulk_transfers_use_splice(
             async with await connect(listener) as stream:
                 await stream.send_all(b"small\n")
                 assert await read_all(stream) == b"reply to small\n"
-            assert pipes == []
+            assert bulk == []
             async with await connect(listener) as stream:
                 await stream.send_all(b"download\n")
                 assert await read_all(stream) == download
-            assert len(pipes) == 1 and pipes[0] is not None
+            assert bulk and min(bulk) >= shovel.BULK_AFTER
 
 
-async def test_many_small_requests_on_one_connection_use_no_pipe(
+async def test_many_small_requests_on_one_connection_make_no_bulk_read(
     sockets: list[socket.socket], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A keep-alive connection carrying far more than SPLICE_AFTER in small requests and
-    replies opens no pipe (splice costs a small message more than recv/send)."""
-    pipes = count_pipes(monkeypatch)
+    """A keep-alive connection carrying far more than BULK_AFTER in small requests and
+    replies stays on plain reads (a bulk read's peek costs a small message a syscall)."""
+    bulk = count_bulk_rounds(monkeypatch)
     listener = tcp_listener(sockets)
     upstream = tcp_upstream()
     request = b"x" * 255 + b"\n"
-    rounds = 4 * shovel.SPLICE_AFTER // len(request)
+    rounds = 4 * shovel.BULK_AFTER // len(request)
 
     async def serve(stream: trio.SocketStream) -> None:
         while line := await read_line(stream):
@@ -462,7 +462,59 @@ async def test_many_small_requests_on_one_connection_use_no_pipe(
                         reply += await stream.receive_some(len(request) - len(reply))
                     assert reply == request
     assert (proxy.bytes_in, proxy.bytes_out) == (rounds * len(request),) * 2
-    assert pipes == []
+    assert bulk == []
+
+
+async def test_clients_that_stop_reading_keep_at_most_the_parked_limit_aside(
+    sockets: list[socket.socket], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Clients that stop reading while their replies still come make the proxy keep at
+    most PARKED's limit aside in all: with less room than a chunk, every read only
+    peeks and the rest waits in the kernel (without the limit, these eight keep some
+    13 KB aside); once they read again, every byte arrives intact in order."""
+    monkeypatch.setattr(budget.PARKED, "limit", 4096)
+    listener = tcp_listener(sockets)
+    # A Unix upstream: its flows never turn to bulk reads (which keep nothing
+    # aside), so every full client would leave up to a chunk aside.
+    upstream = Address(Kind.UNIX, path=str(tmp_path / "back.sock"))
+    clients = 8
+    replies = [os.urandom(8 << 20) for _ in range(clients)]
+    peak = 0
+
+    async def serve(stream: trio.SocketStream) -> None:
+        await stream.send_all(replies[int(await read_line(stream))])
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, budget.PARKED.used)
+            await trio.lowlevel.checkpoint()
+
+    with trio.fail_after(TIMEOUT):
+        async with proxying(listener, upstream) as (proxy, _rec), backend(upstream, serve):
+            proxy.release()
+            streams = [await connect(listener) for _ in range(clients)]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch)
+                for i, stream in enumerate(streams):
+                    await stream.send_all(b"%d\n" % i)
+                # Wait until the proxy has stopped forwarding: every client's
+                # socket is full (the replies are far bigger than the kernel's
+                # buffers).  Nothing says so but the count standing still.
+                before, still = -1, 0
+                while still < 3:
+                    still = still + 1 if proxy.bytes_out == before else 0
+                    before = proxy.bytes_out
+                    await trio.sleep(0.05)
+                for i, stream in enumerate(streams):
+                    async with stream:
+                        got = await read_all(stream)
+                    assert hashlib.sha256(got).digest() == hashlib.sha256(replies[i]).digest()
+                nursery.cancel_scope.cancel()
+            while proxy.active:
+                await proxy.activity_changed.wait()
+    assert peak <= budget.PARKED.limit
+    assert budget.PARKED.used == 0
 
 
 async def test_bytes_after_urgent_data_arrive_without_more_from_the_client(

@@ -23,7 +23,7 @@ async def test_two_hundred_clients_during_a_slow_start_are_all_answered(tmp_path
         f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{upstream}",
     )
     async with run_lazyd(tmp_path, config) as lz:
-        with trio.fail_after(20):
+        with trio.fail_after(30):
             answers, failures = await burst(port, 200)
         assert failures == []
         assert all(answers[i].split(b" ", 1)[1] == b"request %d\n" % i for i in range(200))
@@ -246,7 +246,7 @@ async def test_a_one_test_at_a_time_server_serves_the_client_that_started_it(
         f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{upstream}",
     )
     async with run_lazyd(tmp_path, config) as lz:
-        with trio.fail_after(20):
+        with trio.fail_after(30):
             result = await trio.run_process(
                 ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-n", "4M", "-J"],
                 capture_stdout=True, check=False,
@@ -297,3 +297,76 @@ async def test_a_failed_service_refuses_new_clients_at_once_then_tries_again(
         async with again:
             await lz.wait_line(r"^broken: start failed", count=3)
         assert (await lz.status())["broken"]["activations"] == 3
+
+
+def _rss(pid: int) -> int:
+    """A process's resident memory in bytes (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+async def test_clients_that_stop_reading_do_not_grow_lazyd(tmp_path: Path) -> None:
+    """Eight clients that send through an echo backend and never read leave lazyd's
+    memory within a 64 KiB chunk per direction each (the rest waits in the kernel's
+    buffers, TCP holding the senders back); then each gets back what it sent."""
+    port, upstream = free_port(), free_port()
+    config = "services:\n" + proxy_service(
+        "echo", program("backend.py", f"tcp:127.0.0.1:{upstream}", "--echo"),
+        f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{upstream}",
+    )
+    block = os.urandom(1 << 20)
+    async with run_lazyd(tmp_path, config) as lz:
+        # A bulk transfer first: the service runs, and lazyd's shared buffer is in use.
+        sent, got = await trio.to_thread.run_sync(_bulk, port, 8 << 20)
+        assert sent == got
+        before = _rss(lz.process.pid)
+        clients = []
+        for _ in range(8):
+            sock = socket.socket()
+            # A small, fixed receive buffer on the client: what piles up is lazyd's.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+            sock.connect(("127.0.0.1", port))
+            sock.setblocking(False)
+            clients.append(sock)
+        hashes = [hashlib.sha256() for _ in clients]
+        sent_bytes = [0] * len(clients)
+        try:
+            # Send until no client can send more, five rounds in a row: every
+            # buffer on the way (lazyd's, the backend's, the kernel's) is full.
+            # Nothing says so but the sends being refused.
+            idle_rounds = 0
+            with trio.fail_after(30):
+                while idle_rounds < 5:
+                    moved = 0
+                    for i, sock in enumerate(clients):
+                        while True:
+                            offset = sent_bytes[i] % len(block)
+                            try:
+                                n = sock.send(block[offset:])
+                            except BlockingIOError:
+                                break
+                            hashes[i].update(block[offset:offset + n])
+                            sent_bytes[i] += n
+                            moved += n
+                    idle_rounds = idle_rounds + 1 if moved == 0 else 0
+                    await trio.sleep(0.02)
+            grown = _rss(lz.process.pid) - before
+            assert min(sent_bytes) > 1 << 20  # more than one chunk each, stuck on the way
+            assert grown < len(clients) * 2 * 64 * 1024 + (2 << 20), (grown, sent_bytes)
+
+            def read_back(sock: socket.socket) -> str:
+                sock.setblocking(True)
+                sock.settimeout(10)
+                sock.shutdown(socket.SHUT_WR)
+                received = hashlib.sha256()
+                while data := sock.recv(1 << 20):
+                    received.update(data)
+                return received.hexdigest()
+
+            for sock, sent_hash in zip(clients, hashes, strict=True):
+                assert await trio.to_thread.run_sync(read_back, sock) == sent_hash.hexdigest()
+        finally:
+            for sock in clients:
+                sock.close()
