@@ -8,6 +8,7 @@ means for the connection.
 from __future__ import annotations
 
 import contextlib
+import mmap
 import socket
 from collections.abc import Callable
 
@@ -61,7 +62,10 @@ _DISCARD = socket.MSG_TRUNC
 # One buffer for the process: data goes from recv_into straight to send
 # (every proxy runs in the one trio thread, and a turn never yields), and
 # only what the far end would not take is kept aside.
-_BUFFER = bytearray(BULK)
+# Anonymous memory, not a bytearray: the kernel gives it pages as they are
+# first written, so an idle daemon, or one that only ever moves small
+# messages, does not carry 2 MiB of zeros in its RSS.
+_BUFFER = mmap.mmap(-1, BULK)
 _VIEW = memoryview(_BUFFER)
 
 Clock = Callable[[], float]
