@@ -196,25 +196,35 @@ async def test_unix_upstream_with_a_small_backlog_gets_every_connection(
     assert rec.lines == []
 
 
+def reply_after(finish: trio.Event) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    """A backend handler that reads a line and answers it once `finish` is set."""
+    async def reply(stream: trio.SocketStream) -> None:
+        line = await read_line(stream)
+        await finish.wait()
+        await stream.send_all(b"reply to " + line)
+    return reply
+
+
+def requester(listener: socket.socket,
+              answers: list[bytes]) -> Callable[[int], Awaitable[None]]:
+    """A client that sends request `i` through the proxy and appends the whole answer."""
+    async def client(i: int) -> None:
+        async with await connect(listener) as stream:
+            await stream.send_all(b"request %d\n" % i)
+            answers.append(await read_all(stream))
+    return client
+
+
 async def test_max_connections_keeps_the_excess_held(sockets: list[socket.socket]) -> None:
     """With max_connections=2, the third client waits held until one of the first two ends."""
     listener = tcp_listener(sockets)
     upstream = tcp_upstream()
     finish = trio.Event()
     answers: list[bytes] = []
-
-    async def slow_reply(stream: trio.SocketStream) -> None:
-        line = await read_line(stream)
-        await finish.wait()
-        await stream.send_all(b"reply to " + line)
-
-    async def client(i: int) -> None:
-        async with await connect(listener) as stream:
-            await stream.send_all(b"request %d\n" % i)
-            answers.append(await read_all(stream))
+    client = requester(listener, answers)
 
     with trio.fail_after(TIMEOUT):
-        async with backend(upstream, slow_reply), \
+        async with backend(upstream, reply_after(finish)), \
                 proxying(listener, upstream, max_connections=2) as (proxy, _rec):
             proxy.release()
             async with trio.open_nursery() as clients:
@@ -236,23 +246,14 @@ async def test_drained_returns_once_every_held_connection_is_forwarded(
     upstream = tcp_upstream()
     finish = trio.Event()
     drained = trio.Event()
-
-    async def slow_reply(stream: trio.SocketStream) -> None:
-        line = await read_line(stream)
-        await finish.wait()
-        await stream.send_all(b"reply to " + line)
-
-    async def client(i: int) -> None:
-        async with await connect(listener) as stream:
-            await stream.send_all(b"request %d\n" % i)
-            await read_all(stream)
+    client = requester(listener, [])
 
     async def wait_drained(proxy: proxy_module.StreamProxy) -> None:
         await proxy.drained()
         drained.set()
 
     with trio.fail_after(TIMEOUT):
-        async with backend(upstream, slow_reply), \
+        async with backend(upstream, reply_after(finish)), \
                 proxying(listener, upstream, max_connections=1) as (proxy, _rec):
             proxy.release()
             async with trio.open_nursery() as clients:
@@ -636,13 +637,8 @@ async def test_unready_reports_connections_still_waiting_for_a_slot(
     upstream = tcp_upstream()
     finish = trio.Event()
 
-    async def slow_reply(stream: trio.SocketStream) -> None:
-        line = await read_line(stream)
-        await finish.wait()
-        await stream.send_all(b"reply to " + line)
-
     with trio.fail_after(TIMEOUT):
-        async with backend(upstream, slow_reply), \
+        async with backend(upstream, reply_after(finish)), \
                 proxying(listener, upstream, max_connections=1) as (proxy, rec):
             proxy.release()
             first, second = await connect(listener), await connect(listener)
